@@ -29,7 +29,7 @@ pub enum Frame {
 /// Errors after which the byte stream cannot be resynchronised: the connection must close.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("invalid magic {0:?}: expected \\0REQ or \\0RES")]
+    #[error("invalid magic \"{}\": expected \\0REQ or \\0RES", .0.escape_ascii())]
     BadMagic([u8; 4]),
     #[error("packet body of {declared} bytes exceeds the limit of {max} bytes")]
     FrameTooLarge { declared: usize, max: usize },

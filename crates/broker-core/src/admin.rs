@@ -1,0 +1,122 @@
+//! The admin text commands, answered from the broker's state in gearmand's formats.
+
+use std::fmt::Write;
+
+use gearman_proto::{AdminCommand, AdminError};
+
+use crate::broker::{show, Action, Broker, ConnId, JobState, Millis};
+
+impl Broker {
+    /// One admin text line from `conn`.
+    pub fn admin(&mut self, conn: ConnId, line: &str, now: Millis, out: &mut Vec<Action>) {
+        let reply = match AdminCommand::parse(line) {
+            Ok(cmd) => self.run_admin(cmd, now, out),
+            Err(e) => Err(e),
+        };
+        let text = reply.unwrap_or_else(|e| e.to_line());
+        out.push(Action::Text(conn, text));
+    }
+
+    fn run_admin(
+        &mut self,
+        cmd: AdminCommand,
+        now: Millis,
+        out: &mut Vec<Action>,
+    ) -> Result<String, AdminError> {
+        let mut s = String::new();
+        match cmd {
+            AdminCommand::Status => {
+                for (name, f) in self.sorted_functions() {
+                    let total = f.queued() + f.running + f.scheduled;
+                    let _ = writeln!(s, "{}\t{}\t{}\t{}", show(name), total, f.running, f.workers.len());
+                }
+                s.push_str(".\n");
+            }
+            AdminCommand::PriorityStatus => {
+                for (name, f) in self.sorted_functions() {
+                    let [h, n, l] = &f.queues;
+                    let _ = writeln!(
+                        s,
+                        "{}\t{}\t{}\t{}\t{}",
+                        show(name),
+                        h.len(),
+                        n.len(),
+                        l.len(),
+                        f.workers.len()
+                    );
+                }
+                s.push_str(".\n");
+            }
+            AdminCommand::Workers => {
+                let mut ids: Vec<_> = self.conns.keys().copied().collect();
+                ids.sort();
+                for id in ids {
+                    let c = &self.conns[&id];
+                    let _ = write!(s, "{} {} {} :", id, c.peer, show(&c.client_id));
+                    for name in c.abilities.keys() {
+                        let _ = write!(s, " {}", show(name));
+                    }
+                    s.push('\n');
+                }
+                s.push_str(".\n");
+            }
+            AdminCommand::ShowJobs => {
+                for job in self.sorted_jobs() {
+                    let queued = matches!(job.state, JobState::Queued { .. }) as u8;
+                    let _ = writeln!(s, "{}\t{}\t0\t{}", show(&job.handle), job.retries, queued);
+                }
+                s.push_str(".\n");
+            }
+            AdminCommand::ShowUniqueJobs => {
+                for job in self.sorted_jobs() {
+                    if !job.unique.is_empty() {
+                        let _ = writeln!(s, "{}", show(&job.unique));
+                    }
+                }
+                s.push_str(".\n");
+            }
+            AdminCommand::Version => s = format!("OK {}\n", self.config.version),
+            AdminCommand::GetPid => s = format!("OK {}\n", self.config.pid),
+            AdminCommand::Verbose => s = "OK INFO\n".into(),
+            AdminCommand::MaxQueue { function, sizes } => {
+                self.set_max_queue(function.as_bytes(), sizes);
+                s = "OK\r\n".into();
+            }
+            AdminCommand::CancelJob { handle } => {
+                if !self.cancel_queued_background(handle.as_bytes()) {
+                    return Err(AdminError::UnknownJob);
+                }
+                s = "OK\r\n".into();
+            }
+            AdminCommand::Shutdown { graceful } => {
+                out.push(Action::Shutdown { graceful });
+                s = "OK\n".into();
+            }
+            AdminCommand::Leases => {
+                for lease in self.leases(now) {
+                    let _ = writeln!(s, "{}", lease.admin_line());
+                }
+                s.push_str(".\n");
+            }
+            AdminCommand::Acl(_) => {
+                return Err(AdminError::Other(
+                    "ACL_DISABLED",
+                    "ACLs are not enabled on this server".into(),
+                ))
+            }
+        }
+        Ok(s)
+    }
+
+    fn sorted_functions(&self) -> Vec<(&bytes::Bytes, &crate::broker::Function)> {
+        let mut v: Vec<_> = self.functions.iter().collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
+    }
+
+    fn sorted_jobs(&self) -> Vec<&crate::broker::Job> {
+        let mut ids: Vec<_> = self.jobs.keys().copied().collect();
+        ids.sort_unstable();
+        ids.iter().map(|id| &self.jobs[id]).collect()
+    }
+}

@@ -1,0 +1,15 @@
+//! The broker's state machine, with no I/O and no clock of its own.
+//!
+//! The network layer feeds it [`Broker::connect`], [`Broker::packet`], [`Broker::admin`],
+//! [`Broker::disconnect`] and [`Broker::tick`], passing the current time in; each call appends the
+//! resulting [`Action`]s (packets or text to send, connections to close) to an output vector.
+//! Unit tests drive it exactly the same way, without sockets.
+
+mod admin;
+mod broker;
+mod schedule;
+mod testenv;
+
+pub use broker::{Action, Broker, BrokerConfig, ConnId, Millis, Stats};
+pub use schedule::next_cron_match;
+pub use testenv::Lease;

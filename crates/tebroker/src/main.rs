@@ -1,0 +1,92 @@
+//! `tebroker`: the Gearman job server of the testenv system.
+
+use std::io::Write;
+
+use clap::{Parser, Subcommand};
+use tebroker::config::{ServeArgs, Settings};
+use tebroker::server::Server;
+
+#[derive(Parser)]
+#[command(name = "tebroker", version, about = "A Gearman job server that understands the TripleO CI testenv protocol")]
+struct Cli {
+    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the job server.
+    Serve(ServeArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(&args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let pidfile = settings.pidfile.clone();
+        let server = Server::bind(settings).await?;
+        let addr = server.local_addr()?;
+        if let Some(path) = &pidfile {
+            std::fs::write(path, format!("{}\n", std::process::id()))?;
+        }
+        // Tests and scripts read this line to learn the port when started with -p 0.
+        println!("tebroker listening on {addr}");
+        std::io::stdout().flush()?;
+        tracing::info!(%addr, "listening");
+        let stop = server.stop_token();
+        tokio::spawn(async move {
+            wait_for_termination().await;
+            tracing::info!("signal received; stopping");
+            stop.cancel();
+        });
+        let graceful = server.graceful_token();
+        let stop = server.stop_token();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            graceful.cancel();
+        });
+        let result = server.run().await;
+        if let Some(path) = &pidfile {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    })
+}
+
+async fn wait_for_termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,434 @@
+//! The network edge: accepts connections, frames bytes, feeds the core, writes its replies.
+//!
+//! One lock guards the [`Broker`] together with every connection's outbox, so the replies of one
+//! event are queued on all connections atomically and in order. Each connection has a reader task
+//! (decode, then apply a whole batch of frames under one lock) and a writer task that drains its
+//! outbox; nothing blocks while the lock is held.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use broker_core::{Action, Broker, ConnId, Millis};
+use bytes::BytesMut;
+use gearman_proto::{Codec, Frame, Packet};
+use rustc_hash::FxHashMap;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+
+/// Bytes waiting to be written to one connection.
+struct Outbox {
+    buf: Mutex<BytesMut>,
+    ready: Notify,
+    /// Set once the connection is to be closed after the queued bytes are written.
+    closing: AtomicBool,
+    /// Cancels the connection's reader (Close action, or the server stopping).
+    cancel: CancellationToken,
+    /// Drops whatever is unwritten: the peer is not reading (slow reader) or is gone.
+    abort: CancellationToken,
+}
+
+impl Outbox {
+    fn new(cancel: CancellationToken) -> Outbox {
+        Outbox {
+            buf: Mutex::new(BytesMut::with_capacity(4096)),
+            ready: Notify::new(),
+            closing: AtomicBool::new(false),
+            cancel,
+            abort: CancellationToken::new(),
+        }
+    }
+
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.cancel.cancel();
+        self.ready.notify_one();
+    }
+}
+
+struct State {
+    broker: Broker,
+    outboxes: FxHashMap<ConnId, Arc<Outbox>>,
+}
+
+/// What all connection tasks share.
+pub struct Shared {
+    state: Mutex<State>,
+    settings: Settings,
+    next_conn: AtomicU64,
+    /// Stops accepting and closes every connection.
+    stop: CancellationToken,
+    /// Stops accepting only (graceful shutdown waits for running jobs).
+    stop_accepting: CancellationToken,
+}
+
+pub fn now_millis() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+impl Shared {
+    /// Runs `f` on the broker under the lock and delivers the actions it produced.
+    fn apply<R>(&self, f: impl FnOnce(&mut Broker, &mut Vec<Action>) -> R) -> R {
+        let mut actions = Vec::new();
+        let mut woken: Vec<Arc<Outbox>> = Vec::new();
+        let r = {
+            let mut state = self.state.lock().expect("broker lock");
+            let r = f(&mut state.broker, &mut actions);
+            for action in actions.drain(..) {
+                self.deliver(&mut state, action, &mut woken);
+            }
+            r
+        };
+        for o in woken {
+            o.ready.notify_one();
+        }
+        r
+    }
+
+    fn deliver(&self, state: &mut State, action: Action, woken: &mut Vec<Arc<Outbox>>) {
+        match action {
+            Action::Send(conn, packet) => {
+                if let Some(o) = state.outboxes.get(&conn) {
+                    let mut buf = o.buf.lock().expect("outbox lock");
+                    if o.abort.is_cancelled() {
+                        return;
+                    }
+                    packet.encode_into(&mut buf);
+                    self.check_backlog(conn, o, buf.len());
+                    drop(buf);
+                    push_unique(woken, o);
+                }
+            }
+            Action::Text(conn, text) => {
+                if let Some(o) = state.outboxes.get(&conn) {
+                    let mut buf = o.buf.lock().expect("outbox lock");
+                    if o.abort.is_cancelled() {
+                        return;
+                    }
+                    buf.extend_from_slice(text.as_bytes());
+                    self.check_backlog(conn, o, buf.len());
+                    drop(buf);
+                    push_unique(woken, o);
+                }
+            }
+            Action::Close(conn) => {
+                if let Some(o) = state.outboxes.get(&conn) {
+                    o.close();
+                }
+            }
+            Action::Shutdown { graceful } => {
+                tracing::info!(graceful, "shutdown requested by admin command");
+                self.stop_accepting.cancel();
+                if !graceful {
+                    self.stop.cancel();
+                }
+            }
+        }
+    }
+
+    /// A reader that does not keep up must not make the broker buffer without bound.
+    fn check_backlog(&self, conn: ConnId, o: &Outbox, len: usize) {
+        let cap = self.settings.max_output_buffer;
+        if cap > 0 && len > cap && !o.closing.load(Ordering::Relaxed) {
+            tracing::warn!(%conn, buffered = len, cap, "slow reader: output buffer over the cap; closing");
+            o.closing.store(true, Ordering::Release);
+            o.cancel.cancel();
+            o.abort.cancel();
+        }
+    }
+
+    fn running_jobs(&self) -> usize {
+        self.state.lock().expect("broker lock").broker.job_count()
+    }
+}
+
+fn push_unique(v: &mut Vec<Arc<Outbox>>, o: &Arc<Outbox>) {
+    if !v.iter().any(|x| Arc::ptr_eq(x, o)) {
+        v.push(o.clone());
+    }
+}
+
+/// A bound listener plus the state; `run` serves until shutdown.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
+        let addr: SocketAddr = format!("{}:{}", settings.listen, settings.port)
+            .parse()
+            .or_else(|_| {
+                // A host name rather than an address literal.
+                std::net::ToSocketAddrs::to_socket_addrs(&(settings.listen.as_str(), settings.port))
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| anyhow::anyhow!("cannot resolve listen address {}", settings.listen))
+            })?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            let _ = socket.set_only_v6(false);
+        }
+        socket.set_nonblocking(true)?;
+        socket
+            .bind(&addr.into())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        socket.listen(settings.backlog as i32)?;
+        let listener = TcpListener::from_std(socket.into())?;
+        let broker = Broker::new(broker_core::BrokerConfig {
+            handle_host: settings.handle_host.clone(),
+            pid: std::process::id(),
+            version: format!("{} (tebroker)", env!("CARGO_PKG_VERSION")),
+            max_functions_per_conn: settings.max_functions_per_conn,
+        });
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                broker,
+                outboxes: FxHashMap::default(),
+            }),
+            settings,
+            next_conn: AtomicU64::new(1),
+            stop: CancellationToken::new(),
+            stop_accepting: CancellationToken::new(),
+        });
+        Ok(Server { listener, shared })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A token that, when cancelled, stops the server as SIGTERM does.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.shared.stop.clone()
+    }
+
+    /// A token that stops accepting and waits for the jobs in hand, like `shutdown graceful`.
+    pub fn graceful_token(&self) -> CancellationToken {
+        self.shared.stop_accepting.clone()
+    }
+
+    pub async fn run(self) -> anyhow::Result<()> {
+        let shared = self.shared.clone();
+        let timer = tokio::spawn(tick_loop(shared.clone()));
+        loop {
+            tokio::select! {
+                _ = shared.stop_accepting.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        if let Err(e) = self.admit(stream, peer) {
+                            tracing::warn!(%peer, error = %e, "connection setup failed");
+                        }
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(self.listener);
+        if !shared.stop.is_cancelled() {
+            tracing::info!("no longer accepting; waiting for jobs in hand to finish");
+            while shared.running_jobs() > 0 && !shared.stop.is_cancelled() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            shared.stop.cancel();
+        }
+        timer.abort();
+        // Give writers a moment to flush what is queued (e.g. the reply to `shutdown`).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+
+    fn admit(&self, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
+        let max = self.shared.settings.max_connections;
+        let count = self.shared.state.lock().expect("broker lock").outboxes.len();
+        if max > 0 && count >= max {
+            tracing::warn!(%peer, max, "connection limit reached; refusing");
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let msg = Packet::error("SERVER_BUSY", "connection limit reached");
+                let _ = stream.write_all(&msg.to_bytes()).await;
+                drop(shared);
+            });
+            return Ok(());
+        }
+        stream.set_nodelay(true)?;
+        crate::config::apply_keepalive(&stream, &self.shared.settings)?;
+        let id = ConnId(self.shared.next_conn.fetch_add(1, Ordering::Relaxed));
+        tokio::spawn(serve_connection(self.shared.clone(), stream, id, peer));
+        Ok(())
+    }
+}
+
+async fn tick_loop(shared: Arc<Shared>) {
+    let mut interval = tokio::time::interval(Duration::from_millis(50));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let now = now_millis();
+        let due = {
+            let state = shared.state.lock().expect("broker lock");
+            state.broker.next_deadline().is_some_and(|d| d <= now)
+        };
+        if due {
+            shared.apply(|b, out| b.tick(now, out));
+        }
+    }
+}
+
+/// Serves one connection: any byte stream, so TLS can wrap the TCP stream.
+pub async fn serve_connection<S>(shared: Arc<Shared>, stream: S, id: ConnId, peer: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let cancel = shared.stop.child_token();
+    let outbox = Arc::new(Outbox::new(cancel.clone()));
+    {
+        let mut state = shared.state.lock().expect("broker lock");
+        state.broker.connect(id, peer.ip().to_string());
+        state.outboxes.insert(id, outbox.clone());
+    }
+    tracing::debug!(conn = %id, %peer, "connected");
+    let (reader, writer) = tokio::io::split(stream);
+    let writer_task = tokio::spawn(write_loop(writer, outbox.clone()));
+    let reason = read_loop(&shared, reader, id, &cancel).await;
+    tracing::debug!(conn = %id, %peer, reason, "disconnected");
+    {
+        shared.apply(|b, out| b.disconnect(id, out));
+        let mut state = shared.state.lock().expect("broker lock");
+        state.outboxes.remove(&id);
+    }
+    outbox.closing.store(true, Ordering::Release);
+    outbox.ready.notify_one();
+    let _ = writer_task.await;
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    shared: &Shared,
+    mut reader: R,
+    id: ConnId,
+    cancel: &CancellationToken,
+) -> &'static str {
+    let codec = Codec {
+        max_frame: shared.settings.max_frame,
+        max_admin_line: shared.settings.max_admin_line,
+    };
+    let idle = shared.settings.partial_packet_timeout;
+    let mut buf = BytesMut::with_capacity(8192);
+    let mut frames = Vec::new();
+    loop {
+        // A connection holding half a packet must finish it in time (slowloris).
+        let deadline = if buf.is_empty() || idle.is_zero() {
+            None
+        } else {
+            Some(tokio::time::Instant::now() + idle)
+        };
+        let read = tokio::select! {
+            _ = cancel.cancelled() => return "closed by server",
+            r = reader.read_buf(&mut buf) => r,
+            _ = sleep_until(deadline) => {
+                tracing::warn!(conn = %id, "incomplete packet not finished in time; closing");
+                send_error_and_close(shared, id, "TIMEOUT", "incomplete packet not finished in time");
+                return "partial packet timeout";
+            }
+        };
+        match read {
+            Ok(0) => return "peer closed",
+            Ok(_) => {}
+            Err(_) => return "read error",
+        }
+        let mut fatal = None;
+        loop {
+            match codec.decode_frame(&mut buf) {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                Err(e) => {
+                    fatal = Some(e);
+                    break;
+                }
+            }
+        }
+        if !frames.is_empty() {
+            let now = now_millis();
+            shared.apply(|b, out| {
+                for frame in frames.drain(..) {
+                    match frame {
+                        Frame::Packet(p) => b.packet(id, p, now, out),
+                        Frame::Admin(line) => b.admin(id, &line, now, out),
+                        Frame::Malformed { reason, .. } => b.malformed(id, &reason, out),
+                    }
+                }
+            });
+        }
+        if let Some(e) = fatal {
+            tracing::info!(conn = %id, error = %e, "protocol error; closing connection");
+            send_error_and_close(shared, id, e.error_code(), &e.to_string());
+            return "protocol error";
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn send_error_and_close(shared: &Shared, id: ConnId, code: &str, text: &str) {
+    let packet = Packet::error(code, text);
+    shared.apply(|_, out| {
+        out.push(Action::Send(id, packet));
+        out.push(Action::Close(id));
+    });
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, outbox: Arc<Outbox>) {
+    let mut pending = BytesMut::with_capacity(8192);
+    loop {
+        {
+            let mut buf = outbox.buf.lock().expect("outbox lock");
+            if outbox.abort.is_cancelled() {
+                buf.clear();
+                break;
+            }
+            std::mem::swap(&mut *buf, &mut pending);
+        }
+        if pending.is_empty() {
+            if outbox.closing.load(Ordering::Acquire) {
+                break;
+            }
+            outbox.ready.notified().await;
+            continue;
+        }
+        let written = tokio::select! {
+            r = writer.write_all(&pending) => r.is_ok(),
+            _ = outbox.abort.cancelled() => false,
+        };
+        if !written {
+            outbox.cancel.cancel();
+            break;
+        }
+        pending.clear();
+    }
+    let _ = writer.shutdown().await;
+}
