@@ -28,7 +28,14 @@ impl Broker {
             AdminCommand::Status => {
                 for (name, f) in self.sorted_functions() {
                     let total = f.queued() + f.running + f.scheduled;
-                    let _ = writeln!(s, "{}\t{}\t{}\t{}", show(name), total, f.running, f.workers.len());
+                    let _ = writeln!(
+                        s,
+                        "{}\t{}\t{}\t{}",
+                        show(name),
+                        total,
+                        f.running,
+                        f.workers.len()
+                    );
                 }
                 s.push_str(".\n");
             }

@@ -31,7 +31,9 @@ pub enum Action {
     Text(ConnId, String),
     /// Close the connection once what was queued for it has been written.
     Close(ConnId),
-    Shutdown { graceful: bool },
+    Shutdown {
+        graceful: bool,
+    },
 }
 
 /// Static settings of the core.
@@ -78,9 +80,16 @@ pub(crate) enum Priority {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum JobState {
-    Queued { seq: i64 },
-    Scheduled { at: Millis },
-    Running { worker: ConnId, deadline: Option<Millis> },
+    Queued {
+        seq: i64,
+    },
+    Scheduled {
+        at: Millis,
+    },
+    Running {
+        worker: ConnId,
+        deadline: Option<Millis>,
+    },
 }
 
 #[derive(Debug)]
@@ -126,10 +135,10 @@ impl Function {
 
     /// The job a worker should get next from this function: (priority, seq, id).
     fn head(&self) -> Option<(usize, i64, JobId)> {
-        self.queues.iter().enumerate().find_map(|(p, q)| {
-            q.first_key_value()
-                .map(|(&seq, &id)| (p, seq, id))
-        })
+        self.queues
+            .iter()
+            .enumerate()
+            .find_map(|(p, q)| q.first_key_value().map(|(&seq, &id)| (p, seq, id)))
     }
 }
 
@@ -228,6 +237,20 @@ impl Broker {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        // Detach first, so a connection that was its own client is not sent its own failure.
+        for id in c.attached {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            job.clients.retain(|&x| x != conn);
+            if job.background || !job.clients.is_empty() {
+                continue;
+            }
+            if let JobState::Queued { .. } = job.state {
+                tracing::debug!(handle = %show(&job.handle), "client gone; queued job dropped");
+                self.remove_job(id);
+            }
+        }
         for id in c.running {
             let Some(job) = self.jobs.get_mut(&id) else {
                 continue;
@@ -245,19 +268,6 @@ impl Broker {
                         Packet::res(PacketType::WorkFail, [handle.clone()]),
                     ));
                 }
-                self.remove_job(id);
-            }
-        }
-        for id in c.attached {
-            let Some(job) = self.jobs.get_mut(&id) else {
-                continue;
-            };
-            job.clients.retain(|&x| x != conn);
-            if job.background || !job.clients.is_empty() {
-                continue;
-            }
-            if let JobState::Queued { .. } = job.state {
-                tracing::debug!(handle = %show(&job.handle), "client gone; queued job dropped");
                 self.remove_job(id);
             }
         }
@@ -410,7 +420,10 @@ impl Broker {
             let seq = self.next_seq;
             self.next_seq += 1;
             job.state = JobState::Queued { seq };
-            let f = self.functions.get_mut(&job.function).expect("function of job");
+            let f = self
+                .functions
+                .get_mut(&job.function)
+                .expect("function of job");
             f.scheduled -= 1;
             f.queues[job.priority as usize].insert(seq, id);
             let function = job.function.clone();
@@ -572,7 +585,13 @@ impl Broker {
         }
     }
 
-    fn can_do(&mut self, conn: ConnId, function: Bytes, timeout: Option<u32>, out: &mut Vec<Action>) {
+    fn can_do(
+        &mut self,
+        conn: ConnId,
+        function: Bytes,
+        timeout: Option<u32>,
+        out: &mut Vec<Action>,
+    ) {
         if function.is_empty() {
             return self.reply_error(conn, "INVALID_ARGUMENTS", "empty function name", out);
         }
@@ -662,7 +681,10 @@ impl Broker {
             worker: conn,
             deadline,
         };
-        let f = self.functions.get_mut(&job.function).expect("function of job");
+        let f = self
+            .functions
+            .get_mut(&job.function)
+            .expect("function of job");
         f.queues[p].remove(&seq);
         f.running += 1;
         if let Some(d) = deadline {
@@ -772,7 +794,9 @@ impl Broker {
     }
 
     fn get_status(&mut self, conn: ConnId, handle: Bytes, out: &mut Vec<Action>) {
-        let job = self.job_id_of_handle(&handle).and_then(|id| self.jobs.get(&id));
+        let job = self
+            .job_id_of_handle(&handle)
+            .and_then(|id| self.jobs.get(&id));
         let args = match job {
             Some(job) => [
                 handle,
@@ -823,7 +847,10 @@ impl Broker {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
-        let f = self.functions.get_mut(&job.function).expect("function of job");
+        let f = self
+            .functions
+            .get_mut(&job.function)
+            .expect("function of job");
         match job.state {
             JobState::Queued { seq } => {
                 f.queues[job.priority as usize].remove(&seq);
@@ -875,7 +902,10 @@ impl Broker {
         let seq = self.next_head_seq;
         self.next_head_seq -= 1;
         job.state = JobState::Queued { seq };
-        let f = self.functions.get_mut(&job.function).expect("function of job");
+        let f = self
+            .functions
+            .get_mut(&job.function)
+            .expect("function of job");
         f.running -= 1;
         f.queues[job.priority as usize].insert(seq, id);
         let function = job.function.clone();
@@ -885,7 +915,11 @@ impl Broker {
 
     /// Forgets a function nobody uses, so per-client callback functions do not pile up.
     fn gc_function(&mut self, function: &[u8]) {
-        if self.functions.get(function).is_some_and(Function::is_unused) {
+        if self
+            .functions
+            .get(function)
+            .is_some_and(Function::is_unused)
+        {
             self.functions.remove(function);
         }
     }
@@ -898,7 +932,10 @@ impl Broker {
         match self.jobs.get(&id) {
             Some(job)
                 if job.background
-                    && matches!(job.state, JobState::Queued { .. } | JobState::Scheduled { .. }) =>
+                    && matches!(
+                        job.state,
+                        JobState::Queued { .. } | JobState::Scheduled { .. }
+                    ) =>
             {
                 self.remove_job(id);
                 true
@@ -924,7 +961,7 @@ impl Broker {
                     if job.state != (JobState::Queued { seq }) || job.priority as usize != p {
                         return Err(format!("job {id} queued but in state {:?}", job.state));
                     }
-                    if &job.function != name {
+                    if job.function != name {
                         return Err("job queued under the wrong function".into());
                     }
                     queued += 1;
@@ -949,7 +986,10 @@ impl Broker {
             match job.state {
                 JobState::Running { worker, .. } => {
                     really_running += 1;
-                    let w = self.conns.get(&worker).ok_or("running job's worker missing")?;
+                    let w = self
+                        .conns
+                        .get(&worker)
+                        .ok_or("running job's worker missing")?;
                     if !w.running.contains(id) {
                         return Err(format!("worker does not know it runs job {id}"));
                     }

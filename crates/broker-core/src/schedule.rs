@@ -83,7 +83,10 @@ mod tests {
         // 2024-01-01 00:00:30 UTC, a Monday.
         let now = 19_723 * 86_400_000 + 30_000;
         let any = [None; 5];
-        assert_eq!(next_cron_match(&any, now), Some(19_723 * 86_400_000 + 60_000));
+        assert_eq!(
+            next_cron_match(&any, now),
+            Some(19_723 * 86_400_000 + 60_000)
+        );
         let at_1230 = [Some(30), Some(12), None, None, None];
         assert_eq!(
             next_cron_match(&at_1230, now),

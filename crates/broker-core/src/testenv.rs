@@ -60,7 +60,13 @@ impl LeaseTracker {
             return;
         }
         let request: serde_json::Value = serde_json::from_slice(&job.data).unwrap_or_default();
-        let field = |k: &str| request.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let field = |k: &str| {
+            request
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
         self.active.insert(
             id,
             LeaseRecord {

@@ -119,8 +119,14 @@ mod tests {
     #[test]
     fn parses_gearmand_commands() {
         assert_eq!(AdminCommand::parse("status"), Ok(AdminCommand::Status));
-        assert_eq!(AdminCommand::parse("  workers  "), Ok(AdminCommand::Workers));
-        assert_eq!(AdminCommand::parse("show unique jobs"), Ok(AdminCommand::ShowUniqueJobs));
+        assert_eq!(
+            AdminCommand::parse("  workers  "),
+            Ok(AdminCommand::Workers)
+        );
+        assert_eq!(
+            AdminCommand::parse("show unique jobs"),
+            Ok(AdminCommand::ShowUniqueJobs)
+        );
         assert_eq!(
             AdminCommand::parse("maxqueue f 1 2 3"),
             Ok(AdminCommand::MaxQueue {

@@ -158,7 +158,9 @@ impl Codec {
         if line.last() == Some(&b'\r') {
             line.truncate(nl - 1);
         }
-        Ok(Some(Frame::Admin(String::from_utf8_lossy(&line).into_owned())))
+        Ok(Some(Frame::Admin(
+            String::from_utf8_lossy(&line).into_owned(),
+        )))
     }
 }
 
@@ -261,7 +263,10 @@ mod tests {
     }
 
     fn arb_packet() -> impl Strategy<Value = Packet> {
-        let codes: Vec<u32> = (0..50).filter_map(PacketType::from_code).map(|t| t as u32).collect();
+        let codes: Vec<u32> = (0..50)
+            .filter_map(PacketType::from_code)
+            .map(|t| t as u32)
+            .collect();
         (
             prop::sample::select(codes),
             any::<bool>(),

@@ -252,7 +252,11 @@ impl Packet {
 /// last takes the rest (NULs included). Returns `None` if there are too few separators.
 pub fn split_args(body: Bytes, count: usize) -> Option<Vec<Bytes>> {
     if count == 0 {
-        return if body.is_empty() { Some(Vec::new()) } else { None };
+        return if body.is_empty() {
+            Some(Vec::new())
+        } else {
+            None
+        };
     }
     let mut args = Vec::with_capacity(count);
     let mut rest = body;
@@ -308,9 +312,6 @@ mod tests {
     #[test]
     fn encode_matches_the_wire_layout() {
         let p = Packet::req(PacketType::SubmitJob, ["rev", "", "hello"]);
-        assert_eq!(
-            &p.to_bytes()[..],
-            b"\0REQ\0\0\0\x07\0\0\0\x0arev\0\0hello"
-        );
+        assert_eq!(&p.to_bytes()[..], b"\0REQ\0\0\0\x07\0\0\0\x0arev\0\0hello");
     }
 }

@@ -145,7 +145,9 @@ impl Settings {
         let keepalive = keepalive_on.then(|| Keepalive {
             idle: Duration::from_secs(args.keepalive_idle.or(file.keepalive_idle).unwrap_or(7200)),
             interval: Duration::from_secs(
-                args.keepalive_interval.or(file.keepalive_interval).unwrap_or(75),
+                args.keepalive_interval
+                    .or(file.keepalive_interval)
+                    .unwrap_or(75),
             ),
             count: args.keepalive_count.or(file.keepalive_count).unwrap_or(9),
         });
@@ -155,7 +157,10 @@ impl Settings {
             pidfile: args.pidfile.clone().or(file.pidfile),
             keepalive,
             max_frame: args.max_frame.or(file.max_frame).unwrap_or(d.max_frame),
-            max_admin_line: args.max_admin_line.or(file.max_admin_line).unwrap_or(d.max_admin_line),
+            max_admin_line: args
+                .max_admin_line
+                .or(file.max_admin_line)
+                .unwrap_or(d.max_admin_line),
             max_connections: args.max_connections.or(file.max_connections).unwrap_or(0),
             max_functions_per_conn: args
                 .max_functions_per_conn
@@ -171,7 +176,11 @@ impl Settings {
                 .map(Duration::from_secs)
                 .unwrap_or(d.partial_packet_timeout),
             backlog: args.backlog.or(file.backlog).unwrap_or(d.backlog),
-            handle_host: args.handle_host.clone().or(file.handle_host).unwrap_or(d.handle_host),
+            handle_host: args
+                .handle_host
+                .clone()
+                .or(file.handle_host)
+                .unwrap_or(d.handle_host),
         })
     }
 }

@@ -7,7 +7,11 @@ use tebroker::config::{ServeArgs, Settings};
 use tebroker::server::Server;
 
 #[derive(Parser)]
-#[command(name = "tebroker", version, about = "A Gearman job server that understands the TripleO CI testenv protocol")]
+#[command(
+    name = "tebroker",
+    version,
+    about = "A Gearman job server that understands the TripleO CI testenv protocol"
+)]
 struct Cli {
     /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]

@@ -172,7 +172,9 @@ impl Server {
                 std::net::ToSocketAddrs::to_socket_addrs(&(settings.listen.as_str(), settings.port))
                     .ok()
                     .and_then(|mut a| a.next())
-                    .ok_or_else(|| anyhow::anyhow!("cannot resolve listen address {}", settings.listen))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("cannot resolve listen address {}", settings.listen)
+                    })
             })?;
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(addr),
@@ -259,7 +261,13 @@ impl Server {
 
     fn admit(&self, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
         let max = self.shared.settings.max_connections;
-        let count = self.shared.state.lock().expect("broker lock").outboxes.len();
+        let count = self
+            .shared
+            .state
+            .lock()
+            .expect("broker lock")
+            .outboxes
+            .len();
         if max > 0 && count >= max {
             tracing::warn!(%peer, max, "connection limit reached; refusing");
             let shared = self.shared.clone();
