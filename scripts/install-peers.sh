@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Installs the peer programs the interoperability tests and the benchmark run against:
+#   - Debian gearman-job-server (gearmand) and gearman-tools (gearman, gearadmin), via apt-get;
+#   - PyPI gear (Client/Worker library and geard), via pip.
+# Idempotent: anything already installed is left alone. Runs as root, or through sudo.
+# Environment: PYTHON (default python3) is the interpreter gear is installed for.
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+APT_PACKAGES=(gearman-job-server gearman-tools)
+
+log() { printf 'install-peers: %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        log "need root (or sudo) to run: $*"
+        exit 1
+    fi
+}
+
+deb_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install ok installed$'
+}
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    deb_installed "$p" || missing+=("$p")
+done
+if [ "${#missing[@]}" -eq 0 ]; then
+    log "apt: ${APT_PACKAGES[*]} already installed"
+else
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "apt-get not found; install ${missing[*]} (gearmand, gearman, gearadmin) by hand"
+        exit 1
+    fi
+    log "apt: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -qq update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        "${missing[@]}" >/dev/null
+fi
+
+if "$PYTHON" -c 'import gear' >/dev/null 2>&1; then
+    log "pip: gear already importable by $PYTHON"
+else
+    log "pip: installing gear for $PYTHON"
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+    pip_install() { "$PYTHON" -m pip install --quiet "$@" gear; }
+    errf="$(mktemp)"
+    if ! pip_install 2>"$errf"; then
+        # Debian's own python refuses system-wide pip installs (PEP 668).
+        if grep -q externally-managed "$errf"; then
+            pip_install --break-system-packages
+        else
+            cat "$errf" >&2
+            rm -f "$errf"
+            exit 1
+        fi
+    fi
+    rm -f "$errf"
+    "$PYTHON" -c 'import gear' || { log "gear still not importable by $PYTHON"; exit 1; }
+fi
+
+# Everything the tests run must now be there.
+for prog in gearmand gearman gearadmin geard; do
+    if ! command -v "$prog" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$prog" ]; then
+        log "$prog not found on PATH after installation"
+        exit 1
+    fi
+done
+log "peers ready: $(command -v gearmand || echo /usr/sbin/gearmand), $(command -v gearman), $(command -v gearadmin), $(command -v geard)"
