@@ -10,7 +10,12 @@ impl Broker {
     /// One admin text line from `conn`.
     pub fn admin(&mut self, conn: ConnId, line: &str, now: Millis, out: &mut Vec<Action>) {
         let reply = match AdminCommand::parse(line) {
-            Ok(cmd) => self.run_admin(cmd, now, out),
+            // The regex of `acl grant` is the rest of the line, spaces included: hand over the line.
+            Ok(AdminCommand::Acl(_)) => Ok(self.acl_admin(conn, line)),
+            Ok(cmd) => match self.admin_denied(conn, &cmd) {
+                Some(e) => Err(e),
+                None => self.run_admin(cmd, now, out),
+            },
             Err(e) => Err(e),
         };
         let text = reply.unwrap_or_else(|e| e.to_line());
@@ -105,12 +110,8 @@ impl Broker {
                 }
                 s.push_str(".\n");
             }
-            AdminCommand::Acl(_) => {
-                return Err(AdminError::Other(
-                    "ACL_DISABLED",
-                    "ACLs are not enabled on this server".into(),
-                ))
-            }
+            AdminCommand::Acl(_) => unreachable!("handled in admin()"),
+            AdminCommand::Stats => s = self.stats_text(),
         }
         Ok(s)
     }

@@ -7,6 +7,7 @@ use gearman_proto::{Magic, Packet, PacketType};
 use indexmap::{IndexMap, IndexSet};
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::security::{CallbackGuard, Security};
 use crate::testenv::{Lease, LeaseTracker};
 
 /// Milliseconds since the Unix epoch; the only notion of time the core has.
@@ -69,6 +70,20 @@ pub struct Stats {
     pub jobs_requeued: u64,
     pub jobs_timed_out: u64,
     pub protocol_errors: u64,
+    /// Limits hit and security refusals (see `crate::security`); the network layer counts the
+    /// ones it enforces through [`Broker::stats_mut`].
+    pub frames_too_large: u64,
+    pub admin_lines_too_long: u64,
+    pub connections_refused: u64,
+    pub functions_refused: u64,
+    pub queue_full: u64,
+    pub slow_readers_closed: u64,
+    pub partial_packet_timeouts: u64,
+    pub tls_handshake_failures: u64,
+    pub acl_register_denied: u64,
+    pub acl_invoke_denied: u64,
+    pub acl_admin_denied: u64,
+    pub callback_hijacks_refused: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -152,6 +167,8 @@ pub(crate) struct Conn {
     pub running: FxHashSet<JobId>,
     pub attached: FxHashSet<JobId>,
     pub exceptions: bool,
+    /// Common name of the TLS client certificate, if any: the subject ACLs apply to.
+    pub identity: Option<String>,
 }
 
 /// The whole state of the job server.
@@ -169,6 +186,8 @@ pub struct Broker {
     schedule: BTreeSet<(Millis, JobId)>,
     pub(crate) leases: LeaseTracker,
     pub(crate) stats: Stats,
+    pub(crate) security: Security,
+    pub(crate) callbacks: CallbackGuard,
 }
 
 enum Submit {
@@ -192,11 +211,23 @@ impl Broker {
             schedule: BTreeSet::new(),
             leases: LeaseTracker::default(),
             stats: Stats::default(),
+            security: Security::default(),
+            callbacks: CallbackGuard::default(),
         }
+    }
+
+    /// Sets ACLs, callback hijack protection and the default queue limit.
+    pub fn set_security(&mut self, security: Security) {
+        self.security = security;
     }
 
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// For the network layer to count the limits it enforces itself.
+    pub fn stats_mut(&mut self) -> &mut Stats {
+        &mut self.stats
     }
 
     pub fn connection_count(&self) -> usize {
@@ -218,6 +249,11 @@ impl Broker {
 
     /// A new connection from `peer` (an IP address, as shown by the `workers` command).
     pub fn connect(&mut self, conn: ConnId, peer: impl Into<String>) {
+        self.connect_as(conn, peer, None);
+    }
+
+    /// A new connection whose TLS client certificate names `identity` (its common name).
+    pub fn connect_as(&mut self, conn: ConnId, peer: impl Into<String>, identity: Option<String>) {
         self.conns.insert(
             conn,
             Conn {
@@ -228,6 +264,7 @@ impl Broker {
                 running: FxHashSet::default(),
                 attached: FxHashSet::default(),
                 exceptions: false,
+                identity,
             },
         );
     }
@@ -275,6 +312,8 @@ impl Broker {
             if let Some(f) = self.functions.get_mut(&function) {
                 f.workers.remove(&conn);
                 f.sleeping.swap_remove(&conn);
+                self.callbacks
+                    .release(&function, conn, f.queued() + f.scheduled > 0);
                 // This worker may have been the one woken for a queued job.
                 if f.queued() > 0 {
                     self.wake_one(&function, out);
@@ -467,6 +506,9 @@ impl Broker {
         if function.is_empty() {
             return self.reply_error(conn, "INVALID_ARGUMENTS", "empty function name", out);
         }
+        if !self.may_invoke(conn, &function) {
+            return self.reply_error(conn, "PERMISSION_DENIED", "Permission denied by ACL", out);
+        }
         if &unique[..] == b"-" {
             // libgearman's convention: "-" means "the data is the unique key".
             unique = data.clone();
@@ -499,9 +541,12 @@ impl Broker {
         }
 
         let f = self.functions.entry(function.clone()).or_default();
-        if let Some(limits) = f.max_queue {
+        let default_limit = self.security.default_max_queue.map(|n| [n; 3]);
+        if let Some(limits) = f.max_queue.or(default_limit) {
             let limit = limits[priority as usize];
             if limit > 0 && f.queues[priority as usize].len() as i64 >= limit {
+                self.stats.queue_full += 1;
+                tracing::info!(function = %show(&function), limit, "queue full; job refused");
                 return self.reply_error(conn, "QUEUE_ERROR", "Job queue is full", out);
             }
         }
@@ -595,9 +640,13 @@ impl Broker {
         if function.is_empty() {
             return self.reply_error(conn, "INVALID_ARGUMENTS", "empty function name", out);
         }
+        if !self.may_register(conn, &function) {
+            return;
+        }
         let limit = self.config.max_functions_per_conn;
         let c = self.conn(conn);
         if limit > 0 && c.abilities.len() >= limit && !c.abilities.contains_key(&function) {
+            self.stats.functions_refused += 1;
             tracing::warn!(%conn, limit, "too many functions registered; CAN_DO refused");
             return self.reply_error(
                 conn,
@@ -606,6 +655,10 @@ impl Broker {
                 out,
             );
         }
+        if !self.claim_callback(conn, &function, out) {
+            return;
+        }
+        let c = self.conn(conn);
         c.abilities.insert(function.clone(), timeout);
         let sleeping = c.sleeping;
         let f = self.functions.entry(function.clone()).or_default();
@@ -630,6 +683,8 @@ impl Broker {
         if let Some(f) = self.functions.get_mut(function) {
             f.workers.remove(&conn);
             f.sleeping.swap_remove(&conn);
+            self.callbacks
+                .release(function, conn, f.queued() + f.scheduled > 0);
             self.gc_function(function);
         }
     }
@@ -921,6 +976,7 @@ impl Broker {
             .is_some_and(Function::is_unused)
         {
             self.functions.remove(function);
+            self.callbacks.forget(function);
         }
     }
 

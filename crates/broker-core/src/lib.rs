@@ -5,11 +5,14 @@
 //! resulting [`Action`]s (packets or text to send, connections to close) to an output vector.
 //! Unit tests drive it exactly the same way, without sockets.
 
+pub mod acl;
 mod admin;
 mod broker;
 mod schedule;
+mod security;
 mod testenv;
 
 pub use broker::{Action, Broker, BrokerConfig, ConnId, Millis, Stats};
 pub use schedule::next_cron_match;
+pub use security::{Security, CALLBACK_PREFIX};
 pub use testenv::Lease;

@@ -30,6 +30,8 @@ pub enum AdminCommand {
     Acl(Vec<String>),
     /// tebroker's own extension: the leases it sees (`leases`).
     Leases,
+    /// tebroker's own extension: counters (`stats`), one `name<TAB>value` line each.
+    Stats,
 }
 
 /// An admin command that cannot be run.
@@ -54,6 +56,9 @@ impl AdminError {
                 format!("An incomplete set of arguments was sent to this command {cmd}"),
             ),
             AdminError::UnknownJob => return "ERR UNKNOWN_JOB\r\n".to_string(),
+            AdminError::Other(code, text) if text.is_empty() => {
+                return format!("ERR {code}\r\n");
+            }
             AdminError::Other(code, text) => (*code, text.clone()),
         };
         format!("ERR {code} {}\r\n", text.replace(' ', "+"))
@@ -73,6 +78,7 @@ impl AdminCommand {
             "prioritystatus" => AdminCommand::PriorityStatus,
             "verbose" => AdminCommand::Verbose,
             "leases" => AdminCommand::Leases,
+            "stats" => AdminCommand::Stats,
             "shutdown" => match words.get(1) {
                 None => AdminCommand::Shutdown { graceful: false },
                 Some(&"graceful") => AdminCommand::Shutdown { graceful: true },
