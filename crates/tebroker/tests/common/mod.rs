@@ -237,6 +237,11 @@ impl Server {
         }
     }
 
+    /// The exit status, once the process has exited.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The log must not show a panic.
     pub fn assert_no_panic_in_log(&self) {
         let log = self.log_text();
