@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The demo: tebroker with a pool of three test environments (demo/testenv-*.json), and a few CI
+# jobs (testenv-client) that each lock one, print which TE they got, and hand it back.
+# Usage: scripts/demo.sh [JOBS]   (default 5 jobs for 3 TEs, so some wait their turn)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs="${1:-5}"
+
+echo "== building (release)"
+cargo build --release -q -p tebroker -p testenv
+bin=target/release
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "== starting tebroker on a free port"
+"$bin/tebroker" serve -p 0 -L 127.0.0.1 >"$work/broker.out" 2>"$work/broker.err" &
+pids+=($!)
+for _ in $(seq 50); do grep -q listening "$work/broker.out" 2>/dev/null && break; sleep 0.1; done
+addr="$(sed -n 's/^tebroker listening on //p' "$work/broker.out")"
+[ -n "$addr" ] || { echo "tebroker did not start:"; cat "$work/broker.err"; exit 1; }
+echo "   tebroker listening on $addr"
+
+echo "== starting one testenv-worker per demo TE"
+for f in demo/testenv-*.json; do
+    n="$(basename "$f" .json)"
+    "$bin/testenv-worker" -b "$addr" -n "$n" --state-dir "$work/state" "$f" 2>"$work/$n.log" &
+    pids+=($!)
+done
+sleep 0.5
+
+admin() { exec 3<>"/dev/tcp/${addr%:*}/${addr#*:}"; printf '%s\n' "$1" >&3; timeout 1 sed '/^\.$/q' <&3; exec 3>&-; }
+
+echo "== broker status (function, jobs, running, workers)"
+admin status
+
+echo "== running $jobs CI jobs at once; each holds its TE for 2 seconds"
+job_pids=()
+for i in $(seq "$jobs"); do
+    TOCI_JOBTYPE="demo-job-$i" "$bin/testenv-client" -b "$addr" -n "demo$i" -- sh -c '
+        env_num=$(sed -n "s/.*\"env-num\": \"\([0-9]*\)\".*/\1/p" "$TE_DATAFILE")
+        seed=$(sed -n "s/.*\"seed-ip\": \"\([0-9.]*\)\".*/\1/p" "$TE_DATAFILE")
+        echo "   job '"$i"': locked TE env-num=$env_num (seed $seed), datafile $TE_DATAFILE"
+        sleep 2
+        echo "   job '"$i"': done, releasing TE env-num=$env_num"' 2>>"$work/clients.log" &
+    job_pids+=($!)
+done
+sleep 1
+echo "== leases seen by the broker (handle, worker, holder, job, held s, timeout, state)"
+admin leases
+status=0
+for p in "${job_pids[@]}"; do wait "$p" || status=$?; done
+echo "== all jobs finished (last non-zero exit: $status); broker status now"
+admin status
+echo "== worker log of one TE"
+sed 's/^/   /' "$work/testenv-1.log"
