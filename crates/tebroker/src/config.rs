@@ -63,6 +63,27 @@ pub struct ServeArgs {
     /// Host part of job handles (`H:<host>:<n>`); defaults to the machine's host name.
     #[arg(long)]
     pub handle_host: Option<String>,
+    /// Default limit of queued jobs per function and priority (0: unlimited); the `maxqueue`
+    /// admin command overrides it per function.
+    #[arg(long)]
+    pub max_queue: Option<i64>,
+    /// Server certificate (PEM); with --ssl-key, the port speaks TLS only.
+    #[arg(long, value_name = "PATH")]
+    pub ssl_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, value_name = "PATH")]
+    pub ssl_key: Option<PathBuf>,
+    /// CA certificates (PEM): clients must present a certificate signed by one of them; its
+    /// subject common name is the identity ACLs apply to.
+    #[arg(long, value_name = "PATH")]
+    pub ssl_ca: Option<PathBuf>,
+    /// geard's ACL file (INI: one [common-name] section with register/invoke/grant).
+    #[arg(long, value_name = "PATH")]
+    pub acl: Option<PathBuf>,
+    /// Let any connection register a `callback_*` function another connection holds (geard's
+    /// behaviour; by default tebroker refuses such a registration).
+    #[arg(long)]
+    pub no_callback_protection: bool,
 }
 
 /// The same settings as read from a TOML file.
@@ -84,6 +105,12 @@ struct FileSettings {
     partial_packet_timeout: Option<u64>,
     backlog: Option<u32>,
     handle_host: Option<String>,
+    max_queue: Option<i64>,
+    ssl_cert: Option<PathBuf>,
+    ssl_key: Option<PathBuf>,
+    ssl_ca: Option<PathBuf>,
+    acl: Option<PathBuf>,
+    callback_protection: Option<bool>,
 }
 
 /// Resolved settings of a running server.
@@ -101,6 +128,11 @@ pub struct Settings {
     pub partial_packet_timeout: Duration,
     pub backlog: u32,
     pub handle_host: String,
+    /// Default per-function queue limit (0: unlimited).
+    pub max_queue: i64,
+    pub tls: Option<crate::tls::TlsFiles>,
+    pub acl: Option<PathBuf>,
+    pub callback_protection: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -120,14 +152,22 @@ impl Default for Settings {
             max_frame: gearman_proto::DEFAULT_MAX_FRAME,
             max_admin_line: gearman_proto::DEFAULT_MAX_ADMIN_LINE,
             max_connections: 0,
-            max_functions_per_conn: 0,
+            max_functions_per_conn: DEFAULT_MAX_FUNCTIONS_PER_CONN,
             max_output_buffer: 64 * 1024 * 1024,
             partial_packet_timeout: Duration::from_secs(60),
             backlog: 4096,
             handle_host: host_name(),
+            max_queue: 0,
+            tls: None,
+            acl: None,
+            callback_protection: true,
         }
     }
 }
+
+/// Enough for any worker (a testenv-client registers one function), small enough that one
+/// connection cannot grow the function table without bound.
+pub const DEFAULT_MAX_FUNCTIONS_PER_CONN: usize = 16384;
 
 impl Settings {
     pub fn resolve(args: &ServeArgs) -> anyhow::Result<Settings> {
@@ -165,7 +205,7 @@ impl Settings {
             max_functions_per_conn: args
                 .max_functions_per_conn
                 .or(file.max_functions_per_conn)
-                .unwrap_or(0),
+                .unwrap_or(d.max_functions_per_conn),
             max_output_buffer: args
                 .max_output_buffer
                 .or(file.max_output_buffer)
@@ -181,7 +221,28 @@ impl Settings {
                 .clone()
                 .or(file.handle_host)
                 .unwrap_or(d.handle_host),
+            max_queue: args.max_queue.or(file.max_queue).unwrap_or(d.max_queue),
+            tls: tls_files(
+                args.ssl_cert.clone().or(file.ssl_cert),
+                args.ssl_key.clone().or(file.ssl_key),
+                args.ssl_ca.clone().or(file.ssl_ca),
+            )?,
+            acl: args.acl.clone().or(file.acl),
+            callback_protection: !args.no_callback_protection
+                && file.callback_protection.unwrap_or(d.callback_protection),
         })
+    }
+}
+
+fn tls_files(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+    match (cert, key, ca) {
+        (None, None, None) => Ok(None),
+        (Some(cert), Some(key), ca) => Ok(Some(crate::tls::TlsFiles { cert, key, ca })),
+        _ => anyhow::bail!("TLS needs both --ssl-cert and --ssl-key (and optionally --ssl-ca)"),
     }
 }
 

@@ -6,7 +6,7 @@
 //! outbox; nothing blocks while the lock is held.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -62,6 +62,10 @@ pub struct Shared {
     state: Mutex<State>,
     settings: Settings,
     next_conn: AtomicU64,
+    /// Connections admitted and not yet finished (TLS handshakes included), for max_connections.
+    live: AtomicUsize,
+    /// Set when the port speaks TLS.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     /// Stops accepting and closes every connection.
     stop: CancellationToken,
     /// Stops accepting only (graceful shutdown waits for running jobs).
@@ -103,8 +107,11 @@ impl Shared {
                         return;
                     }
                     packet.encode_into(&mut buf);
-                    self.check_backlog(conn, o, buf.len());
+                    let over = self.check_backlog(conn, o, buf.len());
                     drop(buf);
+                    if over {
+                        state.broker.stats_mut().slow_readers_closed += 1;
+                    }
                     push_unique(woken, o);
                 }
             }
@@ -115,8 +122,11 @@ impl Shared {
                         return;
                     }
                     buf.extend_from_slice(text.as_bytes());
-                    self.check_backlog(conn, o, buf.len());
+                    let over = self.check_backlog(conn, o, buf.len());
                     drop(buf);
+                    if over {
+                        state.broker.stats_mut().slow_readers_closed += 1;
+                    }
                     push_unique(woken, o);
                 }
             }
@@ -135,15 +145,23 @@ impl Shared {
         }
     }
 
-    /// A reader that does not keep up must not make the broker buffer without bound.
-    fn check_backlog(&self, conn: ConnId, o: &Outbox, len: usize) {
+    /// A reader that does not keep up must not make the broker buffer without bound. Returns
+    /// whether this call closed the connection.
+    fn check_backlog(&self, conn: ConnId, o: &Outbox, len: usize) -> bool {
         let cap = self.settings.max_output_buffer;
-        if cap > 0 && len > cap && !o.closing.load(Ordering::Relaxed) {
+        if cap > 0 && len > cap && !o.abort.is_cancelled() {
             tracing::warn!(%conn, buffered = len, cap, "slow reader: output buffer over the cap; closing");
             o.closing.store(true, Ordering::Release);
             o.cancel.cancel();
             o.abort.cancel();
+            return true;
         }
+        false
+    }
+
+    /// Counts a limit enforced here rather than in the core.
+    fn count(&self, f: impl FnOnce(&mut broker_core::Stats)) {
+        f(self.state.lock().expect("broker lock").broker.stats_mut());
     }
 
     fn running_jobs(&self) -> usize {
@@ -191,11 +209,36 @@ impl Server {
             .with_context(|| format!("cannot listen on {addr}"))?;
         socket.listen(settings.backlog as i32)?;
         let listener = TcpListener::from_std(socket.into())?;
-        let broker = Broker::new(broker_core::BrokerConfig {
+        let tls = match &settings.tls {
+            Some(files) => Some(crate::tls::acceptor(files)?),
+            None => None,
+        };
+        let acl = match &settings.acl {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read ACL file {}", path.display()))?;
+                let acl = broker_core::acl::Acl::parse(&text)
+                    .map_err(|e| anyhow::anyhow!("invalid ACL file {}: {e}", path.display()))?;
+                if tls.as_ref().is_none() || settings.tls.as_ref().is_some_and(|t| t.ca.is_none()) {
+                    tracing::warn!(
+                        "ACLs without --ssl-ca: no connection has a certificate identity, so \
+                         every CAN_DO and SUBMIT_JOB will be denied"
+                    );
+                }
+                Some(acl)
+            }
+            None => None,
+        };
+        let mut broker = Broker::new(broker_core::BrokerConfig {
             handle_host: settings.handle_host.clone(),
             pid: std::process::id(),
             version: format!("{} (tebroker)", env!("CARGO_PKG_VERSION")),
             max_functions_per_conn: settings.max_functions_per_conn,
+        });
+        broker.set_security(broker_core::Security {
+            acl,
+            callback_protection: settings.callback_protection,
+            default_max_queue: (settings.max_queue > 0).then_some(settings.max_queue),
         });
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -204,6 +247,8 @@ impl Server {
             }),
             settings,
             next_conn: AtomicU64::new(1),
+            live: AtomicUsize::new(0),
+            tls,
             stop: CancellationToken::new(),
             stop_accepting: CancellationToken::new(),
         });
@@ -261,29 +306,77 @@ impl Server {
 
     fn admit(&self, stream: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
         let max = self.shared.settings.max_connections;
-        let count = self
-            .shared
-            .state
-            .lock()
-            .expect("broker lock")
-            .outboxes
-            .len();
-        if max > 0 && count >= max {
+        // Counted at accept time (not when the connection task starts), so a burst of connects
+        // cannot overshoot the limit.
+        let live = self.shared.live.fetch_add(1, Ordering::AcqRel);
+        let slot = LiveSlot(self.shared.clone());
+        if max > 0 && live >= max {
             tracing::warn!(%peer, max, "connection limit reached; refusing");
-            let shared = self.shared.clone();
-            tokio::spawn(async move {
-                let mut stream = stream;
-                let msg = Packet::error("SERVER_BUSY", "connection limit reached");
-                let _ = stream.write_all(&msg.to_bytes()).await;
-                drop(shared);
-            });
+            self.shared.count(|s| s.connections_refused += 1);
+            if self.shared.tls.is_none() {
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let msg = Packet::error("SERVER_BUSY", "connection limit reached");
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        stream.write_all(&msg.to_bytes()),
+                    )
+                    .await;
+                    drop(slot);
+                });
+            }
             return Ok(());
         }
         stream.set_nodelay(true)?;
         crate::config::apply_keepalive(&stream, &self.shared.settings)?;
         let id = ConnId(self.shared.next_conn.fetch_add(1, Ordering::Relaxed));
-        tokio::spawn(serve_connection(self.shared.clone(), stream, id, peer));
+        let shared = self.shared.clone();
+        match self.shared.tls.clone() {
+            None => {
+                tokio::spawn(async move {
+                    serve_connection(shared, stream, id, peer, None).await;
+                    drop(slot);
+                });
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    let limit = match shared.settings.partial_packet_timeout {
+                        d if d.is_zero() => Duration::from_secs(60),
+                        d => d,
+                    };
+                    let handshake = tokio::select! {
+                        r = tokio::time::timeout(limit, acceptor.accept(stream)) => r,
+                        _ = shared.stop.cancelled() => return,
+                    };
+                    match handshake {
+                        Ok(Ok(tls)) => {
+                            let identity = crate::tls::peer_common_name(tls.get_ref().1);
+                            tracing::debug!(conn = %id, %peer, identity = identity.as_deref().unwrap_or("-"), "TLS established");
+                            serve_connection(shared, tls, id, peer, identity).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "TLS handshake failed");
+                            shared.count(|s| s.tls_handshake_failures += 1);
+                        }
+                        Err(_) => {
+                            tracing::info!(%peer, "TLS handshake not finished in time");
+                            shared.count(|s| s.tls_handshake_failures += 1);
+                        }
+                    }
+                    drop(slot);
+                });
+            }
+        }
         Ok(())
+    }
+}
+
+/// One admitted connection, released when its task ends.
+struct LiveSlot(Arc<Shared>);
+
+impl Drop for LiveSlot {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -304,15 +397,20 @@ async fn tick_loop(shared: Arc<Shared>) {
 }
 
 /// Serves one connection: any byte stream, so TLS can wrap the TCP stream.
-pub async fn serve_connection<S>(shared: Arc<Shared>, stream: S, id: ConnId, peer: SocketAddr)
-where
+pub async fn serve_connection<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    id: ConnId,
+    peer: SocketAddr,
+    identity: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let cancel = shared.stop.child_token();
     let outbox = Arc::new(Outbox::new(cancel.clone()));
     {
         let mut state = shared.state.lock().expect("broker lock");
-        state.broker.connect(id, peer.ip().to_string());
+        state.broker.connect_as(id, peer.ip().to_string(), identity);
         state.outboxes.insert(id, outbox.clone());
     }
     tracing::debug!(conn = %id, %peer, "connected");
@@ -343,18 +441,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let idle = shared.settings.partial_packet_timeout;
     let mut buf = BytesMut::with_capacity(8192);
     let mut frames = Vec::new();
+    // A connection holding part of a frame must finish it in time, however slowly it trickles
+    // bytes in (slowloris): the deadline runs from when the unfinished frame started and only
+    // moves when a frame completes.
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        // A connection holding half a packet must finish it in time (slowloris).
-        let deadline = if buf.is_empty() || idle.is_zero() {
-            None
-        } else {
-            Some(tokio::time::Instant::now() + idle)
-        };
         let read = tokio::select! {
             _ = cancel.cancelled() => return "closed by server",
             r = reader.read_buf(&mut buf) => r,
             _ = sleep_until(deadline) => {
                 tracing::warn!(conn = %id, "incomplete packet not finished in time; closing");
+                shared.count(|s| s.partial_packet_timeouts += 1);
                 send_error_and_close(shared, id, "TIMEOUT", "incomplete packet not finished in time");
                 return "partial packet timeout";
             }
@@ -375,6 +472,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
         }
+        if buf.is_empty() || idle.is_zero() {
+            deadline = None;
+        } else if deadline.is_none() || !frames.is_empty() {
+            deadline = Some(tokio::time::Instant::now() + idle);
+        }
         if !frames.is_empty() {
             let now = now_millis();
             shared.apply(|b, out| {
@@ -389,6 +491,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         if let Some(e) = fatal {
             tracing::info!(conn = %id, error = %e, "protocol error; closing connection");
+            shared.count(|s| match e {
+                gearman_proto::DecodeError::FrameTooLarge { .. } => s.frames_too_large += 1,
+                gearman_proto::DecodeError::AdminLineTooLong { .. } => s.admin_lines_too_long += 1,
+                _ => s.protocol_errors += 1,
+            });
             send_error_and_close(shared, id, e.error_code(), &e.to_string());
             return "protocol error";
         }
