@@ -1,0 +1,146 @@
+//! `tebroker serve` as an operator starts it: flags, config file, pidfile, signals, shutdown.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{wait_until, Server, TIMEOUT};
+use gearman_client::{Client, JobRequest, ServerAddr, Worker};
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+#[test]
+fn config_file_pidfile_and_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("tebroker.pid");
+    let config = dir.path().join("tebroker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1\"\nport = 0\npidfile = \"{}\"\nmax_frame = 2048\nhandle_host = \"cfg-host\"\n",
+            pidfile.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tebroker"))
+        .args(["serve", "-d", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        line.starts_with("tebroker listening on 127.0.0.1:"),
+        "{line}"
+    );
+    let written = std::fs::read_to_string(&pidfile).unwrap();
+    assert_eq!(written.trim(), child.id().to_string());
+
+    // The config's settings are in force: handles carry the host name, frames are limited.
+    let mut conn = common::Conn::connect(port);
+    conn.req(gearman_proto::PacketType::SubmitJobBg, &["f", "", "x"]);
+    let created = conn.expect(gearman_proto::PacketType::JobCreated);
+    assert!(created.args[0].starts_with(b"H:cfg-host:"), "{created:?}");
+    conn.req(gearman_proto::PacketType::EchoReq, &["y".repeat(4096)]);
+    let (code, _) = common::expect_error_packet(conn.next(TIMEOUT), "oversized echo");
+    assert_eq!(code, "PACKET_TOO_LARGE");
+
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_until("tebroker exits after SIGTERM", || child.try_wait().unwrap());
+    assert!(status.success(), "{status:?}");
+    assert!(!pidfile.exists(), "pidfile removed on exit");
+}
+
+#[test]
+fn bad_config_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "port = \"not a number\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tebroker"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid config file"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_tebroker"))
+        .args(["serve", "--config", "/nonexistent/tebroker.toml"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+}
+
+#[test]
+fn geard_spelling_of_flags_is_accepted() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tebroker"))
+        .args([
+            "serve",
+            "-p",
+            "0",
+            "--listen-address",
+            "127.0.0.1",
+            "--keepalive",
+        ])
+        .args([
+            "--keepalive-idle",
+            "30",
+            "--keepalive-interval",
+            "5",
+            "--keepalive-count",
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    common::check_round_trip(port);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// `shutdown graceful` stops accepting but lets the job in hand finish.
+#[test]
+fn graceful_shutdown_waits_for_running_jobs() {
+    let mut server = Server::tebroker();
+    let addr = ServerAddr::localhost(server.port);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let worker = Worker::new([addr.clone()]);
+        worker.register("slow");
+        worker.wait_for_server(TIMEOUT).await.unwrap();
+        let client = Client::connect([addr.clone()]).await.unwrap();
+        let job = client.submit(JobRequest::new("slow", "x")).await.unwrap();
+        let grabbed = worker.grab_job().await.unwrap();
+        assert_eq!(server.admin_line("shutdown graceful"), "OK");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            server.exit_status().is_none(),
+            "still running while a job is in hand"
+        );
+        assert!(
+            std::net::TcpStream::connect(server.addr()).is_err(),
+            "no longer accepting"
+        );
+        grabbed.complete("done").await.unwrap();
+        assert_eq!(&job.result().await.unwrap()[..], b"done");
+    });
+    let status = wait_until("tebroker exits once the job is done", || {
+        server.exit_status()
+    });
+    assert!(status.success());
+}
