@@ -13,6 +13,9 @@ use crate::testenv::{Lease, LeaseTracker};
 /// Milliseconds since the Unix epoch; the only notion of time the core has.
 pub type Millis = u64;
 
+/// How long a woken worker may stay silent before another sleeping worker is woken instead.
+pub const WAKE_RETRY_MS: Millis = 200;
+
 /// A connection, numbered by the network layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
@@ -164,6 +167,8 @@ pub(crate) struct Conn {
     /// Registered functions with their CAN_DO_TIMEOUT in seconds, in registration order.
     pub abilities: IndexMap<Bytes, Option<u32>>,
     pub sleeping: bool,
+    /// When this worker was last sent a NOOP it has not yet answered with a GRAB or PRE_SLEEP.
+    pub woken_at: Option<Millis>,
     pub running: FxHashSet<JobId>,
     pub attached: FxHashSet<JobId>,
     pub exceptions: bool,
@@ -184,6 +189,10 @@ pub struct Broker {
     next_head_seq: i64,
     timeouts: BTreeSet<(Millis, JobId)>,
     schedule: BTreeSet<(Millis, JobId)>,
+    /// Woken workers to check on: one that does not grab in time passes its wake-up on.
+    wake_checks: BTreeSet<(Millis, ConnId)>,
+    /// The latest time the network layer passed in.
+    now: Millis,
     pub(crate) leases: LeaseTracker,
     pub(crate) stats: Stats,
     pub(crate) security: Security,
@@ -209,6 +218,8 @@ impl Broker {
             next_head_seq: -1,
             timeouts: BTreeSet::new(),
             schedule: BTreeSet::new(),
+            wake_checks: BTreeSet::new(),
+            now: 0,
             leases: LeaseTracker::default(),
             stats: Stats::default(),
             security: Security::default(),
@@ -261,6 +272,7 @@ impl Broker {
                 client_id: Bytes::from_static(b"-"),
                 abilities: IndexMap::new(),
                 sleeping: false,
+                woken_at: None,
                 running: FxHashSet::default(),
                 attached: FxHashSet::default(),
                 exceptions: false,
@@ -332,6 +344,7 @@ impl Broker {
 
     /// One binary packet from `conn`.
     pub fn packet(&mut self, conn: ConnId, p: Packet, now: Millis, out: &mut Vec<Action>) {
+        self.now = self.now.max(now);
         if !self.conns.contains_key(&conn) {
             return;
         }
@@ -438,16 +451,40 @@ impl Broker {
 
     /// When the next timed event (a CAN_DO_TIMEOUT or a scheduled job) is due.
     pub fn next_deadline(&self) -> Option<Millis> {
-        let t = self.timeouts.first().map(|&(t, _)| t);
-        let s = self.schedule.first().map(|&(t, _)| t);
-        match (t, s) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.timeouts.first().map(|&(t, _)| t),
+            self.schedule.first().map(|&(t, _)| t),
+            self.wake_checks.first().map(|&(t, _)| t),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Fires everything due at or before `now`.
     pub fn tick(&mut self, now: Millis, out: &mut Vec<Action>) {
+        self.now = self.now.max(now);
+        while let Some(&(at, worker)) = self.wake_checks.first() {
+            if at > now {
+                break;
+            }
+            self.wake_checks.pop_first();
+            let Some(c) = self.conns.get_mut(&worker) else {
+                continue;
+            };
+            if c.woken_at != Some(at - WAKE_RETRY_MS) {
+                continue;
+            }
+            // Woken but silent (a worker may ignore NOOP while it wants no work): let another
+            // sleeping worker take what it was woken for.
+            c.woken_at = None;
+            let names: Vec<Bytes> = c.abilities.keys().cloned().collect();
+            for name in names {
+                if self.functions.get(&name).is_some_and(|f| f.queued() > 0) {
+                    self.wake_one(&name, out);
+                }
+            }
+        }
         while let Some(&(at, id)) = self.schedule.first() {
             if at > now {
                 break;
@@ -609,6 +646,15 @@ impl Broker {
             return;
         };
         self.set_awake(worker);
+        self.send_noop(worker, out);
+    }
+
+    /// Sends NOOP and remembers to check that the worker acts on it.
+    fn send_noop(&mut self, worker: ConnId, out: &mut Vec<Action>) {
+        if let Some(c) = self.conns.get_mut(&worker) {
+            c.woken_at = Some(self.now);
+            self.wake_checks.insert((self.now + WAKE_RETRY_MS, worker));
+        }
         out.push(Action::Send(
             worker,
             Packet::res(PacketType::Noop, Vec::<Bytes>::new()),
@@ -666,10 +712,7 @@ impl Broker {
         if sleeping {
             if f.queued() > 0 {
                 self.set_awake(conn);
-                out.push(Action::Send(
-                    conn,
-                    Packet::res(PacketType::Noop, Vec::<Bytes>::new()),
-                ));
+                self.send_noop(conn, out);
             } else {
                 f.sleeping.insert(conn);
             }
@@ -690,16 +733,14 @@ impl Broker {
     }
 
     fn pre_sleep(&mut self, conn: ConnId, out: &mut Vec<Action>) {
+        self.conn(conn).woken_at = None;
         let c = self.conns.get(&conn).expect("known connection");
         let work_waiting = c
             .abilities
             .keys()
             .any(|name| self.functions.get(name).is_some_and(|f| f.queued() > 0));
         if work_waiting {
-            out.push(Action::Send(
-                conn,
-                Packet::res(PacketType::Noop, Vec::<Bytes>::new()),
-            ));
+            self.send_noop(conn, out);
             return;
         }
         let names: Vec<Bytes> = c.abilities.keys().cloned().collect();
@@ -713,6 +754,7 @@ impl Broker {
 
     fn grab(&mut self, conn: ConnId, reply: PacketType, now: Millis, out: &mut Vec<Action>) {
         self.set_awake(conn);
+        self.conn(conn).woken_at = None;
         let c = self.conns.get(&conn).expect("known connection");
         let mut best: Option<(usize, i64, JobId, Option<u32>)> = None;
         for (name, timeout) in &c.abilities {

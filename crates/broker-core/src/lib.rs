@@ -12,7 +12,7 @@ mod schedule;
 mod security;
 mod testenv;
 
-pub use broker::{Action, Broker, BrokerConfig, ConnId, Millis, Stats};
+pub use broker::{Action, Broker, BrokerConfig, ConnId, Millis, Stats, WAKE_RETRY_MS};
 pub use schedule::next_cron_match;
 pub use security::{Security, CALLBACK_PREFIX};
 pub use testenv::Lease;
