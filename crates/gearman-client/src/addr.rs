@@ -10,9 +10,9 @@ pub const DEFAULT_PORT: u16 = 4730;
 
 /// Per-server TLS settings, mirroring python gear's `addServer(ssl_key, ssl_cert, ssl_ca)`.
 ///
-/// Connections do not speak TLS yet: a server with `tls` set fails to connect with
-/// [`Error::TlsUnsupported`](crate::Error::TlsUnsupported). The field exists so that callers and
-/// configuration formats can carry it today and the transport can grow TLS without an API break.
+/// `ssl_ca` is required; `ssl_cert` and `ssl_key` (together) present a client certificate. The
+/// server's certificate must chain to `ssl_ca` and name the host connected to. Unusable settings
+/// fail with [`Error::TlsConfig`](crate::Error::TlsConfig), which is not retried.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct TlsConfig {
     /// Client certificate (PEM) presented to the server.

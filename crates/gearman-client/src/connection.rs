@@ -71,11 +71,6 @@ impl Connection {
     /// Connects once, trying every address the host name resolves to, with TCP_NODELAY set
     /// (without it every request/response round trip can stall ~40 ms on delayed ACKs).
     pub async fn connect(server: &ServerAddr, timeout: Duration) -> Result<Connection> {
-        if server.tls.is_some() {
-            return Err(Error::TlsUnsupported {
-                server: server.to_string(),
-            });
-        }
         let connect_err = |source| Error::Connect {
             server: server.to_string(),
             source,
@@ -106,7 +101,22 @@ impl Connection {
         };
         stream.set_nodelay(true).map_err(connect_err)?;
         debug!(server = %server, "connected");
-        Ok(Connection::from_transport(Box::pin(stream), server.clone()))
+        let transport: BoxTransport = match &server.tls {
+            None => Box::pin(stream),
+            Some(tls) => {
+                let handshake = crate::tls::handshake(server, tls, stream);
+                match tokio::time::timeout(timeout, handshake).await {
+                    Ok(r) => Box::pin(r?),
+                    Err(_) => {
+                        return Err(connect_err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("TLS handshake timed out after {timeout:?}"),
+                        )))
+                    }
+                }
+            }
+        };
+        Ok(Connection::from_transport(transport, server.clone()))
     }
 
     /// Connects, retrying with exponential backoff until `deadline` passes (forever if `None`).
@@ -126,7 +136,7 @@ impl Connection {
             };
             match Connection::connect(server, timeout).await {
                 Ok(c) => return Ok(c),
-                Err(e @ Error::TlsUnsupported { .. }) => return Err(e),
+                Err(e @ Error::TlsConfig { .. }) => return Err(e),
                 Err(e) => {
                     let now = Instant::now();
                     if deadline.is_some_and(|d| now + delay >= d) {
@@ -241,14 +251,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tls_is_refused_clearly() {
-        let addr = ServerAddr::localhost(1).with_tls(Default::default());
+    async fn unusable_tls_settings_are_refused_clearly() {
+        // Needs a listener: the TLS settings are read once TCP is connected.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let addr = ServerAddr::localhost(port).with_tls(Default::default());
         let err = Connection::connect(&addr, Duration::from_secs(1))
             .await
             .unwrap_err();
-        assert!(
-            err.to_string().contains("TLS is not supported yet"),
-            "{err}"
-        );
+        assert!(matches!(err, Error::TlsConfig { .. }), "{err}");
+        assert!(err.to_string().contains("ssl_ca is required"), "{err}");
     }
 }

@@ -20,8 +20,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS is not supported yet (server {server} has TLS settings)")]
-    TlsUnsupported { server: String },
+    /// The TLS settings of a server cannot be used (missing or invalid files); not retried.
+    #[error("TLS settings for gearman server {server}: {reason}")]
+    TlsConfig { server: String, reason: String },
     #[error("no gearman server answered: {tried}")]
     NoServer { tried: String },
     #[error("connection to gearman server {server} lost: {reason}")]

@@ -54,6 +54,7 @@ pub mod client;
 pub mod connection;
 pub mod error;
 pub mod job;
+mod tls;
 pub mod worker;
 
 pub use addr::{parse_servers, AddrError, ServerAddr, TlsConfig, DEFAULT_PORT};

@@ -393,7 +393,7 @@ impl Link {
                 _ = self.until_shutdown() => return,
             };
             match connected {
-                Err(e @ Error::TlsUnsupported { .. }) => {
+                Err(e @ Error::TlsConfig { .. }) => {
                     warn!(server = %server, error = %e, "worker link gives up");
                     return;
                 }

@@ -226,3 +226,67 @@ fn pypi_gear_over_ssl_with_acl() {
     .admin("stats");
     assert!(stats.contains("acl_invoke_denied\t1\n"), "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gearman_client_library_over_tls_with_a_client_certificate() {
+    use gearman_client::{Client, ServerAddr, TlsConfig, Worker};
+    let pki = Pki::new("test CA");
+    let server = pki.issue("localhost");
+    let worker_cert = pki.issue("worker");
+    let client_cert = pki.issue("client");
+    let acl = pki.dir.path().join("acl.ini");
+    std::fs::write(
+        &acl,
+        "[worker]\nregister = reverse\n[client]\ninvoke = reverse\n",
+    )
+    .unwrap();
+    let broker = Broker::start(&[
+        "--ssl-cert",
+        path(&server.cert),
+        "--ssl-key",
+        path(&server.key),
+        "--ssl-ca",
+        path(&pki.ca()),
+        "--acl",
+        path(&acl),
+    ]);
+    let addr = |files: Option<&secutil::Files>| {
+        ServerAddr::new("localhost", broker.addr.port()).with_tls(TlsConfig {
+            ssl_cert: files.map(|f| f.cert.clone()),
+            ssl_key: files.map(|f| f.key.clone()),
+            ssl_ca: Some(pki.ca()),
+        })
+    };
+    let worker = Worker::new(vec![addr(Some(&worker_cert))]);
+    worker.register("reverse");
+    tokio::spawn(async move {
+        while let Some(job) = worker.grab_job().await {
+            let mut out = job.data().to_vec();
+            out.reverse();
+            job.complete(out).await.ok();
+        }
+    });
+    let client = Client::connect(vec![addr(Some(&client_cert))])
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), client.call("reverse", "abc"))
+        .await
+        .expect("job done in time")
+        .unwrap();
+    assert_eq!(&result[..], b"cba");
+    // Without a client certificate the server refuses us.
+    let anon = tokio::time::timeout(Duration::from_secs(10), async {
+        let c = Client::connect(vec![addr(None)]).await?;
+        c.call("reverse", "abc").await
+    })
+    .await
+    .expect("an answer in time");
+    assert!(anon.is_err());
+    // A missing CA file is a clear configuration error.
+    let mut bad = addr(Some(&client_cert));
+    bad.tls.as_mut().unwrap().ssl_ca = Some(pki.dir.path().join("nope.pem"));
+    let err = gearman_client::Connection::connect(&bad, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("nope.pem"), "{err}");
+}

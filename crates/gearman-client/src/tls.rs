@@ -1,0 +1,102 @@
+//! TLS for client and worker connections (rustls), configured per server as gear's
+//! `addServer(host, port, ssl_key, ssl_cert, ssl_ca)`.
+//!
+//! `ssl_ca` is required (the server certificate must chain to it, and must name the host we
+//! connect to); `ssl_cert` + `ssl_key` are the client certificate, needed when the server
+//! requires one (tebroker or geard with `--ssl-ca`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+
+use crate::addr::{ServerAddr, TlsConfig};
+use crate::error::{Error, Result};
+
+fn config_err(server: &ServerAddr, reason: impl Into<String>) -> Error {
+    Error::TlsConfig {
+        server: server.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn read(server: &ServerAddr, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| config_err(server, format!("cannot read {}: {e}", path.display())))
+}
+
+fn certs(server: &ServerAddr, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let pem = read(server, path)?;
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| config_err(server, format!("invalid PEM in {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(config_err(
+            server,
+            format!("no certificate in {}", path.display()),
+        ));
+    }
+    Ok(certs)
+}
+
+/// The rustls client configuration for `tls` (read from disk on each connect, so renewed
+/// certificates are picked up by reconnects).
+pub(crate) fn client_config(
+    server: &ServerAddr,
+    tls: &TlsConfig,
+) -> Result<Arc<rustls::ClientConfig>> {
+    let ca = tls
+        .ssl_ca
+        .as_deref()
+        .ok_or_else(|| config_err(server, "ssl_ca is required for TLS"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs(server, ca)? {
+        roots.add(cert).map_err(|e| {
+            config_err(
+                server,
+                format!("unusable CA certificate in {}: {e}", ca.display()),
+            )
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| config_err(server, e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match (&tls.ssl_cert, &tls.ssl_key) {
+        (Some(cert), Some(key)) => {
+            let chain = certs(server, cert)?;
+            let key = rustls_pemfile::private_key(&mut &read(server, key)?[..])
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    config_err(server, format!("no private key in {}", key.display()))
+                })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| config_err(server, format!("client certificate and key: {e}")))?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => return Err(config_err(server, "ssl_cert and ssl_key go together")),
+    };
+    Ok(Arc::new(config))
+}
+
+/// Wraps a connected TCP stream in TLS.
+pub(crate) async fn handshake(
+    server: &ServerAddr,
+    tls: &TlsConfig,
+    stream: TcpStream,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let config = client_config(server, tls)?;
+    let name = ServerName::try_from(server.host.clone())
+        .map_err(|e| config_err(server, format!("bad server name: {e}")))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|source| Error::Connect {
+            server: server.to_string(),
+            source,
+        })
+}
