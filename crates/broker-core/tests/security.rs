@@ -320,3 +320,80 @@ fn default_max_queue_and_function_limit_are_counted() {
     assert_eq!(s.take(c)[0].0, T::JobCreated);
     assert!(s.admin(c, "stats").contains("queue_full\t1\n"));
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        CanDo(u64, usize),
+        CantDo(u64, usize),
+        Reset(u64),
+        Submit(u64, usize),
+        Grab(u64),
+        Complete(u64, u64),
+        Disconnect(u64),
+    }
+
+    const FUNCS: [&[u8]; 3] = [b"callback_a", b"callback_b", b"lockenv"];
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        let c = 0u64..4;
+        let f = 0usize..FUNCS.len();
+        prop_oneof![
+            (c.clone(), f.clone()).prop_map(|(c, f)| Op::CanDo(c, f)),
+            (c.clone(), f.clone()).prop_map(|(c, f)| Op::CantDo(c, f)),
+            c.clone().prop_map(Op::Reset),
+            (c.clone(), f).prop_map(|(c, f)| Op::Submit(c, f)),
+            c.clone().prop_map(Op::Grab),
+            (c.clone(), 1u64..10).prop_map(|(c, h)| Op::Complete(c, h)),
+            c.prop_map(Op::Disconnect),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// With protection on, a callback function never has two registered connections, and
+        /// the core's own invariants hold after every step.
+        #[test]
+        fn a_callback_never_has_two_owners(ops in prop::collection::vec(arb_op(), 1..120)) {
+            let mut s = Sim::new(protected());
+            let mut generation = [0u64; 4];
+            let id = |c: u64, g: &[u64; 4]| ConnId(c * 1000 + g[c as usize]);
+            for c in 0..4u64 {
+                s.conn(id(c, &generation).0, &format!("10.0.0.{}", c % 2), None);
+            }
+            for op in ops {
+                match op {
+                    Op::CanDo(c, f) => s.send(id(c, &generation), T::CanDo, &[FUNCS[f]]),
+                    Op::CantDo(c, f) => s.send(id(c, &generation), T::CantDo, &[FUNCS[f]]),
+                    Op::Reset(c) => s.send(id(c, &generation), T::ResetAbilities, &[]),
+                    Op::Submit(c, f) => s.send(id(c, &generation), T::SubmitJob, &[FUNCS[f], b"", b"d"]),
+                    Op::Grab(c) => s.send(id(c, &generation), T::GrabJob, &[]),
+                    Op::Complete(c, h) => s.send(
+                        id(c, &generation),
+                        T::WorkComplete,
+                        &[format!("H:t:{h}").as_bytes(), b""],
+                    ),
+                    Op::Disconnect(c) => {
+                        s.broker.disconnect(id(c, &generation), &mut s.out);
+                        s.broker.check_invariants().unwrap();
+                        generation[c as usize] += 1;
+                        s.conn(id(c, &generation).0, &format!("10.0.0.{}", c % 2), None);
+                    }
+                }
+                s.out.clear();
+                let workers = s.admin(ConnId(0), "workers");
+                for f in ["callback_a", "callback_b"] {
+                    let holders = workers
+                        .lines()
+                        .filter(|l| l.split(" : ").nth(1).is_some_and(|fs| fs.split(' ').any(|x| x == f)))
+                        .count();
+                    prop_assert!(holders <= 1, "{f} registered by {holders} connections:\n{workers}");
+                }
+            }
+        }
+    }
+}
