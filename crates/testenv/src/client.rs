@@ -226,9 +226,21 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
                     break Ending::LeaseLost;
                 }
                 Ok(_) => {}
+                Err(e) if job.server() == lockenv.server() => {
+                    // The callback job lived on that broker too: the worker has lost sight of
+                    // it (it waits its holder grace, then offers the TE again) and we can no
+                    // longer answer it. Running on would share the TE with its next holder.
+                    eprintln!(
+                        "testenv-client: lost the broker holding the lock ({e}); the testenv \
+                         worker will release the environment; killing the command"
+                    );
+                    forward(libc::SIGTERM);
+                    let _ = guard_process.wait().await;
+                    break Ending::LeaseLost;
+                }
                 Err(e) => {
-                    // The broker holding lockenv is gone; the worker still holds the TE for us
-                    // until the callback job ends, so carry on.
+                    // The broker holding lockenv is gone, but the callback job lives on
+                    // another one: the worker still holds the TE for us until it ends.
                     tracing::warn!(error = %e, "lost the broker holding the lock request");
                     lockenv_open = false;
                 }

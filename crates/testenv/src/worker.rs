@@ -205,12 +205,35 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         }
         if outcome.holder_may_run() {
             // Until the client's kill grace has passed, the previous holder's command may run.
+            // The journal keeps the lease meanwhile, so a crash now still quarantines the TE.
             tracing::info!(
                 tenum,
                 seconds = holder_grace.as_secs_f64(),
                 "waiting for the previous holder to be gone"
             );
-            tokio::time::sleep(holder_grace).await;
+            if sit_out(holder_grace, &worker, &mut signals).await {
+                worker.stop();
+                return Ok(());
+            }
+            if let Err(e) = journal.clear() {
+                tracing::error!(error = %e, "cannot clear the lease journal");
+            }
+        }
+    }
+}
+
+/// Sleeps `grace` while still obeying signals: SIGUSR2/SIGUSR1 pause and resume, SIGINT/SIGTERM
+/// cut it short. Returns whether the worker was asked to stop.
+async fn sit_out(grace: Duration, worker: &Worker, signals: &mut Signals) -> bool {
+    let until = tokio::time::sleep(grace);
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            _ = &mut until => return false,
+            _ = signals.usr2.recv() => worker.pause(),
+            _ = signals.usr1.recv() => worker.resume(),
+            _ = signals.int.recv() => return true,
+            _ = signals.term.recv() => return true,
         }
     }
 }
@@ -334,10 +357,13 @@ async fn lease(
         run_destroy(destroy, tenum).await;
     }
     if outcome.holder_may_run() {
-        // Keep the journal's heartbeat honest until the quarantine in `run` is over.
-        let _ = journal.heartbeat(&mut record);
-    }
-    if let Err(e) = journal.clear() {
+        // The holder may still be running: keep the lease in the journal, its heartbeat set to
+        // now, until the holder grace in `run` is over (a worker restarted meanwhile, or after
+        // --once or a stop, then sits out the rest of it).
+        if let Err(e) = journal.heartbeat(&mut record) {
+            tracing::error!(error = %e, "cannot write the lease journal");
+        }
+    } else if let Err(e) = journal.clear() {
         tracing::error!(error = %e, "cannot clear the lease journal");
     }
     tracing::info!(
