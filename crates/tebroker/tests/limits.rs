@@ -207,3 +207,28 @@ fn slowloris_is_closed_but_idle_connections_are_not() {
     broker.assert_serving();
     let _ = std::io::stdout().flush();
 }
+
+#[test]
+fn limits_and_security_settings_from_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("tebroker.toml");
+    std::fs::write(
+        &conf,
+        "max_queue = 1\nmax_functions_per_conn = 2\ncallback_protection = false\n",
+    )
+    .unwrap();
+    let broker = Broker::start(&["--config", conf.to_str().unwrap()]);
+    let mut c = broker.connect();
+    c.send(T::SubmitJobBg, &[b"q", b"", b"x"]);
+    assert_eq!(c.recv().ptype, T::JobCreated);
+    c.send(T::SubmitJobBg, &[b"q", b"", b"x"]);
+    assert_eq!(c.recv().arg(0), b"QUEUE_ERROR");
+    let mut a = broker.connect();
+    let mut b = broker.connect();
+    a.send(T::CanDo, &[b"callback_1"]);
+    b.send(T::CanDo, &[b"callback_1"]); // allowed: protection off
+    b.send(T::CanDo, &[b"g"]);
+    b.send(T::CanDo, &[b"h"]);
+    assert_eq!(b.recv().arg(0), b"TOO_MANY_FUNCTIONS");
+    assert_eq!(broker.stat("callback_hijacks_refused"), 0);
+}
