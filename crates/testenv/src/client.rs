@@ -17,6 +17,8 @@ use crate::tedata;
 
 /// Exit status when the TE was taken back (lockenv ended) while COMMAND still ran.
 pub const EXIT_LEASE_LOST: i32 = 3;
+/// How often a lock request that ends without an environment is submitted again.
+const MAX_LOCKENV_RETRIES: u32 = 5;
 /// Exit status when the local --timeout expired.
 pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit status when the worker could not provide an environment, as the original.
@@ -141,6 +143,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
         tokio::time::Instant::now() + Duration::from_secs(30),
         Duration::from_secs(30),
     );
+    let mut lockenv_retries = 0u32;
     let job = loop {
         tokio::select! {
             job = worker.grab_job() => match job {
@@ -149,7 +152,16 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
             },
             ev = lockenv.next_event() => match ev {
                 Ok(Some(e)) if e.is_final() => {
-                    anyhow::bail!("the testenv worker ended the lock request without an environment ({e:?})");
+                    // A worker that died or gave up between grabbing lockenv and calling back:
+                    // ask again, a bounded number of times (a worker that rejects every request
+                    // must not make us loop forever).
+                    lockenv_retries += 1;
+                    if lockenv_retries > MAX_LOCKENV_RETRIES {
+                        anyhow::bail!("the testenv workers ended the lock request {lockenv_retries} times without an environment (last: {e:?})");
+                    }
+                    tracing::warn!(event = ?e, "the lock request ended without an environment; submitting again");
+                    tokio::time::sleep(Duration::from_millis(200 * lockenv_retries as u64)).await;
+                    lockenv = submit_lockenv(&client, &request).await?;
                 }
                 Ok(_) => {}
                 Err(e) => {

@@ -8,8 +8,10 @@
 //!   (double fork, setsid, a new process group) are re-parented to it and can still be found;
 //! - stays in the client's process group, so a CI system that kills the job's process group
 //!   kills the guard, COMMAND and everything in that group at once;
-//! - on SIGTERM/SIGINT/SIGHUP passes the signal to COMMAND, waits a grace period, then SIGKILLs
-//!   every descendant; when COMMAND exits by itself, it ends any descendants left behind;
+//! - on SIGTERM/SIGINT/SIGHUP from the client passes the signal to COMMAND, waits a grace
+//!   period, then SIGKILLs every descendant; when the client has died it SIGKILLs them at once
+//!   (the TE is about to be leased again); when COMMAND exits by itself, it ends any descendants
+//!   left behind;
 //! - exits with COMMAND's status (128+signal if COMMAND was killed by a signal).
 
 use std::ffi::OsString;
@@ -112,6 +114,12 @@ fn supervise(argv: Vec<OsString>, grace: Duration) -> i32 {
         }
         match sig {
             Some(s) if s == libc::SIGTERM || s == libc::SIGINT || s == libc::SIGHUP => {
+                if unsafe { libc::getppid() } != parent {
+                    // The client is dead (PDEATHSIG): the TE is about to be offered to someone
+                    // else, so nothing COMMAND started may run a moment longer.
+                    procs::terminate_tree(me, libc::SIGKILL, Duration::ZERO, || reap(&mut status));
+                    return status.unwrap_or(128 + s);
+                }
                 procs::signal(child_pid, s);
                 let deadline = std::time::Instant::now() + grace;
                 while status.is_none() && std::time::Instant::now() < deadline {

@@ -57,6 +57,10 @@ pub struct WorkerArgs {
     /// the client's kill grace plus a margin.
     #[arg(long, default_value_t = 15.0)]
     pub holder_grace: f64,
+    /// Seconds to wait after the holder's client process died (its callback job failed) before
+    /// the TE is offered again: its guard kills COMMAND at once when the client dies.
+    #[arg(long, default_value_t = 2.0)]
+    pub dead_holder_grace: f64,
     /// Seconds to wait for the callback job to start before asking the broker about it.
     #[arg(long, default_value_t = 30.0)]
     pub callback_start_timeout: f64,
@@ -88,6 +92,19 @@ impl Outcome {
             self,
             Outcome::Completed | Outcome::NoEnvironment | Outcome::NeverStarted
         )
+    }
+
+    /// How long the holder's command may outlive the lease ending this way.
+    fn holder_grace(&self, args: &WorkerArgs) -> Duration {
+        match self {
+            Outcome::Completed | Outcome::NoEnvironment | Outcome::NeverStarted => Duration::ZERO,
+            // The callback job failed: the client's connection is gone, so the client is dead
+            // and its guard SIGKILLs COMMAND's whole tree at once.
+            Outcome::Failed => Duration::from_secs_f64(args.dead_holder_grace),
+            // The client is alive and learns from lockenv that the TE was taken back; it gives
+            // COMMAND its kill grace.
+            _ => Duration::from_secs_f64(args.holder_grace),
+        }
     }
 }
 
@@ -206,12 +223,13 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         if outcome.holder_may_run() {
             // Until the client's kill grace has passed, the previous holder's command may run.
             // The journal keeps the lease meanwhile, so a crash now still quarantines the TE.
+            let grace = outcome.holder_grace(&args);
             tracing::info!(
                 tenum,
-                seconds = holder_grace.as_secs_f64(),
+                seconds = grace.as_secs_f64(),
                 "waiting for the previous holder to be gone"
             );
-            if sit_out(holder_grace, &worker, &mut signals).await {
+            if sit_out(grace, &worker, &mut signals).await {
                 worker.stop();
                 return Ok(());
             }
