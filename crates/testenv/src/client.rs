@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use gearman_client::{
-    parse_servers, Client, ClientOptions, ForegroundJob, JobRequest, Worker, WorkerOptions,
-};
+use gearman_client::{Client, ClientOptions, ForegroundJob, JobRequest, Worker, WorkerOptions};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::guard;
@@ -69,6 +67,8 @@ pub struct ClientArgs {
     /// Seconds between passing a signal to COMMAND and killing everything it started.
     #[arg(long, default_value = "10")]
     pub kill_grace: f64,
+    #[command(flatten)]
+    pub tls: crate::TlsArgs,
     /// The command to run while the environment is locked.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<OsString>,
@@ -84,7 +84,7 @@ enum Ending {
 
 pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
-    let servers = parse_servers(&args.geard).context("bad --geard")?;
+    let servers = args.tls.servers(&args.geard)?;
     let jobnum = args
         .jobnum
         .clone()

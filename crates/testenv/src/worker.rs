@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use gearman_client::{parse_servers, Client, Job, JobEvent, JobRequest, Worker, WorkerOptions};
+use gearman_client::{Client, Job, JobEvent, JobRequest, Worker, WorkerOptions};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::journal::{now_secs, Journal, LeaseRecord};
@@ -61,6 +61,8 @@ pub struct WorkerArgs {
     /// the TE is offered again: its guard kills COMMAND at once when the client dies.
     #[arg(long, default_value_t = 2.0)]
     pub dead_holder_grace: f64,
+    #[command(flatten)]
+    pub tls: crate::TlsArgs,
     /// Seconds to wait for the callback job to start before asking the broker about it.
     #[arg(long, default_value_t = 30.0)]
     pub callback_start_timeout: f64,
@@ -116,7 +118,7 @@ struct Signals {
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    let servers = parse_servers(&args.geard).context("bad --geard")?;
+    let servers = args.tls.servers(&args.geard)?;
     let tenum = args
         .tenum
         .clone()

@@ -1,0 +1,179 @@
+//! The agents over TLS: a tebroker requiring client certificates, a worker and a client that
+//! present theirs (the same `--ssl-cert/--ssl-key/--ssl-ca` options gear's addServer takes).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+        Pki {
+            dir,
+            ca_cert,
+            ca_key,
+        }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// (certificate, key) files for `cn`, valid for 127.0.0.1, as server or client.
+    fn issue(&self, cn: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        let (c, k) = (
+            self.dir.path().join(format!("{cn}.crt")),
+            self.dir.path().join(format!("{cn}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// A TLS tebroker in this process, on its own runtime thread.
+fn start_tls_broker(pki: &Pki) -> String {
+    let (cert, key) = pki.issue("broker");
+    let settings = tebroker::config::Settings {
+        port: 0,
+        listen: "127.0.0.1".into(),
+        tls: Some(tebroker::tls::TlsFiles {
+            cert,
+            key,
+            ca: Some(pki.ca()),
+        }),
+        ..tebroker::config::Settings::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let server = tebroker::server::Server::bind(settings).await.unwrap();
+            tx.send(server.local_addr().unwrap().to_string()).unwrap();
+            server.run().await.unwrap();
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap()
+}
+
+fn tls_args(pki: &Pki, cn: &str) -> Vec<String> {
+    let (cert, key) = pki.issue(cn);
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    vec![
+        "--ssl-cert".into(),
+        p(&cert),
+        "--ssl-key".into(),
+        p(&key),
+        "--ssl-ca".into(),
+        p(&pki.ca()),
+    ]
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn agents_lease_a_te_over_tls_with_client_certificates() {
+    let pki = Pki::new("testenv-ca");
+    let addr = start_tls_broker(&pki);
+    let state = tempfile::tempdir().unwrap();
+    let datafile = state.path().join("te.json");
+    std::fs::write(&datafile, r#"{"env-num": "7", "ssh-key": "SECRET"}"#).unwrap();
+    let _worker = Killed(
+        Command::new(env!("CARGO_BIN_EXE_testenv-worker"))
+            .args(["-b", &addr, "-n", "tls-te", "--state-dir"])
+            .arg(state.path())
+            .args(tls_args(&pki, "te-worker"))
+            .arg(&datafile)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_testenv-client"))
+        .args(["-b", &addr, "-t", "30"])
+        .args(tls_args(&pki, "ci-job"))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "grep -o '\"env-num\": \"7\"' \"$TE_DATAFILE\"",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "\"env-num\": \"7\""
+    );
+}
+
+#[test]
+fn a_client_that_does_not_trust_the_broker_gets_no_te() {
+    let pki = Pki::new("real-ca");
+    let addr = start_tls_broker(&pki);
+    let impostor = Pki::new("other-ca");
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_testenv-client"))
+        .args(["-b", &addr, "-t", "3"])
+        .args(tls_args(&impostor, "ci-job"))
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "gave up in bounded time"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("broker") || err.contains("TLS") || err.contains("certificate"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_testenv-client"))
+        .args(["-b", &addr, "--ssl-cert", "/nonexistent.crt", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ssl-cert and --ssl-key go together"));
+}
