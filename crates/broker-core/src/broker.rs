@@ -8,7 +8,7 @@ use indexmap::{IndexMap, IndexSet};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::security::{CallbackGuard, Security};
-use crate::testenv::{Lease, LeaseTracker};
+use crate::testenv::{EndedLease, Lease, LeaseTracker};
 
 /// Milliseconds since the Unix epoch; the only notion of time the core has.
 pub type Millis = u64;
@@ -258,6 +258,16 @@ impl Broker {
         self.leases.list(self, now)
     }
 
+    /// Ended leases, newest first (the last [`crate::HISTORY_LEN`]).
+    pub fn lease_history(&self) -> Vec<EndedLease> {
+        self.leases.history()
+    }
+
+    /// Ended leases not yet handed out by this call, oldest first: for a history file.
+    pub fn take_new_history(&mut self) -> Vec<EndedLease> {
+        self.leases.take_unflushed()
+    }
+
     /// A new connection from `peer` (an IP address, as shown by the `workers` command).
     pub fn connect(&mut self, conn: ConnId, peer: impl Into<String>) {
         self.connect_as(conn, peer, None);
@@ -310,6 +320,7 @@ impl Broker {
             } else {
                 tracing::info!(handle = %show(&job.handle), "worker gone; foreground job failed");
                 self.stats.jobs_failed += 1;
+                self.leases.set_outcome(id, "worker lost");
                 let handle = job.handle.clone();
                 for &client in &job.clients {
                     out.push(Action::Send(
@@ -514,6 +525,7 @@ impl Broker {
                 continue;
             };
             tracing::warn!(handle = %show(&job.handle), "job exceeded its worker's CAN_DO_TIMEOUT; failed");
+            self.leases.set_outcome(id, "timed out");
             self.stats.jobs_timed_out += 1;
             self.stats.jobs_failed += 1;
             for &client in &job.clients {
@@ -814,7 +826,8 @@ impl Broker {
                 ],
             ),
         };
-        self.leases.job_started(id, job, conn, now);
+        let worker_id = show(&self.conns[&conn].client_id);
+        self.leases.job_started(id, job, conn, worker_id, now);
         out.push(Action::Send(conn, packet));
         // The wake-up that brought this worker may have been meant for a job of another of its
         // functions; make sure every function it serves that still has work has a worker awake.
@@ -870,8 +883,14 @@ impl Broker {
         };
         let job = &self.jobs[&id];
         match p.ptype {
-            PacketType::WorkComplete => self.stats.jobs_completed += 1,
-            _ => self.stats.jobs_failed += 1,
+            PacketType::WorkComplete => {
+                self.stats.jobs_completed += 1;
+                self.leases.set_outcome(id, "released");
+            }
+            _ => {
+                self.stats.jobs_failed += 1;
+                self.leases.set_outcome(id, "failed");
+            }
         }
         for &client in &job.clients {
             let exceptions = self.conns.get(&client).is_some_and(|c| c.exceptions);
@@ -979,7 +998,7 @@ impl Broker {
                 c.attached.remove(&id);
             }
         }
-        self.leases.job_ended(id);
+        self.leases.job_ended(id, &job.handle, self.now);
         self.gc_function(&job.function);
     }
 
@@ -1006,7 +1025,9 @@ impl Broker {
         f.running -= 1;
         f.queues[job.priority as usize].insert(seq, id);
         let function = job.function.clone();
-        self.leases.job_ended(id);
+        self.leases.set_outcome(id, "worker lost");
+        let handle = job.handle.clone();
+        self.leases.job_ended(id, &handle, self.now);
         self.wake_one(&function, out);
     }
 

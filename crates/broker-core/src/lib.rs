@@ -10,9 +10,11 @@ mod admin;
 mod broker;
 mod schedule;
 mod security;
+mod snapshot;
 mod testenv;
 
 pub use broker::{Action, Broker, BrokerConfig, ConnId, Millis, Stats, WAKE_RETRY_MS};
 pub use schedule::next_cron_match;
 pub use security::{Security, CALLBACK_PREFIX};
-pub use testenv::Lease;
+pub use snapshot::{ConnectionInfo, FunctionStatus, Metric};
+pub use testenv::{EndedLease, Lease, HISTORY_LEN};

@@ -257,36 +257,12 @@ impl crate::Broker {
 
     /// `stats`: every counter and a few gauges, `name<TAB>value`, then `.`.
     pub(crate) fn stats_text(&self) -> String {
-        let s = &self.stats;
-        let rows: [(&str, u64); 22] = [
-            ("connections", self.conns.len() as u64),
-            ("functions", self.functions.len() as u64),
-            ("jobs", self.jobs.len() as u64),
-            ("callback_reservations", self.callbacks.len() as u64),
-            ("jobs_submitted", s.jobs_submitted),
-            ("jobs_completed", s.jobs_completed),
-            ("jobs_failed", s.jobs_failed),
-            ("jobs_requeued", s.jobs_requeued),
-            ("jobs_timed_out", s.jobs_timed_out),
-            ("protocol_errors", s.protocol_errors),
-            ("frames_too_large", s.frames_too_large),
-            ("admin_lines_too_long", s.admin_lines_too_long),
-            ("connections_refused", s.connections_refused),
-            ("functions_refused", s.functions_refused),
-            ("queue_full", s.queue_full),
-            ("slow_readers_closed", s.slow_readers_closed),
-            ("partial_packet_timeouts", s.partial_packet_timeouts),
-            ("tls_handshake_failures", s.tls_handshake_failures),
-            ("acl_register_denied", s.acl_register_denied),
-            ("acl_invoke_denied", s.acl_invoke_denied),
-            ("acl_admin_denied", s.acl_admin_denied),
-            ("callback_hijacks_refused", s.callback_hijacks_refused),
-        ];
+        let rows = self.metrics();
         let mut out = String::new();
-        for (name, value) in rows {
-            out.push_str(name);
+        for m in rows {
+            out.push_str(m.name);
             out.push('\t');
-            out.push_str(&value.to_string());
+            out.push_str(&m.value.to_string());
             out.push('\n');
         }
         out.push_str(".\n");

@@ -4,17 +4,24 @@
 //! Only non-secret fields of the lockenv request are kept (never `ssh_key`), so nothing here can
 //! leak a secret into admin output or logs.
 
+use std::collections::VecDeque;
+
 use rustc_hash::FxHashMap;
+use serde::Serialize;
 
 use crate::broker::{show, Broker, ConnId, Job, JobId, JobState, Millis};
 
 /// The function testenv-workers register; a prefix, since deployments add suffixes for pools.
 pub const LOCKENV_PREFIX: &[u8] = b"lockenv";
 
+/// How many ended leases the broker remembers (older ones are only in the history file).
+pub const HISTORY_LEN: usize = 1000;
+
 /// One TE lease as the broker sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Lease {
     pub lockenv_handle: String,
+    #[serde(skip)]
     pub worker: ConnId,
     pub worker_id: String,
     pub callback: String,
@@ -40,22 +47,50 @@ impl Lease {
     }
 }
 
+/// A lease that has ended, for the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndedLease {
+    pub lockenv_handle: String,
+    pub worker_id: String,
+    pub callback: String,
+    pub job_identifier: String,
+    /// Milliseconds since the epoch.
+    pub started_ms: u64,
+    pub ended_ms: u64,
+    /// `released` (lockenv completed), `failed` (lockenv failed), `worker lost` (the worker's
+    /// connection dropped), `timed out` (CAN_DO_TIMEOUT) or `ended`.
+    pub outcome: &'static str,
+}
+
 #[derive(Debug)]
 struct LeaseRecord {
     worker: ConnId,
+    worker_id: String,
     since: Millis,
     callback: String,
     job_identifier: String,
     timeout_secs: Option<u64>,
+    outcome: &'static str,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct LeaseTracker {
     active: FxHashMap<JobId, LeaseRecord>,
+    history: VecDeque<EndedLease>,
+    /// Ended leases the network layer has not yet written to the history file.
+    unflushed: Vec<EndedLease>,
+    ended: u64,
 }
 
 impl LeaseTracker {
-    pub fn job_started(&mut self, id: JobId, job: &Job, worker: ConnId, now: Millis) {
+    pub fn job_started(
+        &mut self,
+        id: JobId,
+        job: &Job,
+        worker: ConnId,
+        worker_id: String,
+        now: Millis,
+    ) {
         if !job.function.starts_with(LOCKENV_PREFIX) {
             return;
         }
@@ -71,6 +106,8 @@ impl LeaseTracker {
             id,
             LeaseRecord {
                 worker,
+                worker_id,
+                outcome: "ended",
                 since: now,
                 callback: field("callback_name"),
                 job_identifier: field("job_identifier"),
@@ -79,8 +116,51 @@ impl LeaseTracker {
         );
     }
 
-    pub fn job_ended(&mut self, id: JobId) {
-        self.active.remove(&id);
+    /// Says how the lease of job `id` (if it is one) is ending, before `job_ended`.
+    pub fn set_outcome(&mut self, id: JobId, outcome: &'static str) {
+        if let Some(r) = self.active.get_mut(&id) {
+            r.outcome = outcome;
+        }
+    }
+
+    pub fn job_ended(&mut self, id: JobId, handle: &[u8], now: Millis) {
+        let Some(r) = self.active.remove(&id) else {
+            return;
+        };
+        let ended = EndedLease {
+            lockenv_handle: show(handle),
+            worker_id: r.worker_id,
+            callback: r.callback,
+            job_identifier: r.job_identifier,
+            started_ms: r.since,
+            ended_ms: now.max(r.since),
+            outcome: r.outcome,
+        };
+        self.ended += 1;
+        if self.history.len() == HISTORY_LEN {
+            self.history.pop_front();
+        }
+        self.history.push_back(ended.clone());
+        if self.unflushed.len() < HISTORY_LEN * 10 {
+            self.unflushed.push(ended);
+        }
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.active.len()
+    }
+
+    pub fn ended_count(&self) -> u64 {
+        self.ended
+    }
+
+    /// Ended leases, newest first.
+    pub fn history(&self) -> Vec<EndedLease> {
+        self.history.iter().rev().cloned().collect()
+    }
+
+    pub fn take_unflushed(&mut self) -> Vec<EndedLease> {
+        std::mem::take(&mut self.unflushed)
     }
 
     pub fn list(&self, broker: &Broker, now: Millis) -> Vec<Lease> {

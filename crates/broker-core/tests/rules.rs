@@ -490,6 +490,49 @@ fn testenv_lease_is_visible_without_secrets() {
     // The client dies: its callback job fails to the TE worker at once.
     sim.drop_conn(cbw);
     assert_eq!(sim.types(te), vec![T::WorkFail]);
+    assert!(
+        sim.broker.lease_history().is_empty(),
+        "still leased until lockenv ends"
+    );
+    let lockenv = sim.broker.leases(sim.now)[0].lockenv_handle.clone();
+    sim.advance(1_000);
+    sim.send(te, T::WorkComplete, &[lockenv.as_bytes(), b""]);
+    let history = sim.broker.lease_history();
+    assert_eq!(history.len(), 1);
+    let ended = &history[0];
+    assert_eq!(
+        (
+            ended.worker_id.as_str(),
+            ended.callback.as_str(),
+            ended.outcome
+        ),
+        ("te-worker-1", "callback_abc", "released")
+    );
+    assert_eq!(ended.ended_ms - ended.started_ms, 4_000);
+    assert_eq!(sim.broker.take_new_history(), history);
+    assert!(sim.broker.take_new_history().is_empty());
+    let json = serde_json::to_string(&history).unwrap();
+    assert!(!json.contains("SECRET"), "{json}");
+}
+
+#[test]
+fn a_lost_testenv_worker_ends_its_lease_as_worker_lost() {
+    let mut sim = Sim::new();
+    let (client, te) = (sim.conn(1), sim.conn(2));
+    sim.send(te, T::CanDo, &[b"lockenv"]);
+    sim.submit(
+        client,
+        T::SubmitJob,
+        "lockenv",
+        "",
+        r#"{"callback_name": "callback_z"}"#,
+    );
+    sim.grab(te).unwrap();
+    assert_eq!(sim.broker.leases(sim.now).len(), 1);
+    sim.drop_conn(te);
+    assert_eq!(sim.types(client), vec![T::WorkFail]);
+    assert!(sim.broker.leases(sim.now).is_empty());
+    assert_eq!(sim.broker.lease_history()[0].outcome, "worker lost");
 }
 
 #[test]
