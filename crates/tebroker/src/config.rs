@@ -63,6 +63,13 @@ pub struct ServeArgs {
     /// Host part of job handles (`H:<host>:<n>`); defaults to the machine's host name.
     #[arg(long)]
     pub handle_host: Option<String>,
+    /// Serve the dashboard, JSON API and Prometheus metrics over HTTP on this address
+    /// (e.g. 127.0.0.1:8080). Unauthenticated: bind it to a trusted network.
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Append every ended lease to this file as a JSON line.
+    #[arg(long)]
+    pub history_file: Option<PathBuf>,
     /// Default limit of queued jobs per function and priority (0: unlimited); the `maxqueue`
     /// admin command overrides it per function.
     #[arg(long)]
@@ -105,6 +112,8 @@ struct FileSettings {
     partial_packet_timeout: Option<u64>,
     backlog: Option<u32>,
     handle_host: Option<String>,
+    http: Option<String>,
+    history_file: Option<PathBuf>,
     max_queue: Option<i64>,
     ssl_cert: Option<PathBuf>,
     ssl_key: Option<PathBuf>,
@@ -128,6 +137,8 @@ pub struct Settings {
     pub partial_packet_timeout: Duration,
     pub backlog: u32,
     pub handle_host: String,
+    pub http: Option<String>,
+    pub history_file: Option<PathBuf>,
     /// Default per-function queue limit (0: unlimited).
     pub max_queue: i64,
     pub tls: Option<crate::tls::TlsFiles>,
@@ -157,6 +168,8 @@ impl Default for Settings {
             partial_packet_timeout: Duration::from_secs(60),
             backlog: 4096,
             handle_host: host_name(),
+            http: None,
+            history_file: None,
             max_queue: 0,
             tls: None,
             acl: None,
@@ -222,6 +235,8 @@ impl Settings {
                 .or(file.handle_host)
                 .unwrap_or(d.handle_host),
             max_queue: args.max_queue.or(file.max_queue).unwrap_or(d.max_queue),
+            http: args.http.clone().or(file.http),
+            history_file: args.history_file.clone().or(file.history_file),
             tls: tls_files(
                 args.ssl_cert.clone().or(file.ssl_cert),
                 args.ssl_key.clone().or(file.ssl_key),

@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run the job server.
     Serve(ServeArgs),
+    /// Send an admin command (status, workers, leases, stats, ...) and print the answer.
+    Admin(tebroker::admin_cli::AdminArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,6 +33,7 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.verbose);
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Admin(args) => std::process::exit(tebroker::admin_cli::run(args)?),
     }
 }
 
@@ -57,6 +60,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let pidfile = settings.pidfile.clone();
+        let http = settings.http.clone();
         let server = Server::bind(settings).await?;
         let addr = server.local_addr()?;
         if let Some(path) = &pidfile {
@@ -64,6 +68,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         // Tests and scripts read this line to learn the port when started with -p 0.
         println!("tebroker listening on {addr}");
+        if let Some(http) = &http {
+            let bound = tebroker::http::serve(http, server.shared(), server.stop_token()).await?;
+            println!("tebroker dashboard on http://{bound}/");
+        }
         std::io::stdout().flush()?;
         tracing::info!(%addr, "listening");
         let stop = server.stop_token();

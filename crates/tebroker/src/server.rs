@@ -164,6 +164,12 @@ impl Shared {
         f(self.state.lock().expect("broker lock").broker.stats_mut());
     }
 
+    /// Reads the broker's state (for the operator surface); `now` is passed in.
+    pub fn inspect<R>(&self, f: impl FnOnce(&Broker, Millis) -> R) -> R {
+        let state = self.state.lock().expect("broker lock");
+        f(&state.broker, now_millis())
+    }
+
     fn running_jobs(&self) -> usize {
         self.state.lock().expect("broker lock").broker.job_count()
     }
@@ -265,6 +271,11 @@ impl Server {
     }
 
     /// A token that stops accepting and waits for the jobs in hand, like `shutdown graceful`.
+    /// The state the connections share, for the HTTP operator surface.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     pub fn graceful_token(&self) -> CancellationToken {
         self.shared.stop_accepting.clone()
     }
@@ -383,15 +394,22 @@ impl Drop for LiveSlot {
 async fn tick_loop(shared: Arc<Shared>) {
     let mut interval = tokio::time::interval(Duration::from_millis(50));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let history = crate::history::HistoryWriter::start(shared.settings.history_file.clone());
     loop {
         interval.tick().await;
         let now = now_millis();
-        let due = {
-            let state = shared.state.lock().expect("broker lock");
-            state.broker.next_deadline().is_some_and(|d| d <= now)
+        let (due, ended) = {
+            let mut state = shared.state.lock().expect("broker lock");
+            (
+                state.broker.next_deadline().is_some_and(|d| d <= now),
+                state.broker.take_new_history(),
+            )
         };
         if due {
             shared.apply(|b, out| b.tick(now, out));
+        }
+        if !ended.is_empty() {
+            history.append(ended);
         }
     }
 }

@@ -1,0 +1,209 @@
+//! The operator surface: dashboard, JSON API, Prometheus metrics and the lease history file,
+//! watched while a real testenv-style lease goes through the broker.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gearman_client::{Client, JobRequest, ServerAddr, Worker};
+
+const SECRET: &str = "PRIVATE-KEY-MATERIAL";
+
+struct Broker {
+    child: std::process::Child,
+    gearman: u16,
+    http: String,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(history: &std::path::Path) -> Broker {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tebroker"))
+        .args([
+            "serve",
+            "-p",
+            "0",
+            "-L",
+            "127.0.0.1",
+            "--http",
+            "127.0.0.1:0",
+        ])
+        .arg("--history-file")
+        .arg(history)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    let mut second = String::new();
+    out.read_line(&mut first).unwrap();
+    out.read_line(&mut second).unwrap();
+    let gearman = first.trim().rsplit(':').next().unwrap().parse().unwrap();
+    let http = second
+        .trim()
+        .strip_prefix("tebroker dashboard on http://")
+        .unwrap_or_else(|| panic!("{second:?}"))
+        .trim_end_matches('/')
+        .to_string();
+    Broker {
+        child,
+        gearman,
+        http,
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns (status line, body).
+fn get(addr: &str, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+fn json(addr: &str, path: &str) -> serde_json::Value {
+    let (status, body) = get(addr, path);
+    assert!(status.contains("200"), "{path}: {status}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[test]
+fn dashboard_api_metrics_and_history_follow_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("leases.jsonl");
+    let broker = start(&history);
+    let addr = ServerAddr::localhost(broker.gearman);
+    let (status, page) = get(&broker.http, "/");
+    assert!(status.contains("200") && page.contains("Leased test environments"));
+    assert_eq!(get(&broker.http, "/healthz").1, "ok\n");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // The TE worker and the CI job's callback worker, speaking the testenv protocol.
+        let te = Worker::with_options(
+            [addr.clone()],
+            gearman_client::WorkerOptions {
+                client_id: Some("testenv-worker-te9".into()),
+                ..Default::default()
+            },
+        );
+        te.register("lockenv");
+        let callback = Worker::new([addr.clone()]);
+        callback.register("callback_job42");
+        te.wait_for_server(Duration::from_secs(10)).await.unwrap();
+        callback.wait_for_server(Duration::from_secs(10)).await.unwrap();
+        let client = Client::connect([addr.clone()]).await.unwrap();
+        let request = format!(
+            r#"{{"callback_name": "callback_job42", "timeout": "600", "ssh_key": "{SECRET}", "job_identifier": "42: demo"}}"#
+        );
+        let lockenv = client.submit(JobRequest::new("lockenv", request)).await.unwrap();
+        let lease = te.grab_job().await.unwrap();
+        let te_client = Client::connect([addr.clone()]).await.unwrap();
+        let cb = te_client
+            .submit(JobRequest::new("callback_job42", format!(r#"{{"ssh-key": "{SECRET}"}}"#)))
+            .await
+            .unwrap();
+        let cb_job = callback.grab_job().await.unwrap();
+
+        let leases = json(&broker.http, "/api/leases");
+        assert_eq!(leases[0]["worker_id"], "testenv-worker-te9");
+        assert_eq!(leases[0]["callback"], "callback_job42");
+        assert_eq!(leases[0]["job_identifier"], "42: demo");
+        assert_eq!(leases[0]["callback_state"], "running");
+        let (_, metrics) = get(&broker.http, "/metrics");
+        assert_eq!(metric(&metrics, "tebroker_leases "), 1.0);
+        assert!(metrics.contains(r#"tebroker_function_workers{function="lockenv"} 1"#), "{metrics}");
+        let status = json(&broker.http, "/api/status");
+        assert!(status.as_array().unwrap().iter().any(|f| f["name"] == "lockenv" && f["running"] == 1));
+        let conns = json(&broker.http, "/api/connections");
+        assert!(conns.as_array().unwrap().len() >= 4);
+
+        cb_job.complete("").await.unwrap();
+        cb.result().await.unwrap();
+        lease.complete("").await.unwrap();
+        lockenv.result().await.unwrap();
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let text = std::fs::read_to_string(&history).unwrap_or_default();
+        if let Some(line) = text.lines().next() {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "history file never written");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["outcome"], "released");
+    assert_eq!(entry["callback"], "callback_job42");
+    let api_history = json(&broker.http, "/api/history");
+    assert_eq!(api_history[0]["outcome"], "released");
+    let (_, metrics) = get(&broker.http, "/metrics");
+    assert_eq!(metric(&metrics, "tebroker_leases "), 0.0);
+    assert_eq!(metric(&metrics, "tebroker_leases_ended_total "), 1.0);
+    for path in [
+        "/api/leases",
+        "/api/history",
+        "/api/status",
+        "/api/connections",
+        "/metrics",
+    ] {
+        assert!(
+            !get(&broker.http, path).1.contains(SECRET),
+            "{path} leaks TE data"
+        );
+    }
+    assert!(!std::fs::read_to_string(&history).unwrap().contains(SECRET));
+    assert!(get(&broker.http, "/nope").0.contains("404"));
+}
+
+#[test]
+fn admin_cli_prints_answers_and_fails_on_err() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(&dir.path().join("h.jsonl"));
+    let b = format!("127.0.0.1:{}", broker.gearman);
+    let admin = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tebroker"))
+            .args(["admin", "-b", &b])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = admin(&["maxqueue", "jobsq", "3"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    let out = admin(&["status"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "jobsq\t0\t0\t0\n");
+    let out = admin(&["getpid"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("OK {}", broker.child.id())
+    );
+    let out = admin(&["leases"]);
+    assert!(out.status.success() && out.stdout.is_empty());
+    let out = admin(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ERR UNKNOWN_COMMAND Unknown server command")
+    );
+}
