@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the job server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send an admin command (status, workers, leases, stats, ...) and print the answer.
     Admin(tebroker::admin_cli::AdminArgs),
 }
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Admin(args) => std::process::exit(tebroker::admin_cli::run(args)?),
     }
 }
