@@ -19,12 +19,15 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== starting tebroker on a free port"
-"$bin/tebroker" serve -p 0 -L 127.0.0.1 >"$work/broker.out" 2>"$work/broker.err" &
+"$bin/tebroker" serve -p 0 -L 127.0.0.1 --http 127.0.0.1:0 --history-file "$work/history.jsonl" \
+    >"$work/broker.out" 2>"$work/broker.err" &
 pids+=($!)
 for _ in $(seq 50); do grep -q listening "$work/broker.out" 2>/dev/null && break; sleep 0.1; done
 addr="$(sed -n 's/^tebroker listening on //p' "$work/broker.out")"
 [ -n "$addr" ] || { echo "tebroker did not start:"; cat "$work/broker.err"; exit 1; }
 echo "   tebroker listening on $addr"
+for _ in $(seq 50); do grep -q dashboard "$work/broker.out" && break; sleep 0.1; done
+echo "   $(grep dashboard "$work/broker.out") (JSON under /api/, Prometheus at /metrics)"
 
 echo "== starting one testenv-worker per demo TE"
 for f in demo/testenv-*.json; do
@@ -57,5 +60,8 @@ status=0
 for p in "${job_pids[@]}"; do wait "$p" || status=$?; done
 echo "== all jobs finished (last non-zero exit: $status); broker status now"
 admin status
+echo "== lease history (--history-file, one JSON line per ended lease)"
+for _ in $(seq 20); do [ "$(wc -l <"$work/history.jsonl" 2>/dev/null || echo 0)" -ge "$jobs" ] && break; sleep 0.1; done
+sed 's/^/   /' "$work/history.jsonl"
 echo "== worker log of one TE"
 sed 's/^/   /' "$work/testenv-1.log"
