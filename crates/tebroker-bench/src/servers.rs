@@ -1,0 +1,317 @@
+//! Starting, probing and stopping the servers under test, and reading their RSS and CPU time.
+
+use std::fs::File;
+use std::io::Read;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use gearman_client::ServerAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The servers the bench knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Tebroker,
+    Gearmand,
+    Geard,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Tebroker, Kind::Gearmand, Kind::Geard];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Tebroker => "tebroker",
+            Kind::Gearmand => "gearmand",
+            Kind::Geard => "geard",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// How many connections the bench opens at once against this server, and the pause after
+    /// each connect. geard listens with a backlog of 1 and its accept thread is slow to wake: a
+    /// connect that arrives before it accepted the previous one has its SYN dropped and retried
+    /// only after a second. Measured here: back-to-back connects to geard alternate between
+    /// ~0.1 ms and ~1 s; with a 2 ms pause after each, 300 connect in 1.6 s.
+    pub fn connect_pacing(self) -> (usize, Duration) {
+        match self {
+            Kind::Geard => (1, Duration::from_millis(2)),
+            _ => (64, Duration::ZERO),
+        }
+    }
+}
+
+/// Where a server's executable is, and its version text.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub kind: Kind,
+    pub exe: PathBuf,
+    pub version: String,
+}
+
+/// Finds the executables of the servers; `Err` says why one is missing.
+pub fn locate(kind: Kind) -> Result<Installed, String> {
+    match kind {
+        Kind::Tebroker => {
+            let exe = sibling("tebroker").ok_or("tebroker is not built next to tebroker-bench")?;
+            let version = first_line(Command::new(&exe).arg("--version"));
+            Ok(Installed { kind, exe, version })
+        }
+        Kind::Gearmand => {
+            let exe = which("gearmand")
+                .or_else(|| Some(PathBuf::from("/usr/sbin/gearmand")).filter(|p| p.exists()))
+                .ok_or("gearmand not found (Debian package gearman-job-server)")?;
+            let version = first_line(Command::new(&exe).arg("--version"));
+            Ok(Installed { kind, exe, version })
+        }
+        Kind::Geard => {
+            let mut exe = which("geard").ok_or("geard not found (PyPI package gear)")?;
+            // A pyenv shim is a shell script that execs the real one after some work: run the
+            // real one, so that the process we measure is the Python server itself.
+            if exe.to_string_lossy().contains("/shims/") {
+                if let Ok(out) = Command::new("pyenv").args(["which", "geard"]).output() {
+                    let real = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                    if out.status.success() && !real.is_empty() {
+                        exe = PathBuf::from(real);
+                    }
+                }
+            }
+            let version = Command::new("python3")
+                .args([
+                    "-c",
+                    "import importlib.metadata as m; print('gear', m.version('gear'))",
+                ])
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "gear (version unknown)".into());
+            Ok(Installed { kind, exe, version })
+        }
+    }
+}
+
+/// An executable next to our own (cargo puts every binary of a workspace in one target dir).
+pub fn sibling(name: &str) -> Option<PathBuf> {
+    let me = std::env::current_exe().ok()?;
+    let p = me.parent()?.join(name);
+    p.is_file().then_some(p)
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn first_line(cmd: &mut Command) -> String {
+    cmd.output()
+        .ok()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            if s.trim().is_empty() {
+                s = String::from_utf8_lossy(&o.stderr).into_owned();
+            }
+            s.lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; the server binds it right after).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+/// One running server process.
+pub struct Server {
+    pub kind: Kind,
+    pub port: u16,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts a fresh server on a free port and waits until it accepts connections.
+    pub async fn start(inst: &Installed, logdir: &Path) -> anyhow::Result<Server> {
+        let port = free_port()?;
+        let p = port.to_string();
+        let mut cmd = Command::new(&inst.exe);
+        match inst.kind {
+            Kind::Tebroker => cmd.args(["serve", "-p", &p, "-L", "127.0.0.1"]),
+            Kind::Gearmand => cmd.args([
+                "--port",
+                &p,
+                "--listen",
+                "127.0.0.1",
+                "--threads",
+                "2",
+                "--log-file",
+                "none",
+            ]),
+            Kind::Geard => cmd.args(["-d", "-p", &p, "--listen-address", "127.0.0.1"]),
+        };
+        let log = logdir.join(format!("{}-{port}.log", inst.kind.name()));
+        let out = File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .env_remove("RUST_LOG");
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", inst.exe.display()))?;
+        let mut server = Server {
+            kind: inst.kind,
+            port,
+            child,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                bail!(
+                    "{} exited at start ({status}): {}",
+                    inst.kind.name(),
+                    server.log_tail()
+                );
+            }
+            if TcpStream::connect(server.sockaddr()).await.is_ok() {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                let tail = server.log_tail();
+                server.stop().await;
+                bail!("{} did not listen within 15 s: {tail}", inst.kind.name());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn sockaddr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    pub fn addr(&self) -> ServerAddr {
+        ServerAddr::localhost(self.port)
+    }
+
+    /// `127.0.0.1:PORT`, as the testenv agents take it.
+    pub fn hostport(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Resident set size in KiB (VmRSS).
+    pub fn rss_kib(&self) -> Option<u64> {
+        proc_status_kib(self.pid(), "VmRSS:")
+    }
+
+    fn log_tail(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(5)..].join(" | ")
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited after 3 s.
+    pub async fn stop(mut self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid; it is not reaped before try_wait below.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}
+
+pub fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// utime + stime of a /proc/.../stat file, in seconds.
+pub fn proc_cpu_secs(path: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
+}
+
+/// Sends one admin text command and returns its output up to the terminating `.` line.
+pub async fn admin(addr: SocketAddr, command: &str, timeout: Duration) -> anyhow::Result<String> {
+    tokio::time::timeout(timeout, async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        s.write_all(format!("{command}\n").as_bytes()).await?;
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf == b".\n" || buf.ends_with(b"\n.\n") {
+                break;
+            }
+        }
+        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
+    })
+    .await
+    .context("admin command timed out")?
+}
+
+/// Functions in `status` output whose name starts with `prefix` and that have a worker.
+pub async fn registered_functions(
+    addr: SocketAddr,
+    prefix: &str,
+    timeout: Duration,
+) -> anyhow::Result<usize> {
+    let out = admin(addr, "status", timeout).await?;
+    Ok(out
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter(|l| {
+            l.split('\t')
+                .nth(3)
+                .and_then(|w| w.trim().parse::<u64>().ok())
+                .is_some_and(|w| w > 0)
+        })
+        .count())
+}
