@@ -22,6 +22,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 
+/// Bytes a connection reads at a time when no larger frame is pending.
+const READ_CHUNK: usize = 1024;
+/// A buffer grown past this by a burst is given back once it is empty.
+const BIG_BUFFER: usize = 64 * 1024;
+
 /// Bytes waiting to be written to one connection.
 struct Outbox {
     buf: Mutex<BytesMut>,
@@ -37,7 +42,7 @@ struct Outbox {
 impl Outbox {
     fn new(cancel: CancellationToken) -> Outbox {
         Outbox {
-            buf: Mutex::new(BytesMut::with_capacity(4096)),
+            buf: Mutex::new(BytesMut::new()),
             ready: Notify::new(),
             closing: AtomicBool::new(false),
             cancel,
@@ -457,13 +462,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
         max_admin_line: shared.settings.max_admin_line,
     };
     let idle = shared.settings.partial_packet_timeout;
-    let mut buf = BytesMut::with_capacity(8192);
+    // Buffers start small and shrink back after a burst: thousands of idle connections (one
+    // per waiting testenv-client) must cost little memory each.
+    let mut buf = BytesMut::new();
     let mut frames = Vec::new();
     // A connection holding part of a frame must finish it in time, however slowly it trickles
     // bytes in (slowloris): the deadline runs from when the unfinished frame started and only
     // moves when a frame completes.
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
+        if buf.is_empty() && buf.capacity() > BIG_BUFFER {
+            buf = BytesMut::new();
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+            buf.reserve(READ_CHUNK);
+        }
         let read = tokio::select! {
             _ = cancel.cancelled() => return "closed by server",
             r = reader.read_buf(&mut buf) => r,
@@ -536,7 +549,7 @@ fn send_error_and_close(shared: &Shared, id: ConnId, code: &str, text: &str) {
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, outbox: Arc<Outbox>) {
-    let mut pending = BytesMut::with_capacity(8192);
+    let mut pending = BytesMut::new();
     loop {
         {
             let mut buf = outbox.buf.lock().expect("outbox lock");
@@ -561,7 +574,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, outbox: Arc<Outbox>) {
             outbox.cancel.cancel();
             break;
         }
-        pending.clear();
+        if pending.capacity() > BIG_BUFFER {
+            pending = BytesMut::new();
+        } else {
+            pending.clear();
+        }
     }
     let _ = writer.shutdown().await;
 }
