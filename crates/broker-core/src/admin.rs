@@ -104,6 +104,12 @@ impl Broker {
                 out.push(Action::Shutdown { graceful });
                 s = "OK\n".into();
             }
+            AdminCommand::Position { handle } => {
+                let (position, total) = self
+                    .queue_position(handle.as_bytes())
+                    .ok_or(AdminError::UnknownJob)?;
+                s = format!("OK {position} {total}\n");
+            }
             AdminCommand::Leases => {
                 for lease in self.leases(now) {
                     let _ = writeln!(s, "{}", lease.admin_line());

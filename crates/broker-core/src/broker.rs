@@ -1043,6 +1043,26 @@ impl Broker {
         }
     }
 
+    /// Where a job stands in its function's queues: (1-based position, jobs queued), with
+    /// position 0 once it runs. Counts the jobs ahead of it, so it costs time proportional to
+    /// the queue; testenv-clients ask every 30 s.
+    pub fn queue_position(&self, handle: &[u8]) -> Option<(usize, usize)> {
+        let id = self.job_id_of_handle(handle)?;
+        let job = self.jobs.get(&id)?;
+        let f = self.functions.get(&job.function)?;
+        let total = f.queued();
+        match job.state {
+            JobState::Queued { seq } => {
+                let p = job.priority as usize;
+                let ahead: usize = f.queues[..p].iter().map(BTreeMap::len).sum::<usize>()
+                    + f.queues[p].range(..seq).count();
+                Some((ahead + 1, total))
+            }
+            JobState::Scheduled { .. } => Some((total + 1, total)),
+            JobState::Running { .. } => Some((0, total)),
+        }
+    }
+
     /// Cancels a queued background job (admin `cancel job`). Returns whether it was one.
     pub(crate) fn cancel_queued_background(&mut self, handle: &[u8]) -> bool {
         let Some(id) = self.job_id_of_handle(handle) else {

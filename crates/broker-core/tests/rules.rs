@@ -262,6 +262,25 @@ fn can_do_timeout_fails_the_job() {
 }
 
 #[test]
+fn position_tells_where_a_queued_job_stands() {
+    let mut sim = Sim::new();
+    let (c, w) = (sim.conn(1), sim.conn(2));
+    let a = sim.submit(c, T::SubmitJob, "lockenv", "", "a");
+    let b = sim.submit(c, T::SubmitJob, "lockenv", "", "b");
+    let hi = sim.submit(c, T::SubmitJobHigh, "lockenv", "", "hi");
+    assert_eq!(sim.admin(c, &format!("position {}", s(&b))), "OK 3 3\n");
+    assert_eq!(sim.admin(c, &format!("position {}", s(&hi))), "OK 1 3\n");
+    sim.send(w, T::CanDo, &[b"lockenv"]);
+    sim.grab(w).unwrap();
+    assert_eq!(sim.admin(c, &format!("position {}", s(&hi))), "OK 0 2\n");
+    assert_eq!(sim.admin(c, &format!("position {}", s(&a))), "OK 1 2\n");
+    assert_eq!(sim.admin(c, "position H:t:999"), "ERR UNKNOWN_JOB\r\n");
+    assert!(sim
+        .admin(c, "position")
+        .starts_with("ERR INVALID_ARGUMENTS"));
+}
+
+#[test]
 fn cancel_job_only_for_queued_background() {
     let mut sim = Sim::new();
     let c = sim.conn(1);

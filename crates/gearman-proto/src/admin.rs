@@ -32,6 +32,10 @@ pub enum AdminCommand {
     Leases,
     /// tebroker's own extension: counters (`stats`), one `name<TAB>value` line each.
     Stats,
+    /// tebroker's own extension: where a queued job stands (`position HANDLE`).
+    Position {
+        handle: String,
+    },
 }
 
 /// An admin command that cannot be run.
@@ -79,6 +83,12 @@ impl AdminCommand {
             "verbose" => AdminCommand::Verbose,
             "leases" => AdminCommand::Leases,
             "stats" => AdminCommand::Stats,
+            "position" => match words.get(1..) {
+                Some([handle]) => AdminCommand::Position {
+                    handle: handle.to_string(),
+                },
+                _ => return Err(AdminError::InvalidArguments(first.into())),
+            },
             "shutdown" => match words.get(1) {
                 None => AdminCommand::Shutdown { graceful: false },
                 Some(&"graceful") => AdminCommand::Shutdown { graceful: true },

@@ -67,6 +67,9 @@ pub struct ClientArgs {
     /// Seconds between passing a signal to COMMAND and killing everything it started.
     #[arg(long, default_value = "10")]
     pub kill_grace: f64,
+    /// Seconds between the "waited N s" lines while waiting for a TE.
+    #[arg(long, default_value_t = 30.0, hide = true)]
+    pub report_interval: f64,
     #[command(flatten)]
     pub tls: crate::TlsArgs,
     /// The command to run while the environment is locked.
@@ -139,10 +142,8 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
     let mut lockenv = submit_lockenv(&client, &request).await?;
 
     // Wait for the environment, re-submitting if the broker holding our request dies.
-    let mut report = tokio::time::interval_at(
-        tokio::time::Instant::now() + Duration::from_secs(30),
-        Duration::from_secs(30),
-    );
+    let every = Duration::from_secs_f64(args.report_interval.max(0.1));
+    let mut report = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut lockenv_retries = 0u32;
     let job = loop {
         tokio::select! {
@@ -171,8 +172,19 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
                 }
             },
             _ = report.tick() => {
+                // tebroker answers `position`; other brokers do not, and then we say less.
+                let position = if args.tls.ssl_ca.is_none() {
+                    queue_position(lockenv.server(), lockenv.handle()).await
+                } else {
+                    None
+                };
+                let place = match position {
+                    Some((0, _)) => " (a worker has the request)".to_string(),
+                    Some((n, total)) => format!(" (position {n} of {total} in the queue)"),
+                    None => String::new(),
+                };
                 eprintln!(
-                    "testenv-client: waited {:.0}s for a test environment",
+                    "testenv-client: waited {:.0}s for a test environment{place}",
                     started.elapsed().as_secs_f64()
                 );
             }
@@ -316,6 +328,30 @@ async fn submit_lockenv(client: &Client, request: &LockRequest) -> anyhow::Resul
             }
         }
     }
+}
+
+/// Asks a tebroker where our lock request stands: `position HANDLE` on its admin protocol.
+pub async fn queue_position(server: &str, handle: &str) -> Option<(usize, usize)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(server).await.ok()?;
+        stream
+            .write_all(format!("position {handle}\n").as_bytes())
+            .await
+            .ok()?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stream)
+            .read_line(&mut line)
+            .await
+            .ok()?;
+        let mut words = line.split_whitespace();
+        (words.next()? == "OK").then_some(())?;
+        Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .ok()
+        .flatten()
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {

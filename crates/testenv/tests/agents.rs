@@ -113,6 +113,23 @@ fn datafile_content_and_mode_exit_codes_and_no_secrets_in_logs() {
 }
 
 #[test]
+fn a_waiting_client_reports_its_queue_position() {
+    let s = Scene::new();
+    let b = Broker::start();
+    let _w = s.worker(&b.spec(), "te1", &[], &[&s.datafile("1")]);
+    b.wait_lockenv_workers(1);
+    let holder = s.client(&b.spec(), "holder", &[], &hold_script(&s, "h"));
+    held_pids(&s, "h");
+    let mut waiter = s.client(&b.spec(), "waiter", &["--report-interval", "0.3"], "exit 0");
+    wait_until(10 * SEC, "a position line", || {
+        waiter.output().contains("(position 1 of 1 in the queue)")
+    });
+    assert!(waiter.output().contains("testenv-client: waited"));
+    holder.signal_group(libc::SIGKILL);
+    waiter.expect_code(0, 10 * SEC);
+}
+
+#[test]
 fn exclusivity_six_clients_two_workers() {
     let s = Scene::new();
     let b = Broker::start();
