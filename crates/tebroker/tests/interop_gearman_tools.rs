@@ -17,11 +17,11 @@ use gearman_proto::PacketType;
 const RUN: Duration = Duration::from_secs(15);
 
 fn gearman() -> std::path::PathBuf {
-    require_program("gearman", &["/usr/bin/gearman"])
+    require_program("gearman")
 }
 
 fn gearadmin(server: &Server, args: &[&str]) -> String {
-    let bin = require_program("gearadmin", &["/usr/bin/gearadmin"]);
+    let bin = require_program("gearadmin");
     let out = run_with_timeout(
         Command::new(bin)
             .args(["-h", "127.0.0.1", "-p", &server.port.to_string()])

@@ -1,69 +1,15 @@
 //! The agents over TLS: a tebroker requiring client certificates, a worker and a client that
 //! present theirs (the same `--ssl-cert/--ssl-key/--ssl-ca` options gear's addServer takes).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Pki {
-    dir: tempfile::TempDir,
-    ca_cert: rcgen::Certificate,
-    ca_key: rcgen::KeyPair,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = params.self_signed(&ca_key).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
-        Pki {
-            dir,
-            ca_cert,
-            ca_key,
-        }
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// (certificate, key) files for `cn`, valid for 127.0.0.1, as server or client.
-    fn issue(&self, cn: &str) -> (PathBuf, PathBuf) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params =
-            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-                .unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
-        let (c, k) = (
-            self.dir.path().join(format!("{cn}.crt")),
-            self.dir.path().join(format!("{cn}.key")),
-        );
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
+use test_support::{Files, KillOnDrop, Pki};
 
 /// A TLS tebroker in this process, on its own runtime thread.
 fn start_tls_broker(pki: &Pki) -> String {
-    let (cert, key) = pki.issue("broker");
+    let Files { cert, key } = pki.issue("broker");
     let settings = tebroker::config::Settings {
         port: 0,
         listen: "127.0.0.1".into(),
@@ -87,7 +33,7 @@ fn start_tls_broker(pki: &Pki) -> String {
 }
 
 fn tls_args(pki: &Pki, cn: &str) -> Vec<String> {
-    let (cert, key) = pki.issue(cn);
+    let Files { cert, key } = pki.issue(cn);
     let p = |p: &Path| p.to_str().unwrap().to_string();
     vec![
         "--ssl-cert".into(),
@@ -99,15 +45,6 @@ fn tls_args(pki: &Pki, cn: &str) -> Vec<String> {
     ]
 }
 
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn agents_lease_a_te_over_tls_with_client_certificates() {
     let pki = Pki::new("testenv-ca");
@@ -115,7 +52,7 @@ fn agents_lease_a_te_over_tls_with_client_certificates() {
     let state = tempfile::tempdir().unwrap();
     let datafile = state.path().join("te.json");
     std::fs::write(&datafile, r#"{"env-num": "7", "ssh-key": "SECRET"}"#).unwrap();
-    let _worker = Killed(
+    let _worker = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_testenv-worker"))
             .args(["-b", &addr, "-n", "tls-te", "--state-dir"])
             .arg(state.path())

@@ -6,15 +6,17 @@
 #![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use gearman_proto::{Codec, Frame, Packet, PacketType};
+#[allow(unused_imports)] // for the tests that run gearman-tools
+pub use test_support::{require_program, KillOnDrop};
+use test_support::{LoggedChild, Peer, PeerServer};
 
 /// How long any single wait (start-up, one answer) may take before the test fails. Generous:
 /// the tests assert behaviour, never speed.
@@ -28,46 +30,21 @@ pub enum Kind {
     Geard,
 }
 
-/// A job server child process on 127.0.0.1, killed when dropped. Its stderr goes to a log file
+/// A job server child process on 127.0.0.1, killed when dropped. Its output goes to a log file
 /// whose tail is printed if the test panics while the server is alive.
 pub struct Server {
     pub kind: Kind,
     pub port: u16,
-    child: Child,
-    log: tempfile::NamedTempFile,
+    proc: Proc,
+}
+
+enum Proc {
+    Tebroker(LoggedChild),
+    Peer(PeerServer),
 }
 
 fn tebroker_bin() -> &'static str {
     env!("CARGO_BIN_EXE_tebroker")
-}
-
-/// A port that was free a moment ago (for servers that cannot pick their own).
-pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
-}
-
-/// Finds a program on PATH (or at one of `extra` absolute paths).
-pub fn find_program(name: &str, extra: &[&str]) -> Option<PathBuf> {
-    for e in extra {
-        if Path::new(e).is_file() {
-            return Some(PathBuf::from(e));
-        }
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// Like [`find_program`] but panics with the fix when the peer is missing.
-pub fn require_program(name: &str, extra: &[&str]) -> PathBuf {
-    find_program(name, extra).unwrap_or_else(|| {
-        panic!(
-            "`{name}` is not installed; run scripts/install-peers.sh (installs gearman-job-server, \
-             gearman-tools and PyPI gear)"
-        )
-    })
 }
 
 impl Server {
@@ -79,20 +56,14 @@ impl Server {
     /// `tebroker serve -p 0 -L 127.0.0.1 EXTRA...`; the port comes from the one line tebroker
     /// prints on stdout: `tebroker listening on 127.0.0.1:PORT`.
     pub fn tebroker_with(extra: &[&str]) -> Server {
-        let log = tempfile::NamedTempFile::new().expect("log file");
         let mut cmd = Command::new(tebroker_bin());
         cmd.args(["serve", "-p", "0", "-L", "127.0.0.1"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log.reopen().unwrap()));
+            .args(extra);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", tebroker_bin()));
-        let stdout = child.stdout.take().unwrap();
+        let mut child = LoggedChild::spawn_stdout_piped("tebroker", &mut cmd);
+        let stdout = child.take_stdout().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
@@ -104,8 +75,7 @@ impl Server {
         let mut server = Server {
             kind: Kind::Tebroker,
             port: 0,
-            child,
-            log,
+            proc: Proc::Tebroker(child),
         };
         let line = match rx.recv_timeout(TIMEOUT) {
             Ok(Some(Ok(line))) => line,
@@ -136,53 +106,35 @@ impl Server {
 
     /// `gearmand --port P --listen 127.0.0.1 --threads 2 --log-file none`.
     pub fn gearmand() -> Server {
-        let bin = require_program("gearmand", &["/usr/sbin/gearmand"]);
-        let port = free_port();
-        let p = port.to_string();
-        Server::spawn_peer(
-            Kind::Gearmand,
-            port,
-            Command::new(bin).args([
-                "--port",
-                &p,
-                "--listen",
-                "127.0.0.1",
-                "--threads",
-                "2",
-                "--log-file",
-                "stderr",
-            ]),
-        )
+        Server::peer(Kind::Gearmand, Peer::Gearmand { threads: 2 })
     }
 
     /// `geard -d -p P --listen-address 127.0.0.1` (PyPI gear's server).
     pub fn geard() -> Server {
-        let bin = require_program("geard", &[]);
-        let port = free_port();
-        let p = port.to_string();
-        Server::spawn_peer(
-            Kind::Geard,
-            port,
-            Command::new(bin).args(["-d", "-p", &p, "--listen-address", "127.0.0.1"]),
-        )
+        Server::peer(Kind::Geard, Peer::Geard)
     }
 
-    fn spawn_peer(kind: Kind, port: u16, cmd: &mut Command) -> Server {
-        let log = tempfile::NamedTempFile::new().expect("log file");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.reopen().unwrap()))
-            .stderr(Stdio::from(log.reopen().unwrap()))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {kind:?}: {e}"));
-        let mut server = Server {
+    fn peer(kind: Kind, peer: Peer) -> Server {
+        let peer = PeerServer::start(peer, TIMEOUT);
+        Server {
             kind,
-            port,
-            child,
-            log,
-        };
-        server.wait_accepting();
-        server
+            port: peer.port(),
+            proc: Proc::Peer(peer),
+        }
+    }
+
+    fn process(&self) -> &LoggedChild {
+        match &self.proc {
+            Proc::Tebroker(c) => c,
+            Proc::Peer(p) => p.process(),
+        }
+    }
+
+    fn process_mut(&mut self) -> &mut LoggedChild {
+        match &mut self.proc {
+            Proc::Tebroker(c) => c,
+            Proc::Peer(p) => p.process_mut(),
+        }
     }
 
     fn wait_accepting(&mut self) {
@@ -191,7 +143,7 @@ impl Server {
             if TcpStream::connect(self.addr()).is_ok() {
                 return;
             }
-            if let Ok(Some(st)) = self.child.try_wait() {
+            if let Some(st) = self.process_mut().try_status() {
                 self.die(&format!("{:?} exited during start-up: {st}", self.kind));
             }
             if Instant::now() > deadline {
@@ -206,8 +158,7 @@ impl Server {
     }
 
     fn die(&mut self, msg: &str) -> ! {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process_mut().kill();
         panic!("{msg}\n--- server log ---\n{}", self.log_text());
     }
 
@@ -216,19 +167,17 @@ impl Server {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process().pid()
     }
 
-    /// Everything the server wrote on stderr so far.
+    /// Everything the server wrote to its log so far (tebroker: stderr; a peer: its output).
     pub fn log_text(&self) -> String {
-        std::fs::read(self.log.path())
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        self.process().log_text()
     }
 
     /// Panics (with the server's log) if the process has exited: it must never die on bad input.
     pub fn assert_alive(&mut self) {
-        if let Ok(Some(st)) = self.child.try_wait() {
+        if let Some(st) = self.process_mut().try_status() {
             panic!(
                 "{:?} is no longer running ({st})\n--- server log ---\n{}",
                 self.kind,
@@ -239,7 +188,7 @@ impl Server {
 
     /// The exit status, once the process has exited.
     pub fn exit_status(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
+        self.process_mut().try_status()
     }
 
     /// The log must not show a panic.
@@ -267,25 +216,6 @@ impl Server {
         let mut c = self.conn();
         c.send_line(cmd);
         c.read_line()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let exited = matches!(self.child.try_wait(), Ok(Some(_)));
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() && !exited {
-            let log = self.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            eprintln!(
-                "--- {:?} log (last {} lines) ---\n{}",
-                self.kind,
-                tail.len(),
-                tail.join("\n")
-            );
-        }
     }
 }
 
@@ -577,22 +507,6 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// A child process killed (SIGKILL) and reaped when dropped.
-pub struct KillOnDrop(pub Child);
-
-impl KillOnDrop {
-    pub fn try_status(&mut self) -> Option<ExitStatus> {
-        self.0.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Polls `f` until it returns Some, or panics with `what` after [`TIMEOUT`].

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use test_support::Peer;
+
 /// Upper bound for any single wait that should normally take well under a second.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -483,86 +485,28 @@ pub fn env_num(text: &str) -> String {
     v["env-num"].as_str().unwrap_or("?").to_string()
 }
 
-/// A port that was free a moment ago (for servers that cannot pick their own).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
-}
-
-/// Finds a program on PATH (or at one of `extra` absolute paths), or panics with the fix.
-pub fn require_program(name: &str, extra: &[&str]) -> PathBuf {
-    extra
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .or_else(|| {
-            std::env::split_paths(&std::env::var_os("PATH")?)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` is not installed; run scripts/install-peers.sh (gearman-job-server, \
-                 gearman-tools and PyPI gear)"
-            )
-        })
-}
-
 /// A peer job server (gearmand or geard) on a loopback port, killed when dropped.
 pub struct PeerServer {
     pub addr: SocketAddr,
-    pub proc: Proc,
-    _log: tempfile::TempPath,
+    _server: test_support::PeerServer,
 }
 
 impl PeerServer {
     /// `gearmand --port P --listen 127.0.0.1 --threads 1 --log-file none`.
     pub fn gearmand() -> PeerServer {
-        let bin = require_program("gearmand", &["/usr/sbin/gearmand"]);
-        let port = free_port();
-        let p = port.to_string();
-        PeerServer::spawn(
-            "gearmand",
-            port,
-            Command::new(bin).args([
-                "--port",
-                &p,
-                "--listen",
-                "127.0.0.1",
-                "--threads",
-                "1",
-                "--log-file",
-                "none",
-            ]),
-        )
+        PeerServer::start(Peer::Gearmand { threads: 1 })
     }
 
     /// `geard -d -p P --listen-address 127.0.0.1` (PyPI gear's server).
     pub fn geard() -> PeerServer {
-        let bin = require_program("geard", &[]);
-        let port = free_port();
-        let p = port.to_string();
-        PeerServer::spawn(
-            "geard",
-            port,
-            Command::new(bin).args(["-d", "-p", &p, "--listen-address", "127.0.0.1"]),
-        )
+        PeerServer::start(Peer::Geard)
     }
 
-    fn spawn(name: &str, port: u16, cmd: &mut Command) -> PeerServer {
-        let log = tempfile::NamedTempFile::new()
-            .expect("log")
-            .into_temp_path();
-        let mut proc = Proc::spawn(name, cmd, log.to_path_buf());
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        wait_until(TIMEOUT, &format!("{name} accepting on {addr}"), || {
-            assert!(proc.running(), "{name} exited:\n{}", proc.output());
-            TcpStream::connect(addr).is_ok()
-        });
+    fn start(peer: Peer) -> PeerServer {
+        let server = test_support::PeerServer::start(peer, TIMEOUT);
         PeerServer {
-            addr,
-            proc,
-            _log: log,
+            addr: server.addr(),
+            _server: server,
         }
     }
 

@@ -1,0 +1,19 @@
+//! Test harness shared by the workspace's integration tests (a dev-dependency only):
+//!
+//! - [`require_program`] / [`find_program`]: where a peer program is installed;
+//! - [`free_port`]: a loopback port that was free a moment ago;
+//! - [`PeerServer`]: gearmand or PyPI gear's geard on 127.0.0.1, killed (and reaped) on drop;
+//! - [`LoggedChild`]: a child process whose output goes to a temp file, killed on drop;
+//! - [`KillOnDrop`]: a bare child process killed on drop;
+//! - [`Pki`]: a CA and certificates for 127.0.0.1/localhost, by common name.
+//!
+//! Missing peers are a broken environment, not a reason to skip: the helpers panic and say to
+//! run `scripts/install-peers.sh`.
+
+mod peer;
+mod pki;
+mod process;
+
+pub use peer::{free_port, Peer, PeerServer};
+pub use pki::{Files, Pki};
+pub use process::{find_program, require_program, KillOnDrop, LoggedChild};
