@@ -15,6 +15,25 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
+/// `tebroker serve ARGS...`; returns the child and the port from its first stdout line.
+fn serve(args: &[&str]) -> (std::process::Child, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tebroker"))
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("tebroker listening on 127.0.0.1:")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    (child, addr.parse().unwrap())
+}
+
 #[test]
 fn config_file_pidfile_and_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -28,21 +47,7 @@ fn config_file_pidfile_and_sigterm() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tebroker"))
-        .args(["serve", "-d", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
-    assert!(
-        line.starts_with("tebroker listening on 127.0.0.1:"),
-        "{line}"
-    );
+    let (mut child, port) = serve(&["-d", "--config", config.to_str().unwrap()]);
     let written = std::fs::read_to_string(&pidfile).unwrap();
     assert_eq!(written.trim(), child.id().to_string());
 
@@ -83,31 +88,19 @@ fn bad_config_is_a_clear_error() {
 
 #[test]
 fn geard_spelling_of_flags_is_accepted() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tebroker"))
-        .args([
-            "serve",
-            "-p",
-            "0",
-            "--listen-address",
-            "127.0.0.1",
-            "--keepalive",
-        ])
-        .args([
-            "--keepalive-idle",
-            "30",
-            "--keepalive-interval",
-            "5",
-            "--keepalive-count",
-            "3",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
-    let port: u16 = line.trim().rsplit(':').next().unwrap().parse().unwrap();
+    let (mut child, port) = serve(&[
+        "-p",
+        "0",
+        "--listen-address",
+        "127.0.0.1",
+        "--keepalive",
+        "--keepalive-idle",
+        "30",
+        "--keepalive-interval",
+        "5",
+        "--keepalive-count",
+        "3",
+    ]);
     common::check_round_trip(port);
     child.kill().unwrap();
     child.wait().unwrap();
