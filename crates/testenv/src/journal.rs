@@ -12,10 +12,10 @@ pub struct LeaseRecord {
     pub tenum: String,
     pub callback: String,
     pub job_identifier: String,
-    /// Seconds since the epoch (fractional) when the lease began.
-    pub started: f64,
+    /// Milliseconds since the epoch when the lease began.
+    pub started_ms: u64,
     /// Last time the worker holding the lease was known alive.
-    pub heartbeat: f64,
+    pub heartbeat_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -23,11 +23,12 @@ pub struct Journal {
     path: PathBuf,
 }
 
-pub fn now_secs() -> f64 {
+/// Milliseconds since the epoch: whole numbers survive the JSON round trip exactly.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Journal {
@@ -65,8 +66,8 @@ impl Journal {
                     tenum: String::new(),
                     callback: String::new(),
                     job_identifier: String::new(),
-                    started: now_secs(),
-                    heartbeat: now_secs(),
+                    started_ms: now_ms(),
+                    heartbeat_ms: now_ms(),
                 })
             }
         }
@@ -80,7 +81,7 @@ impl Journal {
     }
 
     pub fn heartbeat(&self, record: &mut LeaseRecord) -> std::io::Result<()> {
-        record.heartbeat = now_secs();
+        record.heartbeat_ms = now_ms();
         self.write(record)
     }
 
@@ -93,8 +94,10 @@ impl Journal {
 
     /// How long to wait, from now, before the TE of an unfinished `record` may be offered again.
     pub fn quarantine_left(record: &LeaseRecord, holder_grace: Duration) -> Duration {
-        let free_at = record.heartbeat + holder_grace.as_secs_f64();
-        Duration::from_secs_f64((free_at - now_secs()).max(0.0))
+        let free_at = record
+            .heartbeat_ms
+            .saturating_add(holder_grace.as_millis() as u64);
+        Duration::from_millis(free_at.saturating_sub(now_ms()))
     }
 }
 
@@ -111,8 +114,8 @@ mod tests {
             tenum: "te/1".into(),
             callback: "callback_x".into(),
             job_identifier: "1: x".into(),
-            started: now_secs(),
-            heartbeat: 0.0,
+            started_ms: now_ms(),
+            heartbeat_ms: 0,
         };
         j.heartbeat(&mut r).unwrap();
         assert_eq!(j.open_lease(), Some(r.clone()));

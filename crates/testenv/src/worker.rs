@@ -9,7 +9,7 @@ use clap::Parser;
 use gearman_client::{Client, Job, JobEvent, JobRequest, Worker, WorkerOptions};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::journal::{now_secs, Journal, LeaseRecord};
+use crate::journal::{now_ms, Journal, LeaseRecord};
 use crate::request::{LockRequest, LOCKENV};
 use crate::tedata;
 
@@ -287,8 +287,8 @@ async fn lease(
         tenum: tenum.to_string(),
         callback: request.callback_name.clone(),
         job_identifier: request.job_identifier.clone(),
-        started: now_secs(),
-        heartbeat: now_secs(),
+        started_ms: now_ms(),
+        heartbeat_ms: now_ms(),
     };
     if let Err(e) = journal.heartbeat(&mut record) {
         tracing::error!(error = %e, "cannot write the lease journal; refusing the lease");
