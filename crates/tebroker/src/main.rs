@@ -67,12 +67,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::fs::write(path, format!("{}\n", std::process::id()))?;
         }
         // Tests and scripts read this line to learn the port when started with -p 0.
-        println!("tebroker listening on {addr}");
+        // Whoever started us may stop reading stdout at any time (a test that only wanted the
+        // port): these lines are written with errors ignored, never a panic on a closed pipe.
+        let mut banner = format!("tebroker listening on {addr}\n");
         if let Some(http) = &http {
             let bound = tebroker::http::serve(http, server.shared(), server.stop_token()).await?;
-            println!("tebroker dashboard on http://{bound}/");
+            banner.push_str(&format!("tebroker dashboard on http://{bound}/\n"));
         }
-        std::io::stdout().flush()?;
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(banner.as_bytes());
+        let _ = stdout.flush();
+        drop(stdout);
         tracing::info!(%addr, "listening");
         let stop = server.stop_token();
         tokio::spawn(async move {

@@ -137,3 +137,26 @@ fn graceful_shutdown_waits_for_running_jobs() {
     });
     assert!(status.success());
 }
+
+#[test]
+fn the_sample_config_in_contrib_is_valid() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../contrib/tebroker.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("leases.jsonl");
+    // Its own port, HTTP address and history path are for a real host; override them.
+    let (mut child, port) = serve(&[
+        "--config",
+        config,
+        "-p",
+        "0",
+        "-L",
+        "127.0.0.1",
+        "--http",
+        "127.0.0.1:0",
+        "--history-file",
+        history.to_str().unwrap(),
+    ]);
+    common::check_round_trip(port);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
