@@ -59,7 +59,7 @@ pub struct WorkerArgs {
     pub holder_grace: f64,
     /// Seconds to wait after the holder's client process died (its callback job failed) before
     /// the TE is offered again: its guard kills COMMAND at once when the client dies.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 1.0)]
     pub dead_holder_grace: f64,
     #[command(flatten)]
     pub tls: crate::TlsArgs,

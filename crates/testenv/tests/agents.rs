@@ -180,7 +180,7 @@ fn exclusivity_six_clients_two_workers() {
 fn process_group_sigkill_frees_te_fast_and_kills_command_tree() {
     let s = Scene::new();
     let b = Broker::start();
-    // Default graces: a dead client's TE is offered again after --dead-holder-grace (2 s).
+    // Default graces: a dead client's TE is offered again after --dead-holder-grace (1 s).
     let _w = s.worker(&b.spec(), "te1", &[], &[&s.datafile("1")]);
     b.wait_lockenv_workers(1);
     let c = s.client(&b.spec(), "victim", &[], &hold_script(&s, "v"));
