@@ -64,6 +64,8 @@ else
     fi
     rm -f "$errf"
     "$PYTHON" -c 'import gear' || { log "gear still not importable by $PYTHON"; exit 1; }
+    # Under pyenv, new console scripts (geard) need their shim.
+    if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 fi
 
 # Everything the tests run must now be there.
