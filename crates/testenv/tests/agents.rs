@@ -28,6 +28,22 @@ fn held_pids(s: &Scene, name: &str) -> (i32, i32) {
     )
 }
 
+/// A broker and one worker serving TE "te1" (extra worker flags in `worker_args`), ready.
+fn one_te(worker_args: &[&str]) -> (Scene, Broker, Proc) {
+    let s = Scene::new();
+    let b = Broker::start();
+    let w = s.worker(&b.spec(), "te1", worker_args, &[&s.datafile("1")]);
+    b.wait_lockenv_workers(1);
+    (s, b, w)
+}
+
+/// The TE is free again: no lease, and the next client gets it at once.
+fn assert_te_free(s: &Scene, b: &Broker) {
+    b.wait_no_leases(5 * SEC);
+    let mut next = s.client(&b.spec(), "next", &[], "exit 0");
+    next.expect_code(0, 5 * SEC);
+}
+
 fn wait_gone(pids: &[i32], within: Duration) {
     wait_until(within, &format!("processes {pids:?} gone"), || {
         pids.iter().all(|&p| !alive(p))
@@ -114,10 +130,7 @@ fn datafile_content_and_mode_exit_codes_and_no_secrets_in_logs() {
 
 #[test]
 fn a_waiting_client_reports_its_queue_position() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let _w = s.worker(&b.spec(), "te1", &[], &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
+    let (s, b, _w) = one_te(&[]);
     let holder = s.client(&b.spec(), "holder", &[], &hold_script(&s, "h"));
     held_pids(&s, "h");
     let mut waiter = s.client(&b.spec(), "waiter", &["--report-interval", "0.3"], "exit 0");
@@ -178,11 +191,8 @@ fn exclusivity_six_clients_two_workers() {
 
 #[test]
 fn process_group_sigkill_frees_te_fast_and_kills_command_tree() {
-    let s = Scene::new();
-    let b = Broker::start();
     // Default graces: a dead client's TE is offered again after --dead-holder-grace (1 s).
-    let _w = s.worker(&b.spec(), "te1", &[], &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
+    let (s, b, _w) = one_te(&[]);
     let c = s.client(&b.spec(), "victim", &[], &hold_script(&s, "v"));
     let (cmd, gc) = held_pids(&s, "v");
     assert_eq!(b.leases().len(), 1, "{:?}", b.leases());
@@ -193,9 +203,7 @@ fn process_group_sigkill_frees_te_fast_and_kills_command_tree() {
     wait_gone(&[cmd, gc], 5 * SEC);
     // The broker fails the dead client's callback job at once (no requeue), so the worker
     // frees the TE now rather than after its timeout.
-    b.wait_no_leases(5 * SEC);
-    let mut next = s.client(&b.spec(), "next", &[], "exit 0");
-    next.expect_code(0, 5 * SEC);
+    assert_te_free(&s, &b);
     eprintln!(
         "TE reused {:.2}s after the group kill",
         killed.elapsed().as_secs_f64()
@@ -205,15 +213,7 @@ fn process_group_sigkill_frees_te_fast_and_kills_command_tree() {
 
 #[test]
 fn client_pid_sigkill_ends_command_and_grandchild() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let _w = s.worker(
-        &b.spec(),
-        "te1",
-        &["--holder-grace", "0.2"],
-        &[&s.datafile("1")],
-    );
-    b.wait_lockenv_workers(1);
+    let (s, b, _w) = one_te(&["--holder-grace", "0.2"]);
     // The grandchild leaves the process group too: only the guard's subreaper walk finds it.
     let script = format!(
         "echo $$ > {cmd}; setsid sleep 1000 & echo $! > {gc}; wait",
@@ -226,22 +226,12 @@ fn client_pid_sigkill_ends_command_and_grandchild() {
     c.wait(5 * SEC);
     // The guard gets SIGTERM (PR_SET_PDEATHSIG), passes it on, then kills what is left.
     wait_gone(&[cmd, gc], 10 * SEC);
-    b.wait_no_leases(5 * SEC);
-    let mut next = s.client(&b.spec(), "next", &[], "exit 0");
-    next.expect_code(0, 5 * SEC);
+    assert_te_free(&s, &b);
 }
 
 #[test]
 fn lease_timeout_by_worker_kills_command_and_children() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let w = s.worker(
-        &b.spec(),
-        "te1",
-        &["--holder-grace", "0.2"],
-        &[&s.datafile("1")],
-    );
-    b.wait_lockenv_workers(1);
+    let (s, b, w) = one_te(&["--holder-grace", "0.2"]);
     // -t 42: the worker holds the TE for 42 - 40 = 2 s, the client's own deadline is 42 s.
     let mut c = s.client(
         &b.spec(),
@@ -264,10 +254,7 @@ fn lease_timeout_by_worker_kills_command_and_children() {
 
 #[test]
 fn worker_sigterm_mid_lease_kills_command_and_children() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let mut w = s.worker(&b.spec(), "te1", &[], &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
+    let (s, b, mut w) = one_te(&[]);
     let mut c = s.client(
         &b.spec(),
         "held",
@@ -284,10 +271,7 @@ fn worker_sigterm_mid_lease_kills_command_and_children() {
 
 #[test]
 fn client_timeout_kills_command() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let _w = s.worker(&b.spec(), "te1", &[], &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
+    let (s, b, _w) = one_te(&[]);
     // "1.5" is not whole seconds, so the worker holds for its own -t (10800 - 40 s): only the
     // client's own deadline can end this run.
     let mut c = s.client(
@@ -304,23 +288,13 @@ fn client_timeout_kills_command() {
     );
     assert!(c.output().contains("--timeout"), "{}", c.output());
     // The client handed the TE back properly.
-    b.wait_no_leases(5 * SEC);
-    let mut next = s.client(&b.spec(), "next", &[], "exit 0");
-    next.expect_code(0, 5 * SEC);
+    assert_te_free(&s, &b);
 }
 
 #[test]
 fn sigint_and_sigterm_to_client_reach_command_and_release_te() {
-    let s = Scene::new();
-    let b = Broker::start();
     // A long holder grace: if the TE were not released cleanly, the next client would wait.
-    let _w = s.worker(
-        &b.spec(),
-        "te1",
-        &["--holder-grace", "60"],
-        &[&s.datafile("1")],
-    );
-    b.wait_lockenv_workers(1);
+    let (s, b, _w) = one_te(&["--holder-grace", "60"]);
     for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT")] {
         let got = s.p(&format!("got-{name}"));
         let script = format!(
@@ -348,10 +322,7 @@ fn sigint_and_sigterm_to_client_reach_command_and_release_te() {
 
 #[test]
 fn sigusr2_pauses_and_sigusr1_resumes_worker() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let w = s.worker(&b.spec(), "te1", &[], &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
+    let (s, b, w) = one_te(&[]);
     let worker_line = |b: &Broker| {
         b.admin("workers")
             .into_iter()
@@ -484,10 +455,7 @@ fn script_form_missing_script_is_a_clear_error() {
 
 #[test]
 fn once_worker_exits_after_one_lease() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let mut w = s.worker(&b.spec(), "te1", &["--once"], &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
+    let (s, b, mut w) = one_te(&["--once"]);
     let mut c = s.client(&b.spec(), "only", &[], "exit 0");
     c.expect_code(0, TIMEOUT);
     w.expect_code(0, TIMEOUT);
@@ -658,15 +626,7 @@ sleep 1000 & wait"#
 
 #[test]
 fn worker_stops_promptly_on_sigterm_during_holder_grace() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let mut w = s.worker(
-        &b.spec(),
-        "te1",
-        &["--holder-grace", "60"],
-        &[&s.datafile("1")],
-    );
-    b.wait_lockenv_workers(1);
+    let (s, b, mut w) = one_te(&["--holder-grace", "60"]);
     let mut c = s.client(&b.spec(), "c", &["-t", "41"], &hold_script(&s, "c"));
     c.expect_code(3, TIMEOUT);
     wait_until(TIMEOUT, "worker in its holder grace", || {
