@@ -1,109 +1,11 @@
 //! The broker's rules, driven through the state machine without sockets.
 
-use broker_core::{Action, Broker, BrokerConfig, ConnId};
+mod sim;
+
+use broker_core::{Action, ConnId};
 use bytes::Bytes;
 use gearman_proto::{Packet, PacketType as T};
-
-struct Sim {
-    broker: Broker,
-    now: u64,
-    out: Vec<Action>,
-}
-
-impl Sim {
-    fn new() -> Sim {
-        Sim {
-            broker: Broker::new(BrokerConfig {
-                handle_host: "t".into(),
-                pid: 42,
-                version: "test".into(),
-                max_functions_per_conn: 0,
-            }),
-            now: 1_700_000_000_000,
-            out: Vec::new(),
-        }
-    }
-
-    fn conn(&mut self, id: u64) -> ConnId {
-        self.broker.connect(ConnId(id), "127.0.0.1");
-        ConnId(id)
-    }
-
-    fn send(&mut self, c: ConnId, t: T, args: &[&[u8]]) {
-        let p = Packet::req(t, args.iter().map(|a| Bytes::copy_from_slice(a)));
-        self.broker.packet(c, p, self.now, &mut self.out);
-        self.broker.check_invariants().unwrap();
-    }
-
-    fn admin(&mut self, c: ConnId, line: &str) -> String {
-        self.broker.admin(c, line, self.now, &mut self.out);
-        let mut text = String::new();
-        self.out.retain(|a| match a {
-            Action::Text(to, t) if *to == c => {
-                text.push_str(t);
-                false
-            }
-            _ => true,
-        });
-        text
-    }
-
-    fn drop_conn(&mut self, c: ConnId) {
-        self.broker.disconnect(c, &mut self.out);
-        self.broker.check_invariants().unwrap();
-    }
-
-    fn advance(&mut self, ms: u64) {
-        self.now += ms;
-        self.broker.tick(self.now, &mut self.out);
-        self.broker.check_invariants().unwrap();
-    }
-
-    /// Packets sent to `c` since the last call, removed from the outbox.
-    fn take(&mut self, c: ConnId) -> Vec<Packet> {
-        let mut mine = Vec::new();
-        self.out.retain(|a| match a {
-            Action::Send(to, p) if *to == c => {
-                mine.push(p.clone());
-                false
-            }
-            _ => true,
-        });
-        mine
-    }
-
-    fn types(&mut self, c: ConnId) -> Vec<T> {
-        self.take(c).into_iter().map(|p| p.ptype).collect()
-    }
-
-    fn submit(&mut self, c: ConnId, t: T, f: &str, unique: &str, data: &str) -> Bytes {
-        self.send(c, t, &[f.as_bytes(), unique.as_bytes(), data.as_bytes()]);
-        let created = self.take(c);
-        let p = created.last().expect("a reply");
-        assert_eq!(p.ptype, T::JobCreated, "{p:?}");
-        p.args[0].clone()
-    }
-
-    /// Worker grabs; returns (handle, function, unique, data) or None on NO_JOB.
-    fn grab(&mut self, w: ConnId) -> Option<(Bytes, String, String, String)> {
-        self.send(w, T::GrabJobUniq, &[]);
-        let p = self.take(w).into_iter().last().unwrap();
-        match p.ptype {
-            T::NoJob => None,
-            T::JobAssignUniq => Some((
-                p.args[0].clone(),
-                s(&p.args[1]),
-                s(&p.args[2]),
-                s(&p.args[3]),
-            )),
-            other => panic!("unexpected {other}"),
-        }
-    }
-}
-
-fn s(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use sim::{s, Sim};
 
 #[test]
 fn foreground_round_trip_with_updates() {

@@ -1,72 +1,11 @@
 //! ACLs, callback hijack protection and the limits the core enforces, without sockets.
 
+mod sim;
+
 use broker_core::acl::Acl;
-use broker_core::{Action, Broker, BrokerConfig, ConnId, Security};
-use bytes::Bytes;
-use gearman_proto::{Packet, PacketType as T};
-
-struct Sim {
-    broker: Broker,
-    out: Vec<Action>,
-}
-
-const NOW: u64 = 1_700_000_000_000;
-
-impl Sim {
-    fn new(security: Security) -> Sim {
-        let mut broker = Broker::new(BrokerConfig {
-            handle_host: "t".into(),
-            ..BrokerConfig::default()
-        });
-        broker.set_security(security);
-        Sim {
-            broker,
-            out: Vec::new(),
-        }
-    }
-
-    fn conn(&mut self, id: u64, peer: &str, cn: Option<&str>) -> ConnId {
-        self.broker
-            .connect_as(ConnId(id), peer, cn.map(str::to_string));
-        ConnId(id)
-    }
-
-    fn send(&mut self, c: ConnId, t: T, args: &[&[u8]]) {
-        let p = Packet::req(t, args.iter().map(|a| Bytes::copy_from_slice(a)));
-        self.broker.packet(c, p, NOW, &mut self.out);
-        self.broker.check_invariants().unwrap();
-    }
-
-    fn admin(&mut self, c: ConnId, line: &str) -> String {
-        self.broker.admin(c, line, NOW, &mut self.out);
-        let mut text = String::new();
-        self.out.retain(|a| match a {
-            Action::Text(to, t) if *to == c => {
-                text.push_str(t);
-                false
-            }
-            _ => true,
-        });
-        text
-    }
-
-    /// Packets sent to `c` since the last call, as (type, args).
-    fn take(&mut self, c: ConnId) -> Vec<(T, Vec<Bytes>)> {
-        let mut got = Vec::new();
-        self.out.retain(|a| match a {
-            Action::Send(to, p) if *to == c => {
-                got.push((p.ptype, p.args.clone()));
-                false
-            }
-            _ => true,
-        });
-        got
-    }
-
-    fn workers_of(&mut self, c: ConnId) -> String {
-        self.admin(c, "workers")
-    }
-}
+use broker_core::{ConnId, Security};
+use gearman_proto::PacketType as T;
+use sim::Sim;
 
 fn protected() -> Security {
     Security {
@@ -77,26 +16,26 @@ fn protected() -> Security {
 
 #[test]
 fn second_registration_of_a_callback_is_refused() {
-    let mut s = Sim::new(protected());
-    let owner = s.conn(1, "10.0.0.1", None);
-    let thief = s.conn(2, "10.0.0.2", None);
+    let mut s = Sim::with_security(protected());
+    let owner = s.conn_as(1, "10.0.0.1", None);
+    let thief = s.conn_as(2, "10.0.0.2", None);
     s.send(owner, T::CanDo, &[b"callback_1"]);
-    assert!(s.take(owner).is_empty());
+    assert!(s.take_pairs(owner).is_empty());
     s.send(thief, T::CanDo, &[b"callback_1"]);
-    let got = s.take(thief);
+    let got = s.take_pairs(thief);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0, T::Error);
     assert_eq!(&got[0].1[0][..], b"CALLBACK_TAKEN");
     // Also through CAN_DO_TIMEOUT.
     s.send(thief, T::CanDoTimeout, &[b"callback_1", b"10"]);
-    assert_eq!(s.take(thief)[0].0, T::Error);
+    assert_eq!(s.take_pairs(thief)[0].0, T::Error);
     // The owner may register again; other functions are unaffected.
     s.send(owner, T::CanDo, &[b"callback_1"]);
-    assert!(s.take(owner).is_empty());
+    assert!(s.take_pairs(owner).is_empty());
     s.send(thief, T::CanDo, &[b"lockenv"]);
     s.send(owner, T::CanDo, &[b"lockenv"]);
-    assert!(s.take(thief).is_empty());
-    let workers = s.workers_of(owner);
+    assert!(s.take_pairs(thief).is_empty());
+    let workers = s.admin(owner, "workers");
     assert!(
         workers.contains("10.0.0.1 - : callback_1 lockenv"),
         "{workers}"
@@ -108,10 +47,10 @@ fn second_registration_of_a_callback_is_refused() {
 
 #[test]
 fn legitimate_testenv_flow_works_with_protection() {
-    let mut s = Sim::new(protected());
-    let cb_worker = s.conn(1, "10.0.0.1", None);
-    let client = s.conn(2, "10.0.0.1", None);
-    let te_worker = s.conn(3, "10.0.0.9", None);
+    let mut s = Sim::with_security(protected());
+    let cb_worker = s.conn_as(1, "10.0.0.1", None);
+    let client = s.conn_as(2, "10.0.0.1", None);
+    let te_worker = s.conn_as(3, "10.0.0.9", None);
     s.send(te_worker, T::CanDo, &[b"lockenv"]);
     s.send(cb_worker, T::CanDo, &[b"callback_abc"]);
     s.send(
@@ -124,7 +63,7 @@ fn legitimate_testenv_flow_works_with_protection() {
         ],
     );
     s.send(te_worker, T::GrabJob, &[]);
-    let assign = s.take(te_worker);
+    let assign = s.take_pairs(te_worker);
     assert_eq!(assign.last().unwrap().0, T::JobAssign);
     let lock_handle = assign.last().unwrap().1[0].clone();
     // The TE worker submits the TE data to the callback (submitting is never restricted).
@@ -134,12 +73,15 @@ fn legitimate_testenv_flow_works_with_protection() {
         &[b"callback_abc", b"", b"{\"ssh-key\": \"SECRET\"}"],
     );
     s.send(cb_worker, T::GrabJob, &[]);
-    let got = s.take(cb_worker);
+    let got = s.take_pairs(cb_worker);
     let (ty, args) = got.last().unwrap();
     assert_eq!(*ty, T::JobAssign);
     s.send(cb_worker, T::WorkComplete, &[&args[0], b""]);
     s.send(te_worker, T::WorkComplete, &[&lock_handle, b""]);
-    assert!(s.take(client).iter().any(|(t, _)| *t == T::WorkComplete));
+    assert!(s
+        .take_pairs(client)
+        .iter()
+        .any(|(t, _)| *t == T::WorkComplete));
     // No admin output shows the TE data.
     for cmd in [
         "status",
@@ -155,36 +97,36 @@ fn legitimate_testenv_flow_works_with_protection() {
 
 #[test]
 fn an_orphaned_callback_is_reserved_for_its_owner_while_jobs_wait() {
-    let mut s = Sim::new(protected());
-    let owner = s.conn(1, "10.0.0.1", None);
-    let te_worker = s.conn(2, "10.0.0.9", None);
+    let mut s = Sim::with_security(protected());
+    let owner = s.conn_as(1, "10.0.0.1", None);
+    let te_worker = s.conn_as(2, "10.0.0.9", None);
     s.send(owner, T::CanDo, &[b"callback_x"]);
     s.send(te_worker, T::SubmitJob, &[b"callback_x", b"", b"secret"]);
     s.broker.disconnect(owner, &mut s.out);
     // A job waits for callback_x: a stranger may not take the name...
-    let thief = s.conn(3, "10.0.0.2", None);
+    let thief = s.conn_as(3, "10.0.0.2", None);
     s.send(thief, T::CanDo, &[b"callback_x"]);
-    assert_eq!(s.take(thief)[0].0, T::Error);
+    assert_eq!(s.take_pairs(thief)[0].0, T::Error);
     // ...but the owner coming back from the same address may.
-    let back = s.conn(4, "10.0.0.1", None);
+    let back = s.conn_as(4, "10.0.0.1", None);
     s.send(back, T::CanDo, &[b"callback_x"]);
-    assert!(s.take(back).is_empty());
+    assert!(s.take_pairs(back).is_empty());
     s.send(back, T::CantDo, &[b"callback_x"]);
     // Once no job is left for it, the name is free for anyone.
     s.broker.disconnect(te_worker, &mut s.out);
     s.send(thief, T::CanDo, &[b"callback_x"]);
-    assert!(s.take(thief).is_empty());
+    assert!(s.take_pairs(thief).is_empty());
     assert_eq!(s.broker.callback_reservations(), 1);
 }
 
 #[test]
 fn without_protection_anyone_may_register_callbacks() {
-    let mut s = Sim::new(Security::default());
-    let a = s.conn(1, "10.0.0.1", None);
-    let b = s.conn(2, "10.0.0.2", None);
+    let mut s = Sim::with_security(Security::default());
+    let a = s.conn_as(1, "10.0.0.1", None);
+    let b = s.conn_as(2, "10.0.0.2", None);
     s.send(a, T::CanDo, &[b"callback_1"]);
     s.send(b, T::CanDo, &[b"callback_1"]);
-    assert!(s.take(b).is_empty());
+    assert!(s.take_pairs(b).is_empty());
 }
 
 const ACL: &str = "\
@@ -207,15 +149,15 @@ fn with_acl() -> Security {
 
 #[test]
 fn acl_register_is_ignored_when_not_allowed() {
-    let mut s = Sim::new(with_acl());
-    let w = s.conn(1, "h", Some("worker"));
-    let anon = s.conn(2, "h", None);
+    let mut s = Sim::with_security(with_acl());
+    let w = s.conn_as(1, "h", Some("worker"));
+    let anon = s.conn_as(2, "h", None);
     s.send(w, T::CanDo, &[b"lockenv"]);
     s.send(w, T::CanDo, &[b"callback_1"]);
     s.send(anon, T::CanDo, &[b"lockenv"]);
     // Ignored silently (geard sends nothing), but counted.
-    assert!(s.take(w).is_empty());
-    assert!(s.take(anon).is_empty());
+    assert!(s.take_pairs(w).is_empty());
+    assert!(s.take_pairs(anon).is_empty());
     let workers = s.admin(w, "workers");
     assert!(workers.contains("1 h - : lockenv\n"), "{workers}");
     assert!(workers.contains("2 h - :\n"), "{workers}");
@@ -224,9 +166,9 @@ fn acl_register_is_ignored_when_not_allowed() {
 
 #[test]
 fn acl_invoke_denied_gets_an_error_packet() {
-    let mut s = Sim::new(with_acl());
-    let c = s.conn(1, "h", Some("client"));
-    let w = s.conn(2, "h", Some("worker"));
+    let mut s = Sim::with_security(with_acl());
+    let c = s.conn_as(1, "h", Some("client"));
+    let w = s.conn_as(2, "h", Some("worker"));
     for t in [
         T::SubmitJob,
         T::SubmitJobBg,
@@ -236,26 +178,26 @@ fn acl_invoke_denied_gets_an_error_packet() {
         T::SubmitJobLowBg,
     ] {
         s.send(w, t, &[b"lockenv", b"", b"x"]);
-        let got = s.take(w);
+        let got = s.take_pairs(w);
         assert_eq!(got[0].0, T::Error, "{t:?}");
         assert_eq!(&got[0].1[1][..], b"Permission denied by ACL");
     }
     s.send(w, T::SubmitJobEpoch, &[b"lockenv", b"", b"1", b"x"]);
-    assert_eq!(s.take(w)[0].0, T::Error);
+    assert_eq!(s.take_pairs(w)[0].0, T::Error);
     s.send(c, T::SubmitJob, &[b"lockenv", b"", b"x"]);
-    assert_eq!(s.take(c)[0].0, T::JobCreated);
+    assert_eq!(s.take_pairs(c)[0].0, T::JobCreated);
     s.send(c, T::SubmitJob, &[b"other", b"", b"x"]);
-    assert_eq!(s.take(c)[0].0, T::Error);
+    assert_eq!(s.take_pairs(c)[0].0, T::Error);
 }
 
 #[test]
 fn acl_guards_cancel_shutdown_and_maxqueue() {
-    let mut s = Sim::new(with_acl());
-    let c = s.conn(1, "h", Some("client"));
-    let w = s.conn(2, "h", Some("worker"));
-    let admin = s.conn(3, "h", Some("admin"));
+    let mut s = Sim::with_security(with_acl());
+    let c = s.conn_as(1, "h", Some("client"));
+    let w = s.conn_as(2, "h", Some("worker"));
+    let admin = s.conn_as(3, "h", Some("admin"));
     s.send(c, T::SubmitJobBg, &[b"lockenv", b"", b"x"]);
-    let handle = s.take(c)[0].1[0].clone();
+    let handle = s.take_pairs(c)[0].1[0].clone();
     let handle = String::from_utf8(handle.to_vec()).unwrap();
     assert_eq!(
         s.admin(w, &format!("cancel job {handle}")),
@@ -279,16 +221,16 @@ fn acl_guards_cancel_shutdown_and_maxqueue() {
     );
     assert_eq!(s.admin(admin, "acl grant invoke worker .*"), "OK\n");
     s.send(w, T::SubmitJob, &[b"anything", b"", b"x"]);
-    assert_eq!(s.take(w)[0].0, T::JobCreated);
+    assert_eq!(s.take_pairs(w)[0].0, T::JobCreated);
     assert_eq!(s.admin(w, "acl self-revoke invoke"), "OK\n");
     s.send(w, T::SubmitJob, &[b"anything", b"", b"x"]);
-    assert_eq!(s.take(w)[0].0, T::Error);
+    assert_eq!(s.take_pairs(w)[0].0, T::Error);
 }
 
 #[test]
 fn acl_disabled_answers_like_geard() {
-    let mut s = Sim::new(Security::default());
-    let c = s.conn(1, "h", None);
+    let mut s = Sim::with_security(Security::default());
+    let c = s.conn_as(1, "h", None);
     for cmd in [
         "acl list",
         "acl grant invoke x y",
@@ -301,23 +243,23 @@ fn acl_disabled_answers_like_geard() {
 
 #[test]
 fn default_max_queue_and_function_limit_are_counted() {
-    let mut s = Sim::new(Security {
+    let mut s = Sim::with_security(Security {
         default_max_queue: Some(2),
         ..Security::default()
     });
-    let c = s.conn(1, "h", None);
+    let c = s.conn_as(1, "h", None);
     for _ in 0..2 {
         s.send(c, T::SubmitJobBg, &[b"f", b"", b"x"]);
-        assert_eq!(s.take(c)[0].0, T::JobCreated);
+        assert_eq!(s.take_pairs(c)[0].0, T::JobCreated);
     }
     s.send(c, T::SubmitJobBg, &[b"f", b"", b"x"]);
-    let got = s.take(c);
+    let got = s.take_pairs(c);
     assert_eq!(got[0].0, T::Error);
     assert_eq!(&got[0].1[0][..], b"QUEUE_ERROR");
     // A per-function maxqueue overrides the default.
     assert_eq!(s.admin(c, "maxqueue f 0"), "OK\r\n");
     s.send(c, T::SubmitJobBg, &[b"f", b"", b"x"]);
-    assert_eq!(s.take(c)[0].0, T::JobCreated);
+    assert_eq!(s.take_pairs(c)[0].0, T::JobCreated);
     assert!(s.admin(c, "stats").contains("queue_full\t1\n"));
 }
 
@@ -359,11 +301,11 @@ mod properties {
         /// the core's own invariants hold after every step.
         #[test]
         fn a_callback_never_has_two_owners(ops in prop::collection::vec(arb_op(), 1..120)) {
-            let mut s = Sim::new(protected());
+            let mut s = Sim::with_security(protected());
             let mut generation = [0u64; 4];
             let id = |c: u64, g: &[u64; 4]| ConnId(c * 1000 + g[c as usize]);
             for c in 0..4u64 {
-                s.conn(id(c, &generation).0, &format!("10.0.0.{}", c % 2), None);
+                s.conn_as(id(c, &generation).0, &format!("10.0.0.{}", c % 2), None);
             }
             for op in ops {
                 match op {
@@ -381,7 +323,7 @@ mod properties {
                         s.broker.disconnect(id(c, &generation), &mut s.out);
                         s.broker.check_invariants().unwrap();
                         generation[c as usize] += 1;
-                        s.conn(id(c, &generation).0, &format!("10.0.0.{}", c % 2), None);
+                        s.conn_as(id(c, &generation).0, &format!("10.0.0.{}", c % 2), None);
                     }
                 }
                 s.out.clear();
