@@ -732,3 +732,45 @@ fn failing_client_alive_cmd_frees_te() {
 fn broker_child_process() {
     broker_child_main();
 }
+
+/// A worker that takes the lock request and dies before calling back: tebroker fails the
+/// request to the client, which asks again and gets a TE from a healthy worker.
+#[test]
+fn a_lock_request_lost_with_its_worker_is_submitted_again() {
+    let s = Scene::new();
+    let b = Broker::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = gearman_client::ServerAddr::new(b.addr.ip().to_string(), b.addr.port());
+    let mut flaky = rt
+        .block_on(gearman_client::Connection::connect(&server, 5 * SEC))
+        .unwrap();
+    rt.block_on(async {
+        use gearman_proto::{Packet, PacketType as P};
+        flaky
+            .send(Packet::req(P::CanDo, ["lockenv"]))
+            .await
+            .unwrap();
+    });
+    b.wait_lockenv_workers(1);
+    let mut c = s.client(&b.spec(), "retry", &[], "exit 0");
+    // The flaky worker grabs the request, then vanishes without a word.
+    let assigned = rt.block_on(async {
+        use gearman_proto::{Packet, PacketType as P};
+        loop {
+            flaky
+                .send(Packet::req(P::GrabJob, Vec::<bytes::Bytes>::new()))
+                .await
+                .unwrap();
+            let p = flaky.recv().await.unwrap().unwrap();
+            if p.ptype == P::JobAssign {
+                break p;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    assert!(String::from_utf8_lossy(&assigned.args[2]).contains("callback_retry"));
+    drop(flaky);
+    let _w = s.worker(&b.spec(), "te1", &[], &[&s.datafile("1")]);
+    c.expect_code(0, TIMEOUT);
+    assert!(c.output().contains("submitting again"), "{}", c.output());
+}
