@@ -193,6 +193,8 @@ pub struct Broker {
     wake_checks: BTreeSet<(Millis, ConnId)>,
     /// The latest time the network layer passed in.
     now: Millis,
+    /// `H:<handle_host>:`, the start of every job handle.
+    handle_prefix: String,
     pub(crate) leases: LeaseTracker,
     pub(crate) stats: Stats,
     pub(crate) security: Security,
@@ -208,6 +210,7 @@ enum Submit {
 impl Broker {
     pub fn new(config: BrokerConfig) -> Broker {
         Broker {
+            handle_prefix: format!("H:{}:", config.handle_host),
             config,
             conns: FxHashMap::default(),
             functions: FxHashMap::default(),
@@ -489,12 +492,7 @@ impl Broker {
             // Woken but silent (a worker may ignore NOOP while it wants no work): let another
             // sleeping worker take what it was woken for.
             c.woken_at = None;
-            let names: Vec<Bytes> = c.abilities.keys().cloned().collect();
-            for name in names {
-                if self.functions.get(&name).is_some_and(|f| f.queued() > 0) {
-                    self.wake_one(&name, out);
-                }
-            }
+            self.wake_for_waiting_work(worker, out);
         }
         while let Some(&(at, id)) = self.schedule.first() {
             if at > now {
@@ -602,7 +600,7 @@ impl Broker {
 
         let id = self.next_job;
         self.next_job += 1;
-        let handle = Bytes::from(format!("H:{}:{}", self.config.handle_host, id));
+        let handle = Bytes::from(format!("{}{id}", self.handle_prefix));
         let state = match at {
             Some(at) => {
                 f.scheduled += 1;
@@ -831,11 +829,23 @@ impl Broker {
         out.push(Action::Send(conn, packet));
         // The wake-up that brought this worker may have been meant for a job of another of its
         // functions; make sure every function it serves that still has work has a worker awake.
-        let names: Vec<Bytes> = self.conns[&conn].abilities.keys().cloned().collect();
-        for name in names {
-            if self.functions.get(&name).is_some_and(|f| f.queued() > 0) {
-                self.wake_one(&name, out);
-            }
+        self.wake_for_waiting_work(conn, out);
+    }
+
+    /// Wakes one sleeping worker for each function of `conn` that has queued jobs. Collects
+    /// only those functions, so the usual case (no work waiting) allocates nothing.
+    fn wake_for_waiting_work(&mut self, conn: ConnId, out: &mut Vec<Action>) {
+        let Some(c) = self.conns.get(&conn) else {
+            return;
+        };
+        let waiting: Vec<Bytes> = c
+            .abilities
+            .keys()
+            .filter(|name| self.functions.get(*name).is_some_and(|f| f.queued() > 0))
+            .cloned()
+            .collect();
+        for name in waiting {
+            self.wake_one(&name, out);
         }
     }
 
@@ -849,8 +859,7 @@ impl Broker {
     }
 
     pub(crate) fn job_id_of_handle(&self, handle: &[u8]) -> Option<JobId> {
-        let prefix = format!("H:{}:", self.config.handle_host);
-        let rest = handle.strip_prefix(prefix.as_bytes())?;
+        let rest = handle.strip_prefix(self.handle_prefix.as_bytes())?;
         parse_num::<JobId>(rest)
     }
 
