@@ -152,10 +152,9 @@ impl LockRequest {
         })
     }
 
-    /// The timeout in whole seconds (rounded up), if it is a valid one; for display.
+    /// The timeout in seconds, if it is a valid one that sets the lease length; for display.
     pub fn timeout_secs(&self) -> Option<u64> {
-        let t = parse_timeout(&self.timeout).ok()??;
-        Some(t.as_secs() + u64::from(t.subsec_nanos() > 0))
+        Some(parse_timeout(&self.timeout).ok()??.as_secs())
     }
 
     pub fn to_json(&self) -> String {
@@ -203,8 +202,9 @@ impl ValidLockRequest {
     }
 }
 
-/// A timeout in seconds: empty means "the worker's default"; otherwise a finite number in
-/// (0, [`MAX_TIMEOUT_SECS`]], fractions allowed.
+/// A timeout in seconds: a finite number in (0, [`MAX_TIMEOUT_SECS`]], else refused. Only
+/// whole seconds set the lease length; empty, or a number with a fraction (`"1.5"`), leaves it
+/// to the worker's `-t`, as the original worker did.
 pub fn parse_timeout(text: &str) -> Result<Option<Duration>, String> {
     let text = text.trim();
     if text.is_empty() {
@@ -220,9 +220,11 @@ pub fn parse_timeout(text: &str) -> Result<Option<Duration>, String> {
     if !(secs > 0.0 && secs <= MAX_TIMEOUT_SECS as f64) {
         return Err(bad());
     }
-    Duration::try_from_secs_f64(secs)
-        .map(Some)
-        .map_err(|_| bad())
+    if secs.fract() != 0.0 {
+        return Ok(None);
+    }
+    // Whole and at most MAX_TIMEOUT_SECS, so the conversion is exact.
+    Ok(Some(Duration::from_secs(secs as u64)))
 }
 
 fn check_callback(name: &str) -> Result<String, String> {
@@ -362,17 +364,15 @@ mod tests {
         }
         let huge = br#"{"callback_name": "callback_1", "timeout": 1e300}"#;
         assert!(LockRequest::parse_valid(huge).is_err());
-        let ok = br#"{"callback_name": "callback_1", "timeout": 0.5}"#;
-        let v = LockRequest::parse_valid(ok).unwrap();
-        assert_eq!(v.timeout, Some(Duration::from_millis(500)));
+        let fraction = br#"{"callback_name": "callback_1", "timeout": 0.5}"#;
+        let v = LockRequest::parse_valid(fraction).unwrap();
+        assert_eq!(v.timeout, None, "not whole seconds: the worker's default");
+        assert_eq!(v.timeout_or(Duration::from_secs(5)), Duration::from_secs(5));
+        assert_eq!(LockRequest::parse(fraction).unwrap().timeout_secs(), None);
+        let exponent = br#"{"callback_name": "callback_1", "timeout": "1e3"}"#;
         assert_eq!(
-            v.timeout_or(Duration::from_secs(5)),
-            Duration::from_millis(500)
-        );
-        assert_eq!(
-            LockRequest::parse(ok).unwrap().timeout_secs(),
-            Some(1),
-            "rounded up"
+            LockRequest::parse_valid(exponent).unwrap().timeout,
+            Some(Duration::from_secs(1000))
         );
         let max = format!(r#"{{"callback_name": "callback_1", "timeout": "{MAX_TIMEOUT_SECS}"}}"#);
         assert!(LockRequest::parse_valid(max.as_bytes()).is_ok());
