@@ -338,7 +338,7 @@ fn sigusr2_pauses_and_sigusr1_resumes_worker() {
             f == "lockenv" && (*total, *running, *workers) == (1, 0, 0)
         })
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // No worker has lockenv now (status says so), so nothing can hand this client a TE.
     assert!(c.running(), "client got a TE from a paused worker");
     w.signal(libc::SIGUSR1);
     c.expect_code(0, TIMEOUT);
@@ -683,8 +683,9 @@ fn failing_client_alive_cmd_frees_te() {
     let s = Scene::new();
     let b = Broker::start();
     let alive_cmd = format!(
-        r#"echo "$TE_UCINSTANCE|$TE_JOB_IDENTIFIER" > {seen}; test ! -e {stop}"#,
+        r#"echo "$TE_UCINSTANCE|$TE_JOB_IDENTIFIER" > {seen}; echo >> {runs}; test ! -e {stop}"#,
         seen = s.p("seen"),
+        runs = s.p("runs"),
         stop = s.p("stop"),
     );
     let _w = s.worker(
@@ -719,7 +720,9 @@ fn failing_client_alive_cmd_frees_te() {
     let (pid, gc) = held_pids(&s, "a");
     wait_until(TIMEOUT, "alive check ran", || !s.read("seen").is_empty());
     assert_eq!(s.read("seen").trim(), "uc-9|4242: ovb-ha");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(TIMEOUT, "three passing alive checks", || {
+        s.read("runs").lines().count() >= 3
+    });
     assert!(c.running(), "client ended while its alive check passed");
     s.write("stop", "");
     c.expect_code(3, TIMEOUT);
