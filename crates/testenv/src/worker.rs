@@ -43,7 +43,7 @@ pub struct WorkerArgs {
     /// Debug logging.
     #[arg(short = 'd', long)]
     pub debug: bool,
-    /// Exit after one lease.
+    /// Exit after one lease (a refused lock request is not one).
     #[arg(long)]
     pub once: bool,
     /// Directory for the lease journal (default: /var/lib/testenv-worker, or
@@ -178,6 +178,11 @@ impl Outcome {
 
     fn stops_worker(&self) -> bool {
         *self == Outcome::Stopping
+    }
+
+    /// Whether a TE was leased at all (for --once: a refused request does not count).
+    fn leased(&self) -> bool {
+        !matches!(self, Outcome::Refused | Outcome::JournalFailed)
     }
 }
 
@@ -426,7 +431,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             return Ok(());
         };
         let outcome = lease(&mut ctx, job).await;
-        if outcome.stops_worker() || args.once {
+        if outcome.stops_worker() || (args.once && outcome.leased()) {
             break;
         }
         if outcome.holder_may_run() {
