@@ -28,15 +28,6 @@ fn held_pids(s: &Scene, name: &str) -> (i32, i32) {
     )
 }
 
-/// A broker and one worker serving TE "te1" (extra worker flags in `worker_args`), ready.
-fn one_te(worker_args: &[&str]) -> (Scene, Broker, Proc) {
-    let s = Scene::new();
-    let b = Broker::start();
-    let w = s.worker(&b.spec(), "te1", worker_args, &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
-    (s, b, w)
-}
-
 /// The TE is free again: no lease, and the next client gets it at once.
 fn assert_te_free(s: &Scene, b: &Broker) {
     b.wait_no_leases(5 * SEC);

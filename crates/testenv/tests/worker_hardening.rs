@@ -12,6 +12,21 @@ use gearman_client::{Client, JobRequest, ServerAddr, Worker};
 
 const SEC: Duration = Duration::from_secs(1);
 
+/// A client takes the TE of worker `w`, which is then SIGKILLed mid-lease; the client is told
+/// (its lockenv fails) and ends with 3.
+fn crash_mid_lease(s: &Scene, b: &Broker, w: &mut Proc) {
+    let mut c = s.client(
+        &b.spec(),
+        "held",
+        &["--kill-grace", "0.5"],
+        &format!("touch {}; sleep 1000", s.p("holding")),
+    );
+    wait_until(TIMEOUT, "the lease held", || s.path("holding").exists());
+    w.signal(libc::SIGKILL);
+    w.wait(TIMEOUT);
+    c.expect_code(3, TIMEOUT);
+}
+
 /// Not a test: the entry point of the broker processes [`Broker::start`] runs.
 #[test]
 fn broker_child_process() {
@@ -104,15 +119,6 @@ fn worker_logged(
     Proc::spawn(&format!("worker {tenum}"), &mut cmd, s.path(log))
 }
 
-/// A broker and one worker serving TE "te1" (extra worker flags in `worker_args`), ready.
-fn one_te(worker_args: &[&str]) -> (Scene, Broker, Proc) {
-    let s = Scene::new();
-    let b = Broker::start();
-    let w = s.worker(&b.spec(), "te1", worker_args, &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
-    (s, b, w)
-}
-
 /// The TE is free again: no lease, and the next client gets it at once.
 fn assert_te_free(s: &Scene, b: &Broker, name: &str) {
     b.wait_no_leases(10 * SEC);
@@ -156,23 +162,24 @@ fn a_hostile_timeout_is_refused_and_the_te_stays_usable() {
     assert!(log.contains("refusing a lockenv request"), "{log}");
 }
 
+/// A worker for TE "te1" whose client-alive check (every 0.2 s) writes its pid to `check.pid`
+/// and hangs; `extra` worker flags.
+fn te_with_hung_alive_check(extra: &[&str]) -> (Scene, Broker, Proc) {
+    let s = Scene::new();
+    let check = format!("echo $$ > {}; sleep 1000", s.p("check.pid"));
+    let mut args = vec!["--client-alive-cmd", &check, "--alive-interval", "0.2"];
+    args.extend_from_slice(extra);
+    let b = Broker::start();
+    let w = s.worker(&b.spec(), "te1", &args, &[&s.datafile("1")]);
+    b.wait_lockenv_workers(1);
+    (s, b, w)
+}
+
 /// Issue 7, defect 2 (worker side): a client-alive check that hangs held up the whole lease
 /// loop: the callback's end, the heartbeat and SIGTERM all waited for it.
 #[test]
 fn a_hung_client_alive_check_blocks_neither_the_lease_nor_the_heartbeat_nor_signals() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let check = format!("echo $$ > {}; sleep 1000", s.p("check.pid"));
-    let args = [
-        "--client-alive-cmd",
-        &check,
-        "--alive-interval",
-        "0.2",
-        "--holder-grace",
-        "0.5",
-    ];
-    let mut w = s.worker(&b.spec(), "te1", &args, &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
+    let (s, b, mut w) = te_with_hung_alive_check(&["--holder-grace", "0.5"]);
     let go = s.p("go");
     let mut c = s.client(
         &b.spec(),
@@ -223,21 +230,7 @@ fn a_hung_client_alive_check_blocks_neither_the_lease_nor_the_heartbeat_nor_sign
 /// A check that outlives --alive-timeout is killed and counts as failed: the TE is freed.
 #[test]
 fn a_timed_out_client_alive_check_counts_as_failed() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let check = format!("echo $$ > {}; sleep 1000", s.p("check.pid"));
-    let args = [
-        "--client-alive-cmd",
-        &check,
-        "--alive-interval",
-        "0.2",
-        "--alive-timeout",
-        "0.5",
-        "--holder-grace",
-        "0.2",
-    ];
-    let w = s.worker(&b.spec(), "te1", &args, &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
+    let (s, b, w) = te_with_hung_alive_check(&["--alive-timeout", "0.5", "--holder-grace", "0.2"]);
     let mut c = s.client(&b.spec(), "held", &["--kill-grace", "1"], "sleep 1000");
     c.expect_code(3, TIMEOUT);
     let check_pid = read_pid(&s.path("check.pid"));
@@ -294,16 +287,7 @@ fn without_n_a_restarted_worker_finds_its_journal() {
     };
     let mut w = start("w1.log");
     b.wait_lockenv_workers(1);
-    let mut c = s.client(
-        &b.spec(),
-        "held",
-        &["--kill-grace", "0.5"],
-        &format!("touch {}; sleep 1000", s.p("holding")),
-    );
-    wait_until(TIMEOUT, "the lease held", || s.path("holding").exists());
-    w.signal(libc::SIGKILL);
-    w.wait(TIMEOUT);
-    c.expect_code(3, TIMEOUT);
+    crash_mid_lease(&s, &b, &mut w);
     let w2 = start("w2.log");
     wait_until(TIMEOUT, "the restarted worker offering the TE", || {
         w2.output().contains("offering the test environment")
@@ -359,16 +343,7 @@ fn destroy_script_runs_at_restart_after_a_crash() {
     let args = ["--holder-grace", "1"];
     let mut w = s.worker(&b.spec(), "te1", &args, &[&create, &destroy]);
     b.wait_lockenv_workers(1);
-    let mut c = s.client(
-        &b.spec(),
-        "held",
-        &["--kill-grace", "0.5"],
-        &format!("touch {}; sleep 1000", s.p("holding")),
-    );
-    wait_until(TIMEOUT, "the lease held", || s.path("holding").exists());
-    w.signal(libc::SIGKILL);
-    w.wait(TIMEOUT);
-    c.expect_code(3, TIMEOUT);
+    crash_mid_lease(&s, &b, &mut w);
     assert_eq!(s.read("scripts.log"), "create te1\n");
     let w2 = s.worker(&b.spec(), "te1", &args, &[&create, &destroy]);
     wait_until(TIMEOUT, "the restarted worker offering the TE", || {
