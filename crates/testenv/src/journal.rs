@@ -263,7 +263,7 @@ impl Journal {
 
     /// Records a lease (or refreshes its heartbeat) durably: see the module docs.
     pub fn write(&self, record: &LeaseRecord) -> std::io::Result<()> {
-        let tmp = self.path.with_extension("json.tmp");
+        let tmp = self.tmp_path();
         let body = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         let mut file = File::create(&tmp)?;
         file.write_all(&body)?;
@@ -289,13 +289,18 @@ impl Journal {
         }
     }
 
-    /// Whether a journal write would succeed now (after a write error, before offering again).
+    /// Whether a journal write would succeed now (after a write error, before offering again):
+    /// writes and removes the temporary file a real write goes through.
     pub fn writable(&self) -> std::io::Result<()> {
-        let probe = self.path.with_extension("json.probe");
-        let mut f = File::create(&probe)?;
+        let tmp = self.tmp_path();
+        let mut f = File::create(&tmp)?;
         f.write_all(b"{}")?;
         f.sync_all()?;
-        std::fs::remove_file(&probe)
+        std::fs::remove_file(&tmp)
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.path.with_extension("json.tmp")
     }
 
     fn sync_dir(&self) -> std::io::Result<()> {

@@ -280,7 +280,11 @@ impl LeaseContext<'_> {
                     self.journal_failing = false;
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "the lease journal is still not writable");
+                    tracing::warn!(
+                        tenum = self.tenum,
+                        error = %e,
+                        "the lease journal is still not writable; not offering the TE"
+                    );
                     if self.sit_out(JOURNAL_RETRY).await {
                         return true;
                     }

@@ -460,3 +460,44 @@ fn a_wall_clock_step_neither_stalls_nor_skips_the_quarantine() {
         assert_te_free(&s, &b, "after");
     }
 }
+
+/// Issue 7, defect 8: heartbeat write errors were ignored. Now the first is logged, the lease
+/// goes on, and the TE is not offered again until the journal can be written.
+#[test]
+fn a_journal_write_error_is_logged_and_the_te_waits_until_it_heals() {
+    let (s, b, w) = one_te(&[]);
+    let go = s.p("go");
+    let mut c = s.client(
+        &b.spec(),
+        "held",
+        &[],
+        &format!(
+            "touch {}; while [ ! -e {go} ]; do sleep 0.05; done",
+            s.p("holding")
+        ),
+    );
+    wait_until(TIMEOUT, "the lease held", || s.path("holding").exists());
+    // Every journal write goes through this file: a directory there makes them fail, even
+    // for root.
+    let blocker = s.path("state/lease-te1.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    wait_until(TIMEOUT, "the write error logged", || {
+        w.output().contains("cannot write the lease journal")
+    });
+    s.write("go", "");
+    c.expect_code(0, TIMEOUT);
+    let mut next = s.client(&b.spec(), "next", &[], "exit 0");
+    wait_until(TIMEOUT, "the worker waiting for its journal", || {
+        w.output()
+            .contains("still not writable; not offering the TE")
+    });
+    wait_until(TIMEOUT, "the next lockenv queued", || {
+        b.status()
+            .iter()
+            .any(|(f, total, running, _)| f == "lockenv" && (*total, *running) == (1, 0))
+    });
+    assert!(next.running(), "the TE was leased without a journal");
+    std::fs::remove_dir(&blocker).unwrap();
+    next.expect_code(0, TIMEOUT);
+    assert!(w.output().contains("writable again"), "{}", w.output());
+}
