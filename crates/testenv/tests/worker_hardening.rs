@@ -501,3 +501,31 @@ fn a_journal_write_error_is_logged_and_the_te_waits_until_it_heals() {
     next.expect_code(0, TIMEOUT);
     assert!(w.output().contains("writable again"), "{}", w.output());
 }
+
+/// Durations on the command line were converted unchecked: `--holder-grace=-1` panicked the
+/// worker at start-up and `-t 10000000000000000000` at its first lease. Now they are usage
+/// errors (exit 2) that say what is wrong.
+#[test]
+fn out_of_range_durations_on_the_command_line_are_usage_errors() {
+    let s = Scene::new();
+    let df = s.datafile("1");
+    for bad in [
+        &["--holder-grace=-1"][..],
+        &["--alive-interval", "nan"],
+        &["--dead-holder-grace", "1e30"],
+        &["--callback-start-timeout", "soon"],
+        &["-t", "10000000000000000000"],
+        &["-t", "0"],
+    ] {
+        let out = Command::new(WORKER_BIN)
+            .args(["-b", "127.0.0.1:1", "-n", "te1", "--state-dir"])
+            .arg(s.path("state"))
+            .args(bad)
+            .arg(&df)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
+        assert!(err.contains("invalid value"), "{bad:?}: {err}");
+    }
+}
