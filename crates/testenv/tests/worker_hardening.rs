@@ -77,7 +77,10 @@ fn raw_lock_request(b: &Broker, callback: Option<&str>, body: &str) -> RawLease 
                 .expect("the worker calls back in time")
                 .expect("a callback job");
             callback_data = Some(String::from_utf8_lossy(job.data()).into_owned());
-            job.complete("").await.unwrap();
+            tokio::time::timeout(TIMEOUT, job.complete(""))
+                .await
+                .expect("complete the callback in time")
+                .unwrap();
         }
         let lockenv = loop {
             let ev = tokio::time::timeout(TIMEOUT, lockenv.next_event())
