@@ -239,8 +239,12 @@ fn lease_timeout_by_worker_kills_command_and_children() {
         "{}",
         c.output()
     );
+    // The worker tells the client first and logs the lease's end after.
+    wait_until(TIMEOUT, "the worker logs the lease end", || {
+        w.output().contains("lease end")
+    });
     let wl = w.output();
-    assert!(wl.contains("TimedOut"), "{wl}");
+    assert!(wl.contains("outcome=TimedOut"), "{wl}");
 }
 
 #[test]
