@@ -8,6 +8,7 @@
 //!    of the client's callback function;
 //! 3. the lease lasts until the callback job ends; the worker then completes `lockenv`.
 
+pub mod agent;
 pub mod request;
 pub mod tedata;
 

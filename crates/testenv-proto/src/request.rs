@@ -48,6 +48,11 @@ pub struct LockRequest {
     pub extra_nodes: String,
     #[serde(deserialize_with = "lenient")]
     pub job_identifier: String,
+    /// The project the job runs for (`testenv-client --tenant`, default `$ZUUL_PROJECT`), so a
+    /// broker can share TEs fairly between projects; not sent when empty (the original client
+    /// never sends it, and empty means the one shared tenant).
+    #[serde(deserialize_with = "lenient", skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
 }
 
 /// Why a lock request cannot be served. `callback` is the request's callback function when it
@@ -83,6 +88,8 @@ pub struct ValidLockRequest {
     pub ssh_key: String,
     pub net_iso: String,
     pub job_identifier: String,
+    /// Empty for the shared tenant.
+    pub tenant: String,
 }
 
 impl LockRequest {
@@ -148,6 +155,7 @@ impl LockRequest {
             ssh_key: self.ssh_key.clone(),
             net_iso: self.net_iso.clone(),
             job_identifier: self.job_identifier.clone(),
+            tenant: self.tenant.trim().to_string(),
             callback_name: callback,
         })
     }
@@ -177,7 +185,7 @@ impl LockRequest {
         LockRequest::job_identifier(change.as_deref(), jobtype.as_deref())
     }
 
-    fn fields(&self) -> [(&'static str, &str); 10] {
+    fn fields(&self) -> [(&'static str, &str); 11] {
         [
             ("callback_name", &self.callback_name),
             ("timeout", &self.timeout),
@@ -189,6 +197,7 @@ impl LockRequest {
             ("net_iso", &self.net_iso),
             ("extra_nodes", &self.extra_nodes),
             ("job_identifier", &self.job_identifier),
+            ("tenant", &self.tenant),
         ]
     }
 }

@@ -114,6 +114,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
         net_iso: args.net_iso.clone(),
         extra_nodes: args.extra_nodes.clone(),
         job_identifier: LockRequest::job_identifier_from_env(),
+        ..LockRequest::default()
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;
