@@ -101,6 +101,9 @@ impl Broker {
                 s = "OK\r\n".into();
             }
             AdminCommand::Shutdown { graceful } => {
+                if graceful {
+                    self.begin_shutdown();
+                }
                 out.push(Action::Shutdown { graceful });
                 s = "OK\n".into();
             }

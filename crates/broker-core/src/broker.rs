@@ -62,6 +62,19 @@ impl Default for BrokerConfig {
     }
 }
 
+/// Jobs running on a worker now, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunningJobs {
+    pub foreground: usize,
+    pub background: usize,
+}
+
+impl RunningJobs {
+    pub fn total(&self) -> usize {
+        self.foreground + self.background
+    }
+}
+
 /// Counters for metrics and the benchmark; they only ever go up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -199,6 +212,8 @@ pub struct Broker {
     /// `H:<handle_host>:`, the start of every job handle.
     handle_prefix: String,
     pub(crate) leases: LeaseTracker,
+    /// Set by [`Broker::begin_shutdown`]: no new work is handed out.
+    shutting_down: bool,
     pub(crate) stats: Stats,
     pub(crate) security: Security,
     pub(crate) callbacks: CallbackGuard,
@@ -227,6 +242,7 @@ impl Broker {
             wake_checks: BTreeSet::new(),
             now: Now::default(),
             leases: LeaseTracker::default(),
+            shutting_down: false,
             stats: Stats::default(),
             security: Security::default(),
             callbacks: CallbackGuard::default(),
@@ -272,6 +288,50 @@ impl Broker {
     /// Ended leases not yet handed out by this call, oldest first: for a history file.
     pub fn take_new_history(&mut self) -> Vec<EndedLease> {
         self.leases.take_unflushed()
+    }
+
+    /// Starts a graceful shutdown (drain): from now on no new work is handed out, and running
+    /// jobs go on and end as usual. Submits are refused with an ERROR `SHUTTING_DOWN` packet and
+    /// GRAB_JOB* gets NO_JOB, except for the callback function of a TE lease still held (the
+    /// testenv-worker's job with the TE data), so a lease in progress can finish. Queued jobs stay
+    /// queued (visible in `status`) and are not failed; their clients learn of the end when the
+    /// server closes their connections. Wait with [`Broker::running_jobs`]. Idempotent.
+    pub fn begin_shutdown(&mut self) {
+        if !self.shutting_down {
+            tracing::info!(
+                running = self.running_jobs().total(),
+                "shutting down: no new work is handed out; running jobs go on"
+            );
+        }
+        self.shutting_down = true;
+    }
+
+    /// Whether [`Broker::begin_shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// Jobs a worker is running now: what a graceful shutdown waits for.
+    pub fn running_jobs(&self) -> RunningJobs {
+        let mut running = RunningJobs::default();
+        for id in self.conns.values().flat_map(|c| &c.running) {
+            match self.jobs.get(id) {
+                Some(job) if job.background => running.background += 1,
+                Some(_) => running.foreground += 1,
+                None => {}
+            }
+        }
+        running
+    }
+
+    /// Whether queued jobs of `function` may be handed out now (see [`Broker::begin_shutdown`]).
+    fn may_hand_out(&self, function: &[u8]) -> bool {
+        !self.shutting_down || self.leases.is_active_callback(function)
+    }
+
+    /// Whether a worker of `function` has a job to grab.
+    fn has_work_for(&self, function: &[u8]) -> bool {
+        self.functions.get(function).is_some_and(|f| f.queued() > 0) && self.may_hand_out(function)
     }
 
     /// A new connection from `peer` (an IP address, as shown by the `workers` command).
@@ -567,6 +627,10 @@ impl Broker {
         if !self.may_invoke(conn, &function) {
             return self.reply_error(conn, "PERMISSION_DENIED", "Permission denied by ACL", out);
         }
+        if !self.may_hand_out(&function) {
+            tracing::debug!(%conn, function = %show(&function), "submit refused: shutting down");
+            return self.reply_error(conn, "SHUTTING_DOWN", "server shutting down", out);
+        }
         if &unique[..] == b"-" {
             // libgearman's convention: "-" means "the data is the unique key".
             unique = data.clone();
@@ -660,6 +724,9 @@ impl Broker {
 
     /// Sends NOOP to one sleeping worker of `function`, if there is one.
     fn wake_one(&mut self, function: &[u8], out: &mut Vec<Action>) {
+        if !self.may_hand_out(function) {
+            return;
+        }
         let Some(f) = self.functions.get_mut(function) else {
             return;
         };
@@ -729,13 +796,16 @@ impl Broker {
         let c = self.conn(conn);
         c.abilities.insert(function.clone(), timeout);
         let sleeping = c.sleeping;
-        let f = self.functions.entry(function.clone()).or_default();
-        f.workers.insert(conn);
+        self.functions
+            .entry(function.clone())
+            .or_default()
+            .workers
+            .insert(conn);
         if sleeping {
-            if f.queued() > 0 {
+            if self.has_work_for(&function) {
                 self.set_awake(conn);
                 self.send_noop(conn, out);
-            } else {
+            } else if let Some(f) = self.functions.get_mut(&function) {
                 f.sleeping.insert(conn);
             }
         }
@@ -757,10 +827,7 @@ impl Broker {
     fn pre_sleep(&mut self, conn: ConnId, out: &mut Vec<Action>) {
         self.conn(conn).woken_at = None;
         let c = self.conns.get(&conn).expect("known connection");
-        let work_waiting = c
-            .abilities
-            .keys()
-            .any(|name| self.functions.get(name).is_some_and(|f| f.queued() > 0));
+        let work_waiting = c.abilities.keys().any(|name| self.has_work_for(name));
         if work_waiting {
             self.send_noop(conn, out);
             return;
@@ -780,6 +847,9 @@ impl Broker {
         let c = self.conns.get(&conn).expect("known connection");
         let mut best: Option<(usize, i64, JobId, Option<u32>)> = None;
         for (name, timeout) in &c.abilities {
+            if !self.may_hand_out(name) {
+                continue;
+            }
             let Some((p, seq, id)) = self.functions.get(name).and_then(Function::head) else {
                 continue;
             };
@@ -857,7 +927,7 @@ impl Broker {
         let waiting: Vec<Bytes> = c
             .abilities
             .keys()
-            .filter(|name| self.functions.get(*name).is_some_and(|f| f.queued() > 0))
+            .filter(|name| self.has_work_for(name))
             .cloned()
             .collect();
         for name in waiting {

@@ -147,6 +147,13 @@ impl LeaseTracker {
         }
     }
 
+    /// Whether `function` is the callback of a lease held now.
+    pub fn is_active_callback(&self, function: &[u8]) -> bool {
+        self.active
+            .values()
+            .any(|r| !r.callback.is_empty() && r.callback.as_bytes() == function)
+    }
+
     pub fn active_count(&self) -> usize {
         self.active.len()
     }

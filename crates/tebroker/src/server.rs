@@ -212,7 +212,8 @@ impl Shared {
     }
 
     fn running_jobs(&self) -> usize {
-        self.state.lock().expect("broker lock").broker.job_count()
+        let state = self.state.lock().expect("broker lock");
+        state.broker.running_jobs().total()
     }
 }
 
