@@ -185,7 +185,6 @@ pub(crate) struct Conn {
     pub woken_at: Option<Millis>,
     pub running: FxHashSet<JobId>,
     pub attached: FxHashSet<JobId>,
-    pub exceptions: bool,
     /// Common name of the TLS client certificate, if any: the subject ACLs apply to.
     pub identity: Option<String>,
 }
@@ -351,7 +350,6 @@ impl Broker {
                 woken_at: None,
                 running: FxHashSet::default(),
                 attached: FxHashSet::default(),
-                exceptions: false,
                 identity,
             },
         );
@@ -475,8 +473,8 @@ impl Broker {
                 Packet::res(PacketType::EchoRes, [p.args[0].clone()]),
             )),
             T::OptionReq => {
+                // Accepted for compatibility; every client gets exceptions anyway (see work_end).
                 if p.arg(0) == b"exceptions" {
-                    self.conn(conn).exceptions = true;
                     out.push(Action::Send(
                         conn,
                         Packet::res(PacketType::OptionRes, [p.args[0].clone()]),
@@ -987,19 +985,17 @@ impl Broker {
                 self.leases.set_outcome(id, "failed");
             }
         }
+        // WORK_EXCEPTION goes to every client, asked for or not, as geard does: PyPI gear's
+        // clients expect it without OPTION_REQ, and libgearman's treat it as a failure anyway.
         for &client in &job.clients {
-            let exceptions = self.conns.get(&client).is_some_and(|c| c.exceptions);
-            let packet = if p.ptype == PacketType::WorkException && !exceptions {
-                // A client that did not ask for exceptions still learns that its job ended.
-                Packet::res(PacketType::WorkFail, [p.args[0].clone()])
-            } else {
+            out.push(Action::Send(
+                client,
                 Packet {
                     magic: Magic::Res,
                     ptype: p.ptype,
                     args: p.args.clone(),
-                }
-            };
-            out.push(Action::Send(client, packet));
+                },
+            ));
         }
         self.remove_job(id);
     }
