@@ -272,19 +272,7 @@ fn only_one_sleeping_worker_is_woken_per_job() {
 fn a_woken_worker_that_stays_silent_passes_the_wakeup_on() {
     let mut sim = Sim::new();
     let c = sim.conn(1);
-    let (w1, w2) = (sim.conn(2), sim.conn(3));
-    for w in [w1, w2] {
-        sim.send(w, T::CanDo, &[b"f"]);
-        sim.send(w, T::PreSleep, &[]);
-    }
-    sim.submit(c, T::SubmitJob, "f", "", "x");
-    let first = if sim.types(w1) == vec![T::Noop] {
-        w1
-    } else {
-        w2
-    };
-    let other = if first == w1 { w2 } else { w1 };
-    assert!(sim.take(other).is_empty());
+    let (_first, other) = sim.two_sleepers_and_a_job(c, "f");
     // `first` ignores its NOOP (it wants no work right now).
     sim.advance(broker_core::WAKE_RETRY_MS / 2);
     assert!(sim.take(other).is_empty());

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use gearman_proto::{Magic, Packet, PacketType};
 
-use super::Broker;
+use super::{pop_due, Broker};
 use crate::function::Function;
 use crate::types::{show, Action, ConnId, Job, JobId, JobState, Millis, Priority};
 
@@ -208,16 +208,7 @@ impl Broker {
             job.numerator = p.args[1].clone();
             job.denominator = p.args[2].clone();
         }
-        for &client in &job.clients {
-            out.push(Action::Send(
-                client,
-                Packet {
-                    magic: Magic::Res,
-                    ptype: p.ptype,
-                    args: p.args.clone(),
-                },
-            ));
-        }
+        forward_to_clients(job, &p, out);
     }
 
     pub(super) fn work_end(&mut self, conn: ConnId, p: Packet, out: &mut Vec<Action>) {
@@ -237,27 +228,14 @@ impl Broker {
             }
         }
         // WORK_EXCEPTION goes to every client, asked for or not, as geard does: PyPI gear's
-        // clients expect it without OPTION_REQ, and libgearman's treat it as a failure anyway.
-        for &client in &job.clients {
-            out.push(Action::Send(
-                client,
-                Packet {
-                    magic: Magic::Res,
-                    ptype: p.ptype,
-                    args: p.args.clone(),
-                },
-            ));
-        }
+        // clients expect it without OPTION_REQ (libgearman's report it as the job's error).
+        forward_to_clients(job, &p, out);
         self.remove_job(id);
     }
 
     /// Scheduled jobs whose (wall-clock) time has come join the back of their queue.
     pub(super) fn queue_due_jobs(&mut self, out: &mut Vec<Action>) {
-        while let Some(&(at, id)) = self.schedule.first() {
-            if at > self.now.wall {
-                break;
-            }
-            self.schedule.pop_first();
+        while let Some((_, id)) = pop_due(&mut self.schedule, self.now.wall) {
             let Some(job) = self.jobs.get(&id) else {
                 continue;
             };
@@ -270,11 +248,7 @@ impl Broker {
 
     /// Running jobs past their worker's CAN_DO_TIMEOUT fail.
     pub(super) fn fail_overdue_jobs(&mut self, out: &mut Vec<Action>) {
-        while let Some(&(at, id)) = self.timeouts.first() {
-            if at > self.now.mono {
-                break;
-            }
-            self.timeouts.pop_first();
+        while let Some((_, id)) = pop_due(&mut self.timeouts, self.now.mono) {
             let Some(job) = self.jobs.get(&id) else {
                 continue;
             };
@@ -461,5 +435,19 @@ impl Broker {
                 }
             }
         }
+    }
+}
+
+/// Passes a worker's WORK_* packet on to every client attached to `job`.
+fn forward_to_clients(job: &Job, p: &Packet, out: &mut Vec<Action>) {
+    for &client in &job.clients {
+        out.push(Action::Send(
+            client,
+            Packet {
+                magic: Magic::Res,
+                ptype: p.ptype,
+                args: p.args.clone(),
+            },
+        ));
     }
 }

@@ -28,6 +28,15 @@ mod wake;
 pub use drain::RunningJobs;
 pub use wake::WAKE_RETRY_MS;
 
+/// Takes the first timer of `timers` if it is due at `now`.
+fn pop_due<T: Ord + Copy>(timers: &mut BTreeSet<(Millis, T)>, now: Millis) -> Option<(Millis, T)> {
+    let &(at, _) = timers.first()?;
+    if at > now {
+        return None;
+    }
+    timers.pop_first()
+}
+
 /// Static settings of the core.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {

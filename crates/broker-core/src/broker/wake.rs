@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use gearman_proto::{Packet, PacketType};
 
-use super::Broker;
+use super::{pop_due, Broker};
 use crate::types::{Action, ConnId, Millis};
 
 /// How long a woken worker may stay silent before another sleeping worker is woken instead.
@@ -91,11 +91,7 @@ impl Broker {
     /// Woken workers that did not grab in time (a worker may ignore NOOP while it wants no
     /// work) let another sleeping worker take what they were woken for.
     pub(super) fn check_woken_workers(&mut self, out: &mut Vec<Action>) {
-        while let Some(&(at, worker)) = self.wake_checks.first() {
-            if at > self.now.mono {
-                break;
-            }
-            self.wake_checks.pop_first();
+        while let Some((at, worker)) = pop_due(&mut self.wake_checks, self.now.mono) {
             let Some(c) = self.conns.get_mut(&worker) else {
                 continue;
             };
