@@ -1,13 +1,14 @@
 //! The broker core fed with packet sequences from several connections (connects, disconnects,
 //! packets of every type, admin lines, clock ticks), with ACLs and callback protection on;
 //! `check_invariants` after every step, plus the core invariants checked from outside:
-//! every foreground job ends with exactly one final packet to each attached client.
+//! every foreground job ends with exactly one final packet to each attached client. The clock
+//! ticks on both time bases, with wall-clock steps of hours, and a graceful shutdown may begin.
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
 
 use broker_core::acl::Acl;
-use broker_core::{Action, Broker, BrokerConfig, ConnId, Security};
+use broker_core::{Action, Broker, BrokerConfig, ConnId, Now, Security};
 use bytes::Bytes;
 use gearman_proto::{Magic, Packet, PacketType};
 use libfuzzer_sys::fuzz_target;
@@ -49,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
         callback_protection: flags & 2 != 0,
         default_max_queue: (flags & 4 != 0).then_some(3),
     });
-    let mut now: u64 = 1_700_000_000_000;
+    let mut now = Now { mono: 0, wall: 1_700_000_000_000 };
     let mut live: HashSet<u64> = HashSet::new();
     let mut generation: HashMap<u64, u64> = HashMap::new();
     let id_of = |slot: u64, generation: &HashMap<u64, u64>| {
@@ -83,7 +84,14 @@ fuzz_target!(|data: &[u8]| {
                 *generation.entry(slot).or_default() += 1;
             }
             1 => {
-                now += u64::from(input.byte().unwrap_or(0)) * 250;
+                // Monotonic time moves on; the wall clock sometimes steps by hours either way.
+                let b = input.byte().unwrap_or(0);
+                now.mono += u64::from(b) * 250;
+                now.wall = match b % 16 {
+                    0 => now.wall.saturating_sub(3_600_000 * u64::from(b / 16)),
+                    1 => now.wall.saturating_add(3_600_000 * u64::from(b / 16)),
+                    _ => now.wall.saturating_add(u64::from(b) * 250),
+                };
                 broker.tick(now, &mut out);
             }
             2 => {
@@ -92,11 +100,13 @@ fuzz_target!(|data: &[u8]| {
                 let cmds = [
                     "status", "workers", "show jobs", "show unique jobs", "leases", "stats",
                     "prioritystatus", "acl list", "maxqueue f 1", "cancel job H:fz:1",
-                    "acl grant invoke b .*", "acl self-revoke all",
+                    "acl grant invoke b .*", "acl self-revoke all", "shutdown graceful",
                 ];
                 let pick = cmds[line.len() % cmds.len()];
                 let line = if n % 2 == 0 { pick.to_string() } else { line };
-                if !line.starts_with("shutdown") {
+                // A graceful shutdown drains (the broker goes on); random `shutdown` lines would
+                // only add the server's part.
+                if !line.starts_with("shutdown") || line == "shutdown graceful" {
                     broker.admin(conn, &line, now, &mut out);
                 }
             }
@@ -109,6 +119,10 @@ fuzz_target!(|data: &[u8]| {
                     let arg: Vec<u8> = match (i, sel % 4) {
                         (0, 0..=2) => FUNCS[sel as usize % FUNCS.len()].to_vec(),
                         (_, 0) => format!("H:fz:{}", sel / 4 % 8).into_bytes(),
+                        // Time fields at their limits (CAN_DO_TIMEOUT, SUBMIT_JOB_EPOCH).
+                        (_, 1) if sel >= 0xc0 => ["4294967295", "18446744073709551615", "99999999999"]
+                            [sel as usize % 3]
+                            .into(),
                         (_, 1) => (sel / 4 % 5).to_string().into_bytes(),
                         (_, 2) => Vec::new(),
                         _ => {

@@ -4,11 +4,13 @@ use std::fmt::Write;
 
 use gearman_proto::{AdminCommand, AdminError};
 
-use crate::broker::{show, Action, Broker, ConnId, JobState, Millis};
+use crate::broker::Broker;
+use crate::function::Function;
+use crate::types::{show, Action, ConnId, Job, JobState, Now};
 
 impl Broker {
     /// One admin text line from `conn`.
-    pub fn admin(&mut self, conn: ConnId, line: &str, now: Millis, out: &mut Vec<Action>) {
+    pub fn admin(&mut self, conn: ConnId, line: &str, now: Now, out: &mut Vec<Action>) {
         let reply = match AdminCommand::parse(line) {
             // The regex of `acl grant` is the rest of the line, spaces included: hand over the line.
             Ok(AdminCommand::Acl(_)) => Ok(self.acl_admin(conn, line)),
@@ -25,20 +27,20 @@ impl Broker {
     fn run_admin(
         &mut self,
         cmd: AdminCommand,
-        now: Millis,
+        now: Now,
         out: &mut Vec<Action>,
     ) -> Result<String, AdminError> {
         let mut s = String::new();
         match cmd {
             AdminCommand::Status => {
                 for (name, f) in self.sorted_functions() {
-                    let total = f.queued() + f.running + f.scheduled;
+                    let total = f.queued() + f.running() + f.scheduled();
                     let _ = writeln!(
                         s,
                         "{}\t{}\t{}\t{}",
                         show(name),
                         total,
-                        f.running,
+                        f.running(),
                         f.workers.len()
                     );
                 }
@@ -46,7 +48,7 @@ impl Broker {
             }
             AdminCommand::PriorityStatus => {
                 for (name, f) in self.sorted_functions() {
-                    let [h, n, l] = &f.queues;
+                    let [h, n, l] = f.queues();
                     let _ = writeln!(
                         s,
                         "{}\t{}\t{}\t{}\t{}",
@@ -101,6 +103,9 @@ impl Broker {
                 s = "OK\r\n".into();
             }
             AdminCommand::Shutdown { graceful } => {
+                if graceful {
+                    self.begin_shutdown();
+                }
                 out.push(Action::Shutdown { graceful });
                 s = "OK\n".into();
             }
@@ -122,15 +127,29 @@ impl Broker {
         Ok(s)
     }
 
-    fn sorted_functions(&self) -> Vec<(&bytes::Bytes, &crate::broker::Function)> {
+    fn sorted_functions(&self) -> Vec<(&bytes::Bytes, &Function)> {
         let mut v: Vec<_> = self.functions.iter().collect();
         v.sort_by(|a, b| a.0.cmp(b.0));
         v
     }
 
-    fn sorted_jobs(&self) -> Vec<&crate::broker::Job> {
+    fn sorted_jobs(&self) -> Vec<&Job> {
         let mut ids: Vec<_> = self.jobs.keys().copied().collect();
         ids.sort_unstable();
         ids.iter().map(|id| &self.jobs[id]).collect()
+    }
+
+    /// `stats`: every counter and a few gauges, `name<TAB>value`, then `.`.
+    pub(crate) fn stats_text(&self) -> String {
+        let rows = self.metrics();
+        let mut out = String::new();
+        for m in rows {
+            out.push_str(m.name);
+            out.push('\t');
+            out.push_str(&m.value.to_string());
+            out.push('\n');
+        }
+        out.push_str(".\n");
+        out
     }
 }

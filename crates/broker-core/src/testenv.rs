@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::broker::{show, Broker, ConnId, Job, JobId, JobState, Millis};
+use crate::types::{show, ConnId, Job, JobId, Now};
 
 /// The function testenv-workers register; a prefix, since deployments add suffixes for pools.
 pub const LOCKENV_PREFIX: &[u8] = testenv_proto::LOCKENV.as_bytes();
@@ -54,7 +54,8 @@ pub struct EndedLease {
     pub worker_id: String,
     pub callback: String,
     pub job_identifier: String,
-    /// Milliseconds since the epoch.
+    /// Wall clock, milliseconds since the epoch. `ended_ms` is never before `started_ms`, even
+    /// if the wall clock stepped back meanwhile.
     pub started_ms: u64,
     pub ended_ms: u64,
     /// `released` (lockenv completed), `failed` (lockenv failed), `worker lost` (the worker's
@@ -62,14 +63,31 @@ pub struct EndedLease {
     pub outcome: &'static str,
 }
 
+/// The non-secret fields of a `lockenv` request.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct LeaseRequest {
+    pub callback: String,
+    pub job_identifier: String,
+    pub timeout_secs: Option<u64>,
+}
+
+/// Reads a lockenv request's non-secret fields; a missing or malformed field is left empty.
+/// The one place that knows the request's JSON.
+pub(crate) fn lease_request(data: &[u8]) -> LeaseRequest {
+    let request = testenv_proto::LockRequest::parse(data).unwrap_or_default();
+    LeaseRequest {
+        timeout_secs: request.timeout_secs(),
+        callback: request.callback_name,
+        job_identifier: request.job_identifier,
+    }
+}
+
 #[derive(Debug)]
-struct LeaseRecord {
-    worker: ConnId,
+pub(crate) struct LeaseRecord {
+    pub worker: ConnId,
     worker_id: String,
-    since: Millis,
-    callback: String,
-    job_identifier: String,
-    timeout_secs: Option<u64>,
+    pub since: Now,
+    pub request: LeaseRequest,
     outcome: &'static str,
 }
 
@@ -89,12 +107,11 @@ impl LeaseTracker {
         job: &Job,
         worker: ConnId,
         worker_id: String,
-        now: Millis,
+        now: Now,
     ) {
         if !job.function.starts_with(LOCKENV_PREFIX) {
             return;
         }
-        let request = testenv_proto::LockRequest::parse(&job.data).unwrap_or_default();
         self.active.insert(
             id,
             LeaseRecord {
@@ -102,9 +119,7 @@ impl LeaseTracker {
                 worker_id,
                 outcome: "ended",
                 since: now,
-                timeout_secs: request.timeout_secs(),
-                callback: request.callback_name,
-                job_identifier: request.job_identifier,
+                request: lease_request(&job.data),
             },
         );
     }
@@ -116,17 +131,17 @@ impl LeaseTracker {
         }
     }
 
-    pub fn job_ended(&mut self, id: JobId, handle: &[u8], now: Millis) {
+    pub fn job_ended(&mut self, id: JobId, handle: &[u8], now: Now) {
         let Some(r) = self.active.remove(&id) else {
             return;
         };
         let ended = EndedLease {
             lockenv_handle: show(handle),
             worker_id: r.worker_id,
-            callback: r.callback,
-            job_identifier: r.job_identifier,
-            started_ms: r.since,
-            ended_ms: now.max(r.since),
+            callback: r.request.callback,
+            job_identifier: r.request.job_identifier,
+            started_ms: r.since.wall,
+            ended_ms: now.wall.max(r.since.wall),
             outcome: r.outcome,
         };
         self.ended += 1;
@@ -137,6 +152,13 @@ impl LeaseTracker {
         if self.unflushed.len() < HISTORY_LEN * 10 {
             self.unflushed.push(ended);
         }
+    }
+
+    /// Whether `function` is the callback of a lease held now.
+    pub fn is_active_callback(&self, function: &[u8]) -> bool {
+        self.active
+            .values()
+            .any(|r| !r.request.callback.is_empty() && r.request.callback.as_bytes() == function)
     }
 
     pub fn active_count(&self) -> usize {
@@ -156,37 +178,8 @@ impl LeaseTracker {
         std::mem::take(&mut self.unflushed)
     }
 
-    pub fn list(&self, broker: &Broker, now: Millis) -> Vec<Lease> {
-        let mut leases: Vec<Lease> = self
-            .active
-            .iter()
-            .filter_map(|(id, r)| {
-                let job = broker.jobs.get(id)?;
-                let callback_state = match broker.functions.get(r.callback.as_bytes()) {
-                    Some(f) if f.running > 0 => "running",
-                    Some(f) if f.queued() > 0 => "queued",
-                    Some(_) => "waiting",
-                    None => "gone",
-                };
-                let worker_id = broker
-                    .conns
-                    .get(&r.worker)
-                    .map(|c| show(&c.client_id))
-                    .unwrap_or_default();
-                debug_assert!(matches!(job.state, JobState::Running { .. }));
-                Some(Lease {
-                    lockenv_handle: show(&job.handle),
-                    worker: r.worker,
-                    worker_id,
-                    callback: r.callback.clone(),
-                    job_identifier: r.job_identifier.clone(),
-                    timeout_secs: r.timeout_secs,
-                    held_ms: now.saturating_sub(r.since),
-                    callback_state,
-                })
-            })
-            .collect();
-        leases.sort_by_key(|l| std::cmp::Reverse(l.held_ms));
-        leases
+    /// The leases held now, by job.
+    pub fn active(&self) -> impl Iterator<Item = (&JobId, &LeaseRecord)> {
+        self.active.iter()
     }
 }

@@ -8,10 +8,10 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use broker_core::{Action, Broker, ConnId, Millis};
+use broker_core::{Action, Broker, ConnId, Millis, Now};
 use bytes::BytesMut;
 use gearman_proto::{Codec, Frame, Packet};
 use rustc_hash::FxHashMap;
@@ -107,11 +107,17 @@ pub struct Shared {
     stop_accepting: CancellationToken,
 }
 
-pub fn now_millis() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
+/// The time for the core: monotonic since the first call (timers), and wall (what people see).
+pub fn now() -> Now {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let millis = |d: Duration| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX);
+    Now {
+        mono: millis(START.get_or_init(Instant::now).elapsed()),
+        wall: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(millis)
+            .unwrap_or(0),
+    }
 }
 
 impl Shared {
@@ -200,13 +206,14 @@ impl Shared {
     }
 
     /// Reads the broker's state (for the operator surface); `now` is passed in.
-    pub fn inspect<R>(&self, f: impl FnOnce(&Broker, Millis) -> R) -> R {
+    pub fn inspect<R>(&self, f: impl FnOnce(&Broker, Now) -> R) -> R {
         let state = self.state.lock().expect("broker lock");
-        f(&state.broker, now_millis())
+        f(&state.broker, now())
     }
 
     fn running_jobs(&self) -> usize {
-        self.state.lock().expect("broker lock").broker.job_count()
+        let state = self.state.lock().expect("broker lock");
+        state.broker.running_jobs().total()
     }
 }
 
@@ -432,11 +439,14 @@ async fn tick_loop(shared: Arc<Shared>) {
     let history = crate::history::HistoryWriter::start(shared.settings.history_file.clone());
     loop {
         interval.tick().await;
-        let now = now_millis();
+        let now = now();
         let (due, ended) = {
             let mut state = shared.state.lock().expect("broker lock");
             (
-                state.broker.next_deadline().is_some_and(|d| d <= now),
+                state
+                    .broker
+                    .next_deadline(now)
+                    .is_some_and(|d| d <= now.mono),
                 state.broker.take_new_history(),
             )
         };
@@ -561,7 +571,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             deadline = Some(tokio::time::Instant::now() + idle);
         }
         if !frames.is_empty() {
-            let now = now_millis();
+            let now = now();
             shared.apply(|b, out| {
                 for frame in frames.drain(..) {
                     match frame {

@@ -2,13 +2,13 @@
 //! the actions for one connection out, invariants checked after every step.
 #![allow(dead_code)]
 
-use broker_core::{Action, Broker, BrokerConfig, ConnId, Security};
+use broker_core::{Action, Broker, BrokerConfig, ConnId, Now, Security};
 use bytes::Bytes;
 use gearman_proto::{Packet, PacketType as T};
 
 pub struct Sim {
     pub broker: Broker,
-    pub now: u64,
+    pub now: Now,
     pub out: Vec<Action>,
 }
 
@@ -21,7 +21,10 @@ impl Sim {
                 version: "test".into(),
                 max_functions_per_conn: 0,
             }),
-            now: 1_700_000_000_000,
+            now: Now {
+                mono: 5_000,
+                wall: 1_700_000_000_000,
+            },
             out: Vec::new(),
         }
     }
@@ -77,8 +80,17 @@ impl Sim {
         self.broker.check_invariants().unwrap();
     }
 
+    /// Both clocks move on by `ms`, then the broker's timers run.
     pub fn advance(&mut self, ms: u64) {
-        self.now += ms;
+        self.now.mono += ms;
+        self.now.wall += ms;
+        self.broker.tick(self.now, &mut self.out);
+        self.broker.check_invariants().unwrap();
+    }
+
+    /// The wall clock steps by `ms` (an NTP correction) while no monotonic time passes.
+    pub fn step_wall(&mut self, ms: i64) {
+        self.now.wall = self.now.wall.saturating_add_signed(ms);
         self.broker.tick(self.now, &mut self.out);
         self.broker.check_invariants().unwrap();
     }
@@ -106,6 +118,25 @@ impl Sim {
         let p = created.last().expect("a reply");
         assert_eq!(p.ptype, T::JobCreated, "{p:?}");
         p.args[0].clone()
+    }
+
+    /// Two workers of `f` asleep (connections 2 and 3), then a job for `f` from `client`: returns
+    /// (the worker it woke, the other), checking that exactly one was sent NOOP.
+    pub fn two_sleepers_and_a_job(&mut self, client: ConnId, f: &str) -> (ConnId, ConnId) {
+        let (w1, w2) = (self.conn(2), self.conn(3));
+        for w in [w1, w2] {
+            self.send(w, T::CanDo, &[f.as_bytes()]);
+            self.send(w, T::PreSleep, &[]);
+        }
+        self.submit(client, T::SubmitJob, f, "", "x");
+        let woken = if self.types(w1) == vec![T::Noop] {
+            w1
+        } else {
+            w2
+        };
+        let other = if woken == w1 { w2 } else { w1 };
+        assert!(self.take(other).is_empty());
+        (woken, other)
     }
 
     /// Worker grabs; returns (handle, function, unique, data) or None on NO_JOB.
