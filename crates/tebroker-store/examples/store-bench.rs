@@ -163,6 +163,32 @@ fn full_lease(rng: &mut Rng, i: u64, now: Millis) -> Vec<Record> {
     ]
 }
 
+/// CPU seconds the thread named `name` has used (from /proc; 0 if not found): what the writer
+/// costs, whatever else the machine is doing.
+fn thread_cpu_seconds(name: &str) -> f64 {
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0.0;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            f.get(i - 3)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        return (ticks(14) + ticks(15)) / ticks_per_s;
+    }
+    0.0
+}
+
 fn write_throughput(db: &Database, a: &Args) {
     let writer = {
         let db = db.clone();
@@ -200,6 +226,7 @@ fn write_throughput(db: &Database, a: &Args) {
     let offered_for = start.elapsed();
     let at_end = writer.stats();
     let caught_up = writer.flush(Duration::from_secs(300));
+    let writer_cpu = thread_cpu_seconds("store-writer");
     let total = start.elapsed();
     let st = writer.shutdown(Duration::from_secs(10));
     let per_lease = if a.full_mix { 4 } else { 1 };
@@ -219,9 +246,11 @@ fn write_throughput(db: &Database, a: &Args) {
         st.errors,
     );
     println!(
-        "         written by the end of the offered period: {} records ({:.0} leases/s)",
+        "         written by the end of the offered period: {} records ({:.0} leases/s); \
+         writer thread CPU {writer_cpu:.1}s = {:.0} leases per CPU-second",
         at_end.written,
-        at_end.written as f64 / per_lease as f64 / offered_for.as_secs_f64()
+        at_end.written as f64 / per_lease as f64 / offered_for.as_secs_f64(),
+        st.written as f64 / per_lease as f64 / writer_cpu.max(0.001)
     );
 }
 

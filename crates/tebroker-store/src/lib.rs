@@ -143,3 +143,31 @@ impl fmt::Display for Database {
         fmt::Debug::fmt(self, f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_prints_without_its_password() {
+        for address in [
+            "postgresql://tebroker:s3cret-pw@db.example:5433/history",
+            "host=db.example port=5433 user=tebroker password=s3cret-pw dbname=history",
+        ] {
+            let db = Database::postgres(address).unwrap();
+            for shown in [format!("{db}"), format!("{db:?}")] {
+                assert!(!shown.contains("s3cret-pw"), "{shown}");
+                assert!(
+                    shown.contains("db.example") && shown.contains("history"),
+                    "{shown}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_postgres_address_is_a_clear_error() {
+        let err = Database::postgres("postgresql://h:notaport/db").unwrap_err();
+        assert!(matches!(err, StoreError::BadAddress(_)), "{err}");
+    }
+}
