@@ -213,7 +213,7 @@ impl Store for PgStore {
     }
 
     fn schema_version(&mut self) -> Result<u32, StoreError> {
-        self.with_client(|c| version_of(c))
+        self.with_client(version_of)
     }
 
     fn write(&mut self, batch: &[Stamped]) -> Result<(), StoreError> {
