@@ -261,9 +261,10 @@ impl WriterThread {
         let mut failing_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            let wait = if !self.pending.is_empty() && now >= next_try {
+            let work = !self.pending.is_empty() || self.store.is_none();
+            let wait = if work && now >= next_try {
                 Duration::ZERO
-            } else if self.pending.is_empty() {
+            } else if !work {
                 TICK
             } else {
                 next_try.duration_since(now).min(TICK)
@@ -298,7 +299,10 @@ impl WriterThread {
                 }
             }
 
-            if self.pending.is_empty() || Instant::now() < next_try {
+            // The store is opened at start even with nothing to write, so a bad address or a
+            // database that is down shows in the log and the counters at once.
+            let work = !self.pending.is_empty() || self.store.is_none();
+            if !work || Instant::now() < next_try {
                 continue;
             }
             match self.write_one_batch() {
@@ -382,6 +386,9 @@ impl WriterThread {
             }
         };
         let n = self.config.batch_max.max(1).min(self.pending.len());
+        if n == 0 {
+            return Ok(());
+        }
         let batch = &self.pending.make_contiguous()[..n];
         store.write(batch)?;
         self.pending.drain(..n);

@@ -850,37 +850,69 @@ fn store_goes_away_and_comes_back(b: &mut dyn Backend) {
 
 fn full_queue_drops_and_counts(b: &mut dyn Backend) {
     b.go_away();
+    let (queue, hold) = (10, 10);
     let config = WriterConfig {
-        queue_capacity: 10,
-        pending_max: 10,
+        queue_capacity: queue,
+        pending_max: hold,
         batch_max: 5,
         ..quick_retries()
     };
     let w = writer(b, config);
-    for i in 0..100 {
-        w.record(lease(i, "te1", "job", Outcome::Released, i as Millis));
-    }
-    let st = w.stats();
-    assert_eq!(
-        st.recorded + st.dropped,
-        100,
-        "each record accepted or counted as dropped"
-    );
-    assert!(
-        st.recorded <= 20,
-        "more accepted than the queue and the pending bound: {st:?}"
-    );
-    assert!(st.dropped >= 80, "{st:?}");
     wait_until(
         "the writer to notice the store is away",
         Duration::from_secs(30),
         || w.stats().errors > 0,
     );
+    // Keep offering until the writer holds all it may and the queue is full too.
+    let mut offered = 0;
+    wait_until(
+        "the queue and the writer's holding to fill",
+        Duration::from_secs(30),
+        || {
+            for _ in 0..5 {
+                w.record(lease(
+                    offered,
+                    "te1",
+                    "job",
+                    Outcome::Released,
+                    offered as Millis,
+                ));
+                offered += 1;
+            }
+            let st = w.stats();
+            st.pending >= hold as u64 && st.queue_depth >= queue as u64
+        },
+    );
+    // Both full and nothing written: whatever comes now is dropped.
+    for _ in 0..5 {
+        w.record(lease(
+            offered,
+            "te1",
+            "job",
+            Outcome::Released,
+            offered as Millis,
+        ));
+        offered += 1;
+    }
+    let st = w.stats();
+    assert_eq!(st.written, 0, "written while the store was away: {st:?}");
+    assert_eq!(
+        st.pending, hold as u64,
+        "the writer holds no more than pending_max: {st:?}"
+    );
+    assert_eq!(st.recorded, st.queue_depth + st.pending, "{st:?}");
+    assert_eq!(
+        st.recorded + st.dropped,
+        offered as u64,
+        "accepted or counted as dropped"
+    );
+    assert!(st.dropped >= 5, "{st:?}");
+
     b.come_back();
     assert!(w.flush(Duration::from_secs(60)), "{:?}", w.stats());
     let st = w.shutdown(Duration::from_secs(10));
     assert_eq!(st.written, st.recorded);
-    assert_eq!(st.written + st.dropped, 100);
+    assert_eq!(st.written + st.dropped, offered as u64);
     let mut s = b.open();
     let stored = walk(
         &mut *s,
