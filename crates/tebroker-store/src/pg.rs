@@ -5,6 +5,7 @@
 //! The connection is made again after the server restarts: an operation that finds it closed
 //! fails, and the next one reconnects.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use postgres::config::Host;
@@ -207,6 +208,96 @@ struct WaitColumns<'a> {
     env: Vec<Option<&'a str>>,
 }
 
+/// A batch's state changes: all into `env_states`, and each TE's newest into `envs` (one row
+/// per TE, since one upsert statement may not touch a row twice), one `UNNEST` each.
+fn write_states(
+    tx: &mut postgres::Transaction<'_>,
+    states: &[(i64, i64, &EnvStateChange)],
+) -> Result<(), StoreError> {
+    fn columns<'a>(rows: &[&(i64, i64, &'a EnvStateChange)]) -> StateColumns<'a> {
+        let mut c = StateColumns::default();
+        for (origin, seq, e) in rows {
+            c.origin.push(*origin);
+            c.seq.push(*seq);
+            c.env.push(e.env.as_str());
+            c.agent.push(e.agent.as_str());
+            c.labels.push(labels_to_text(&e.labels));
+            c.state.push(e.state.as_str());
+            c.since.push(e.since_ms);
+            c.detail.push(e.detail.as_str());
+            c.holder.push(e.holder.as_deref());
+        }
+        c
+    }
+    const UNNEST: &str = "SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], \
+         $5::text[], $6::text[], $7::int8[], $8::text[], $9::text[])";
+    let all: Vec<_> = states.iter().collect();
+    let c = columns(&all);
+    tx.execute(
+        &format!(
+            "INSERT INTO env_states (origin, seq, env, agent, labels, state, since_ms, detail, \
+             holder) {UNNEST} ON CONFLICT (origin, seq) DO NOTHING"
+        ),
+        &c.params(),
+    )?;
+    let mut newest: HashMap<&str, &(i64, i64, &EnvStateChange)> = HashMap::new();
+    for s in states {
+        let key = |s: &(i64, i64, &EnvStateChange)| (s.2.since_ms, s.0, s.1);
+        newest
+            .entry(s.2.env.as_str())
+            .and_modify(|n| {
+                if key(s) > key(n) {
+                    *n = s;
+                }
+            })
+            .or_insert(s);
+    }
+    let latest: Vec<_> = newest.into_values().collect();
+    let c = columns(&latest);
+    tx.execute(
+        &format!(
+            "INSERT INTO envs (origin, seq, env, agent, labels, state, since_ms, detail, holder) \
+             {UNNEST} ON CONFLICT (env) DO UPDATE SET agent = excluded.agent, \
+             labels = excluded.labels, state = excluded.state, since_ms = excluded.since_ms, \
+             detail = excluded.detail, holder = excluded.holder, origin = excluded.origin, \
+             seq = excluded.seq \
+             WHERE (excluded.since_ms, excluded.origin, excluded.seq) \
+                 > (envs.since_ms, envs.origin, envs.seq)"
+        ),
+        &c.params(),
+    )?;
+    Ok(())
+}
+
+#[derive(Default)]
+struct StateColumns<'a> {
+    origin: Vec<i64>,
+    seq: Vec<i64>,
+    env: Vec<&'a str>,
+    agent: Vec<&'a str>,
+    labels: Vec<String>,
+    state: Vec<&'a str>,
+    since: Vec<i64>,
+    detail: Vec<&'a str>,
+    holder: Vec<Option<&'a str>>,
+}
+
+impl StateColumns<'_> {
+    fn params(&self) -> [&(dyn ToSql + Sync); 9] {
+        [
+            &self.origin,
+            &self.seq,
+            &self.env,
+            &self.agent,
+            &self.labels,
+            &self.state,
+            &self.since,
+            &self.detail,
+            &self.holder,
+        ]
+    }
+}
+
 impl Store for PgStore {
     fn describe(&self) -> String {
         describe_config(&self.config)
@@ -316,38 +407,8 @@ impl Store for PgStore {
                     ],
                 )?;
             }
-            // State changes are rare (a few per lease at most); one statement each keeps the
-            // upsert simple when a batch holds several changes of one TE.
-            for (origin, seq, e) in states {
-                let labels = labels_to_text(&e.labels);
-                let values: [&(dyn ToSql + Sync); 9] = [
-                    &origin,
-                    &seq,
-                    &e.env,
-                    &e.agent,
-                    &labels,
-                    &e.state.as_str(),
-                    &e.since_ms,
-                    &e.detail,
-                    &e.holder,
-                ];
-                tx.execute(
-                    "INSERT INTO env_states (origin, seq, env, agent, labels, state, since_ms, \
-                     detail, holder) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                     ON CONFLICT (origin, seq) DO NOTHING",
-                    &values,
-                )?;
-                tx.execute(
-                    "INSERT INTO envs (origin, seq, env, agent, labels, state, since_ms, detail, \
-                     holder) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                     ON CONFLICT (env) DO UPDATE SET agent = excluded.agent, \
-                     labels = excluded.labels, state = excluded.state, \
-                     since_ms = excluded.since_ms, detail = excluded.detail, \
-                     holder = excluded.holder, origin = excluded.origin, seq = excluded.seq \
-                     WHERE (excluded.since_ms, excluded.origin, excluded.seq) \
-                         > (envs.since_ms, envs.origin, envs.seq)",
-                    &values,
-                )?;
+            if !states.is_empty() {
+                write_states(&mut tx, &states)?;
             }
             tx.commit()?;
             Ok(())

@@ -475,7 +475,9 @@ fn inventory_and_failure_rate(b: &mut dyn Backend) {
             state("te1", EnvState::Leased, 200, Some("job-a")).into(),
             state("te2", EnvState::Ready, 100, None).into(),
             state("te2", EnvState::Unhealthy, 300, None).into(),
-            state("te3", EnvState::Ready, 100, None).into(),
+            state("te3", EnvState::Drained, 400, None).into(),
+            // Older, though later in the same batch: not te3's latest state.
+            state("te3", EnvState::Ready, 350, None).into(),
             lease(1, "te1", "j1", Outcome::Failed, 1000).into(),
             lease(2, "te1", "j2", Outcome::Released, 5000).into(),
             lease(3, "te1", "j3", Outcome::Failed, 6000).into(),
@@ -524,6 +526,7 @@ fn inventory_and_failure_rate(b: &mut dyn Backend) {
     assert_eq!(te2.detail, "te2 since 300");
     assert_eq!(te2.failure_rate(), Some(1.0));
     let te3 = &inv[2];
+    assert_eq!((te3.state.clone(), te3.since_ms), (EnvState::Drained, 400));
     assert_eq!((te3.last_outcomes.len(), te3.failure_rate()), (0, None));
     assert!(s.env("nope", &q).unwrap().is_none());
 
