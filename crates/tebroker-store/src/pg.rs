@@ -116,7 +116,7 @@ impl PgStore {
             );
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
-                let env: String = r.get(0);
+                let env: &str = r.get(0);
                 let last_outcomes = c
                     .query(
                         "SELECT outcome FROM leases WHERE env = $1 \
@@ -129,20 +129,28 @@ impl PgStore {
                 let counts = c.query_one(&failure_sql, &[&env, &q.window_start_ms])?;
                 let (n, failed): (i64, i64) = (counts.get(0), counts.get(1));
                 out.push(EnvSummary {
-                    agent: r.get(1),
-                    labels: labels_from_text(r.get(2)),
-                    state: EnvState::from_text(r.get(3)),
-                    since_ms: r.get(4),
-                    detail: r.get(5),
-                    holder: r.get(6),
+                    latest: state_change(&r),
                     last_outcomes,
                     window_leases: n.max(0) as u64,
                     window_failures: failed.max(0) as u64,
-                    env,
                 });
             }
             Ok(out)
         })
+    }
+}
+
+/// A row of `env, agent, labels, state, since_ms, detail, holder` (from `envs` or
+/// `env_states`).
+fn state_change(r: &postgres::Row) -> EnvStateChange {
+    EnvStateChange {
+        env: r.get(0),
+        agent: r.get(1),
+        labels: labels_from_text(r.get(2)),
+        state: EnvState::from_text(r.get(3)),
+        since_ms: r.get(4),
+        detail: r.get(5),
+        holder: r.get(6),
     }
 }
 
@@ -457,18 +465,7 @@ impl Store for PgStore {
                 &[&name, &limit],
             )?)
         })?;
-        Ok(rows
-            .iter()
-            .map(|r| EnvStateChange {
-                env: r.get(0),
-                agent: r.get(1),
-                labels: labels_from_text(r.get(2)),
-                state: EnvState::from_text(r.get(3)),
-                since_ms: r.get(4),
-                detail: r.get(5),
-                holder: r.get(6),
-            })
-            .collect())
+        Ok(rows.iter().map(state_change).collect())
     }
 
     fn waits(&mut self, q: &WaitQuery) -> Result<Vec<WaitRecord>, StoreError> {

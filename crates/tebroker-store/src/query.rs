@@ -5,7 +5,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::record::{EnvState, LeaseRecord, Millis, Outcome, WaitRecord};
+use crate::record::{EnvStateChange, LeaseRecord, Millis, Outcome, WaitRecord};
 
 /// Largest history page; a bigger `limit` is cut to this.
 pub const MAX_PAGE: u32 = 1000;
@@ -113,13 +113,9 @@ pub struct InventoryQuery {
 /// A TE as the inventory shows it: its latest state and how its leases went.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EnvSummary {
-    pub env: String,
-    pub agent: String,
-    pub labels: Vec<String>,
-    pub state: EnvState,
-    pub since_ms: Millis,
-    pub detail: String,
-    pub holder: Option<String>,
+    /// The TE's newest state change.
+    #[serde(flatten)]
+    pub latest: EnvStateChange,
     /// Newest first.
     pub last_outcomes: Vec<Outcome>,
     /// Leases that ended in the window, and how many of them failed.

@@ -91,7 +91,7 @@ impl SqliteStore {
             "SELECT outcome FROM leases WHERE env = ?1 ORDER BY ended_ms DESC, id DESC LIMIT ?2",
         )?;
         s.last_outcomes = stmt
-            .query_map(params![s.env, q.last_outcomes], |r| {
+            .query_map(params![s.latest.env, q.last_outcomes], |r| {
                 Ok(Outcome::from_text(&r.get::<_, String>(0)?))
             })?
             .collect::<Result<_, _>>()?;
@@ -103,7 +103,7 @@ impl SqliteStore {
         let (n, failed): (i64, i64) = self
             .conn
             .prepare_cached(&sql)?
-            .query_row(params![s.env, q.window_start_ms], |r| {
+            .query_row(params![s.latest.env, q.window_start_ms], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })?;
         s.window_leases = n.max(0) as u64;
@@ -126,13 +126,7 @@ impl SqliteStore {
             .prepare_cached(&sql)?
             .query_map(params, |r| {
                 Ok(EnvSummary {
-                    env: r.get(0)?,
-                    agent: r.get(1)?,
-                    labels: labels_from_text(&r.get::<_, String>(2)?),
-                    state: EnvState::from_text(&r.get::<_, String>(3)?),
-                    since_ms: r.get(4)?,
-                    detail: r.get(5)?,
-                    holder: r.get(6)?,
+                    latest: state_change(r)?,
                     last_outcomes: Vec::new(),
                     window_leases: 0,
                     window_failures: 0,
@@ -143,6 +137,20 @@ impl SqliteStore {
             .map(|s| self.summary_details(s, q))
             .collect()
     }
+}
+
+/// A row of `env, agent, labels, state, since_ms, detail, holder` (from `envs` or
+/// `env_states`).
+fn state_change(r: &rusqlite::Row<'_>) -> rusqlite::Result<EnvStateChange> {
+    Ok(EnvStateChange {
+        env: r.get(0)?,
+        agent: r.get(1)?,
+        labels: labels_from_text(&r.get::<_, String>(2)?),
+        state: EnvState::from_text(&r.get::<_, String>(3)?),
+        since_ms: r.get(4)?,
+        detail: r.get(5)?,
+        holder: r.get(6)?,
+    })
 }
 
 fn current_version(conn: &Connection) -> Result<u32, StoreError> {
@@ -304,17 +312,7 @@ impl Store for SqliteStore {
                 "SELECT env, agent, labels, state, since_ms, detail, holder FROM env_states \
                  WHERE env = ?1 ORDER BY since_ms DESC, id DESC LIMIT ?2",
             )?
-            .query_map(params![name, limit.min(query::MAX_PAGE)], |r| {
-                Ok(EnvStateChange {
-                    env: r.get(0)?,
-                    agent: r.get(1)?,
-                    labels: labels_from_text(&r.get::<_, String>(2)?),
-                    state: EnvState::from_text(&r.get::<_, String>(3)?),
-                    since_ms: r.get(4)?,
-                    detail: r.get(5)?,
-                    holder: r.get(6)?,
-                })
-            })?
+            .query_map(params![name, limit.min(query::MAX_PAGE)], state_change)?
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }

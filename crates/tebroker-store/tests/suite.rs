@@ -498,14 +498,17 @@ fn inventory_and_failure_rate(b: &mut dyn Backend) {
         window_start_ms: 4000,
     };
     let inv = s.inventory(&q).unwrap();
-    let names: Vec<&str> = inv.iter().map(|e| e.env.as_str()).collect();
+    let names: Vec<&str> = inv.iter().map(|e| e.latest.env.as_str()).collect();
     assert_eq!(names, ["te1", "te2", "te3"]);
 
     let te1 = &inv[0];
-    assert_eq!(te1.state, EnvState::Leased);
-    assert_eq!((te1.since_ms, te1.holder.as_deref()), (200, Some("job-a")));
-    assert_eq!(te1.labels, ["ovb", "big"]);
-    assert_eq!(te1.agent, "host-1");
+    assert_eq!(te1.latest.state, EnvState::Leased);
+    assert_eq!(
+        (te1.latest.since_ms, te1.latest.holder.as_deref()),
+        (200, Some("job-a"))
+    );
+    assert_eq!(te1.latest.labels, ["ovb", "big"]);
+    assert_eq!(te1.latest.agent, "host-1");
     assert_eq!(
         te1.last_outcomes,
         [Outcome::Released, Outcome::TimedOut, Outcome::Failed],
@@ -520,13 +523,16 @@ fn inventory_and_failure_rate(b: &mut dyn Backend) {
 
     let te2 = s.env("te2", &q).unwrap().expect("te2");
     assert_eq!(
-        (te2.state.clone(), te2.since_ms),
+        (te2.latest.state.clone(), te2.latest.since_ms),
         (EnvState::Unhealthy, 300)
     );
-    assert_eq!(te2.detail, "te2 since 300");
+    assert_eq!(te2.latest.detail, "te2 since 300");
     assert_eq!(te2.failure_rate(), Some(1.0));
     let te3 = &inv[2];
-    assert_eq!((te3.state.clone(), te3.since_ms), (EnvState::Drained, 400));
+    assert_eq!(
+        (te3.latest.state.clone(), te3.latest.since_ms),
+        (EnvState::Drained, 400)
+    );
     assert_eq!((te3.last_outcomes.len(), te3.failure_rate()), (0, None));
     assert!(s.env("nope", &q).unwrap().is_none());
 
@@ -791,8 +797,8 @@ fn two_writers_share_one_database(b: &mut dyn Backend) {
         .inventory(&q)
         .unwrap()
         .into_iter()
-        .filter(|e| e.state == EnvState::Drained)
-        .map(|e| e.env)
+        .filter(|e| e.latest.state == EnvState::Drained)
+        .map(|e| e.latest.env)
         .collect();
     assert_eq!(
         drained,
@@ -866,37 +872,31 @@ fn full_queue_drops_and_counts(b: &mut dyn Backend) {
         Duration::from_secs(30),
         || w.stats().errors > 0,
     );
-    // Keep offering until the writer holds all it may and the queue is full too.
     let mut offered = 0;
+    let offer_five = |offered: &mut usize| {
+        for _ in 0..5 {
+            w.record(lease(
+                *offered,
+                "te1",
+                "job",
+                Outcome::Released,
+                *offered as Millis,
+            ));
+            *offered += 1;
+        }
+    };
+    // Keep offering until the writer holds all it may and the queue is full too.
     wait_until(
         "the queue and the writer's holding to fill",
         Duration::from_secs(30),
         || {
-            for _ in 0..5 {
-                w.record(lease(
-                    offered,
-                    "te1",
-                    "job",
-                    Outcome::Released,
-                    offered as Millis,
-                ));
-                offered += 1;
-            }
+            offer_five(&mut offered);
             let st = w.stats();
             st.pending >= hold as u64 && st.queue_depth >= queue as u64
         },
     );
     // Both full and nothing written: whatever comes now is dropped.
-    for _ in 0..5 {
-        w.record(lease(
-            offered,
-            "te1",
-            "job",
-            Outcome::Released,
-            offered as Millis,
-        ));
-        offered += 1;
-    }
+    offer_five(&mut offered);
     let st = w.stats();
     assert_eq!(st.written, 0, "written while the store was away: {st:?}");
     assert_eq!(
