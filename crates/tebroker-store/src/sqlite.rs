@@ -3,6 +3,9 @@
 //! corrupt the file).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::{params, params_from_iter, Connection, TransactionBehavior};
@@ -28,6 +31,83 @@ const CACHE_KIB: i64 = 64 * 1024;
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    checkpointer: Checkpointer,
+}
+
+/// How often the checkpointer looks whether the store wrote since its last checkpoint.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// A thread with its own connection that runs PASSIVE checkpoints (they never wait for, nor
+/// block, the writer) after the store wrote; stopped when the store is dropped.
+struct Checkpointer {
+    dirty: Arc<AtomicBool>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let dirty = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = mpsc::channel::<()>();
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
+        let wal = PathBuf::from(wal);
+        let thread = {
+            let dirty = dirty.clone();
+            std::thread::Builder::new()
+                .name("sqlite-checkpoint".into())
+                .spawn(move || {
+                    while let Err(mpsc::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(CHECKPOINT_EVERY)
+                    {
+                        if dirty.swap(false, Ordering::Relaxed) {
+                            if let Err(e) = checkpoint(&conn, &wal) {
+                                tracing::debug!(error = %e, "sqlite checkpoint");
+                                dirty.store(true, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                })
+                .map_err(|source| StoreError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+        };
+        Ok(Checkpointer {
+            dirty,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    fn wrote(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Above this the WAL is truncated (the writer waits for the rest of that checkpoint).
+const WAL_LIMIT_BYTES: u64 = 64 << 20;
+
+/// A PASSIVE checkpoint copies what the WAL holds without waiting for the writer; but a WAL
+/// that is written all the time never starts over by itself, so past [`WAL_LIMIT_BYTES`] a
+/// TRUNCATE checkpoint (little left to copy by then) brings it back to empty.
+fn checkpoint(conn: &Connection, wal: &Path) -> rusqlite::Result<()> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+    if std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_LIMIT_BYTES) {
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    }
+    Ok(())
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl SqliteStore {
@@ -49,9 +129,14 @@ impl SqliteStore {
         // Job identifiers arrive in no order, so their index takes inserts all over; with the
         // default 2 MiB cache a million-lease file reads pages back from disk on every batch.
         conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+        // Checkpoints (copying the WAL into the file, with fsyncs) run on their own thread:
+        // done by the committing connection they stall the writer for as long as the disk
+        // takes, and it falls behind the broker.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let mut store = SqliteStore {
             conn,
             path: path.to_path_buf(),
+            checkpointer: Checkpointer::start(path)?,
         };
         store.migrate()?;
         Ok(store)
@@ -264,6 +349,7 @@ impl Store for SqliteStore {
             }
         }
         tx.commit()?;
+        self.checkpointer.wrote();
         Ok(())
     }
 
@@ -351,6 +437,7 @@ impl Store for SqliteStore {
         let env_states = tx.execute("DELETE FROM env_states WHERE since_ms < ?1", [cutoff])?;
         let waits = tx.execute("DELETE FROM waits WHERE ended_ms < ?1", [cutoff])?;
         tx.commit()?;
+        self.checkpointer.wrote();
         Ok(PurgeCounts {
             leases: leases as u64,
             env_states: env_states as u64,
