@@ -92,38 +92,27 @@ fn die(msg: &str) -> ! {
     std::process::exit(2)
 }
 
-/// A deterministic xorshift generator (the figures should not depend on luck).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// Seeded, so the figures do not depend on luck.
+type Rng = fastrand::Rng;
 
 const ENVS: u64 = 100;
 const JOBS: u64 = 50_000;
 
 fn lease(rng: &mut Rng, i: u64, ended_ms: Millis) -> LeaseRecord {
-    let outcome = match rng.below(100) {
+    let outcome = match rng.u64(..100) {
         0..=89 => Outcome::Released,
         90..=95 => Outcome::Failed,
         96..=97 => Outcome::WorkerLost,
         _ => Outcome::TimedOut,
     };
-    let env = format!("te{}", rng.below(ENVS));
+    let env = format!("te{}", rng.u64(..ENVS));
     LeaseRecord {
         broker: "bench".into(),
         lockenv_handle: format!("H:bench:{i}"),
         worker_id: format!("testenv-worker-{env}"),
         env,
         callback: format!("callback_{i:032x}"),
-        job_identifier: format!("job-{}", rng.below(JOBS)),
+        job_identifier: format!("job-{}", rng.u64(..JOBS)),
         tenant: "openstack/tripleo-ci".into(),
         priority: Priority::Normal,
         started_ms: ended_ms - 3_600_000,
@@ -194,7 +183,7 @@ fn write_throughput(db: &Database, a: &Args) {
         let db = db.clone();
         StoreWriter::start(Box::new(move || db.open()), WriterConfig::default())
     };
-    let mut rng = Rng(0x5eed);
+    let mut rng = Rng::with_seed(0x5eed);
     let start = Instant::now();
     let end = start + Duration::from_secs(a.seconds);
     let mut offered = 0u64;
@@ -255,7 +244,7 @@ fn write_throughput(db: &Database, a: &Args) {
 }
 
 fn fill(store: &mut dyn Store, rows: u64) {
-    let mut rng = Rng(0xf111);
+    let mut rng = Rng::with_seed(0xf111);
     let start = Instant::now();
     let first: Millis = tebroker_store::now_ms() - 30 * 86_400_000;
     let step = (30 * 86_400_000 / rows.max(1)) as Millis;
@@ -281,17 +270,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn history_latency(store: &mut dyn Store, a: &Args) {
-    let mut rng = Rng(0xabcd);
+    let mut rng = Rng::with_seed(0xabcd);
     let now = tebroker_store::now_ms();
     type Make = fn(&mut Rng, Millis) -> HistoryQuery;
     let kinds: [(&str, Make); 7] = [
         ("newest page", |_, _| HistoryQuery::default()),
         ("env", |r, _| HistoryQuery {
-            env: Some(format!("te{}", r.below(ENVS))),
+            env: Some(format!("te{}", r.u64(..ENVS))),
             ..Default::default()
         }),
         ("job", |r, _| HistoryQuery {
-            job: Some(format!("job-{}", r.below(JOBS))),
+            job: Some(format!("job-{}", r.u64(..JOBS))),
             ..Default::default()
         }),
         ("outcome=timed out", |_, _| HistoryQuery {
@@ -299,12 +288,12 @@ fn history_latency(store: &mut dyn Store, a: &Args) {
             ..Default::default()
         }),
         ("env+outcome=failed", |r, _| HistoryQuery {
-            env: Some(format!("te{}", r.below(ENVS))),
+            env: Some(format!("te{}", r.u64(..ENVS))),
             outcome: Some(Outcome::Failed),
             ..Default::default()
         }),
         ("since/until 1 day", |r, now| {
-            let since = now - (1 + r.below(28) as Millis) * 86_400_000;
+            let since = now - (1 + r.u64(..28) as Millis) * 86_400_000;
             HistoryQuery {
                 since: Some(since),
                 until: Some(since + 86_400_000),
@@ -312,7 +301,7 @@ fn history_latency(store: &mut dyn Store, a: &Args) {
             }
         }),
         ("env, 5th page", |r, _| HistoryQuery {
-            env: Some(format!("te{}", r.below(ENVS))),
+            env: Some(format!("te{}", r.u64(..ENVS))),
             ..Default::default()
         }),
     ];

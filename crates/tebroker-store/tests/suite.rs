@@ -224,6 +224,17 @@ fn walk(store: &mut dyn Store, mut q: HistoryQuery) -> Vec<StoredLease> {
     all
 }
 
+/// The whole history, in pages of 1000.
+fn walk_all(store: &mut dyn Store) -> Vec<StoredLease> {
+    walk(
+        store,
+        HistoryQuery {
+            limit: 1000,
+            ..Default::default()
+        },
+    )
+}
+
 fn handles(leases: &[StoredLease]) -> BTreeSet<String> {
     leases
         .iter()
@@ -426,13 +437,7 @@ fn history_filters_and_paging(b: &mut dyn Backend) {
             assert_eq!(handles(&got), want, "{q:?} limit {limit}");
         }
     }
-    let all = walk(
-        &mut *s,
-        HistoryQuery {
-            limit: 1000,
-            ..Default::default()
-        },
-    );
+    let all = walk_all(&mut *s);
     let stored: Vec<LeaseRecord> = all.iter().map(|l| l.lease.clone()).collect();
     for l in &data {
         assert!(
@@ -700,13 +705,7 @@ fn writer_writes_everything_once(b: &mut dyn Backend) {
     assert!(st.store_up);
 
     let mut s = b.open();
-    let all = walk(
-        &mut *s,
-        HistoryQuery {
-            limit: 1000,
-            ..Default::default()
-        },
-    );
+    let all = walk_all(&mut *s);
     assert_eq!(all.len(), n);
     assert_eq!(handles(&all).len(), n, "no lease twice");
     let q = InventoryQuery {
@@ -846,13 +845,7 @@ fn store_goes_away_and_comes_back(b: &mut dyn Backend) {
     assert_eq!((st.recorded, st.written, st.dropped), (500, 500, 0));
     assert!(st.store_up);
     let mut s = b.open();
-    let all = walk(
-        &mut *s,
-        HistoryQuery {
-            limit: 1000,
-            ..Default::default()
-        },
-    );
+    let all = walk_all(&mut *s);
     assert_eq!(all.len(), 500, "every lease once: no loss, no duplicate");
     assert_eq!(handles(&all), expected);
 }
@@ -917,13 +910,7 @@ fn full_queue_drops_and_counts(b: &mut dyn Backend) {
     assert_eq!(st.written, st.recorded);
     assert_eq!(st.written + st.dropped, offered as u64);
     let mut s = b.open();
-    let stored = walk(
-        &mut *s,
-        HistoryQuery {
-            limit: 1000,
-            ..Default::default()
-        },
-    );
+    let stored = walk_all(&mut *s);
     assert_eq!(
         stored.len() as u64,
         st.written,
