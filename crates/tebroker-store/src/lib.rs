@@ -10,7 +10,8 @@
 //!
 //! The API is synchronous on purpose: the writer is a plain thread, and SQLite is synchronous
 //! anyway. An async caller (the HTTP layer) runs queries with `tokio::task::spawn_blocking`;
-//! the `postgres` client must not be called on a runtime thread (it runs its own).
+//! a [`PgStore`] must be opened, used and dropped off the runtime's threads (the `postgres`
+//! client runs a runtime of its own, which tokio refuses to block on or drop inside another).
 
 pub mod pg;
 pub mod query;
