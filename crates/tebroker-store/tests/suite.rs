@@ -818,6 +818,7 @@ fn store_goes_away_and_comes_back(b: &mut dyn Backend) {
         record(&w, i);
     }
     assert!(w.flush(Duration::from_secs(30)), "{:?}", w.stats());
+    let mut reader = b.open();
 
     b.go_away();
     for i in 200..500 {
@@ -848,6 +849,14 @@ fn store_goes_away_and_comes_back(b: &mut dyn Backend) {
     let all = walk_all(&mut *s);
     assert_eq!(all.len(), 500, "every lease once: no loss, no duplicate");
     assert_eq!(handles(&all), expected);
+    // A store opened before the outage answers again (PostgreSQL: it reconnects; the call that
+    // finds the old connection dead may fail).
+    let q = HistoryQuery::default();
+    let answers: Vec<bool> = (0..2).map(|_| reader.history(&q).is_ok()).collect();
+    assert!(
+        answers[1],
+        "a store opened before the outage does not answer after it"
+    );
 }
 
 fn full_queue_drops_and_counts(b: &mut dyn Backend) {
