@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs the peer programs the interoperability tests and the benchmark run against:
 #   - Debian gearman-job-server (gearmand) and gearman-tools (gearman, gearadmin), via apt-get;
-#   - PyPI gear (Client/Worker library and geard), via pip.
+#   - PyPI gear (Client/Worker library and geard), via pip;
+#   - Debian postgresql (initdb, pg_ctl, postgres), via apt-get: the store's tests and benchmark
+#     start throwaway clusters of their own (test-support's PgCluster), on free ports with
+#     private sockets, so no system cluster is wanted (none is created, see below).
 # Idempotent: anything already installed is left alone. Runs as root, or through sudo.
 # Environment: PYTHON (default python3) is the interpreter gear is installed for.
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
-APT_PACKAGES=(gearman-job-server gearman-tools)
+APT_PACKAGES=(gearman-job-server gearman-tools postgresql)
 
 log() { printf 'install-peers: %s\n' "$*" >&2; }
 
@@ -38,6 +41,13 @@ else
         exit 1
     fi
     log "apt: installing ${missing[*]}"
+    if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+        # Debian's postgresql-common would create (and start, where services run) a "main"
+        # cluster on port 5432 that nothing here uses; the tests make their own.
+        as_root mkdir -p /etc/postgresql-common/createcluster.d
+        echo 'create_main_cluster = false' |
+            as_root tee /etc/postgresql-common/createcluster.d/50-tebroker-no-main-cluster.conf >/dev/null
+    fi
     export DEBIAN_FRONTEND=noninteractive
     as_root env DEBIAN_FRONTEND=noninteractive apt-get -qq update
     as_root env DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends \
@@ -75,4 +85,9 @@ for prog in gearmand gearman gearadmin geard; do
         exit 1
     fi
 done
-log "peers ready: $(command -v gearmand || echo /usr/sbin/gearmand), $(command -v gearman), $(command -v gearadmin), $(command -v geard)"
+pg_bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)"
+if [ -z "$pg_bin" ] || [ ! -x "$pg_bin/initdb" ] || [ ! -x "$pg_bin/pg_ctl" ]; then
+    log "PostgreSQL's initdb/pg_ctl not found under /usr/lib/postgresql/*/bin after installation"
+    exit 1
+fi
+log "peers ready: $(command -v gearmand || echo /usr/sbin/gearmand), $(command -v gearman), $(command -v gearadmin), $(command -v geard), $pg_bin/pg_ctl"

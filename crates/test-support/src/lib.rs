@@ -12,6 +12,7 @@
 
 mod peer;
 mod pki;
+pub mod postgres;
 mod process;
 
 pub use peer::{free_port, Peer, PeerServer};
