@@ -460,9 +460,7 @@ impl Client {
             .is_some_and(|c| c.tx.same_channel(&dead.tx))
         {
             st.conn = None;
-            if !self.inner.servers.is_empty() {
-                st.next = (st.next + 1) % self.inner.servers.len();
-            }
+            st.next = (st.next + 1) % self.inner.servers.len().max(1);
         }
     }
 
@@ -476,6 +474,7 @@ impl Client {
             }
             debug!(server = %c.server, "connection gone; failing over");
             st.conn = None;
+            st.next = (st.next + 1) % self.inner.servers.len().max(1);
         }
         let servers = &self.inner.servers;
         if servers.is_empty() {

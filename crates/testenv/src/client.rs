@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use gearman_client::{
-    Backoff, Client, ClientOptions, ForegroundJob, JobRequest, ServerAddr, Worker, WorkerOptions,
+    Backoff, Client, ClientOptions, ForegroundJob, JobRequest, Liveness, ServerAddr, Worker,
+    WorkerOptions,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -93,6 +94,12 @@ pub struct ClientArgs {
     /// Seconds between the "waited N s" and "no broker answers" lines while waiting for a TE.
     #[arg(long, default_value = "30", value_parser = parse_report_interval, hide = true)]
     pub report_interval: Duration,
+    /// Seconds of silence after which a broker connection is probed (ECHO_REQ).
+    #[arg(long, default_value = "30", value_parser = parse_probe_seconds, hide = true)]
+    pub probe_idle: Duration,
+    /// Seconds a probed broker has to answer before its connection counts as dead.
+    #[arg(long, default_value = "10", value_parser = parse_probe_seconds, hide = true)]
+    pub probe_timeout: Duration,
     #[command(flatten)]
     pub tls: crate::TlsArgs,
     /// The command to run while the environment is locked.
@@ -113,6 +120,10 @@ fn parse_seconds(text: &str, min: f64, max: f64) -> Result<Duration, String> {
 
 fn parse_kill_grace(text: &str) -> Result<Duration, String> {
     parse_seconds(text, 0.0, 3600.0)
+}
+
+fn parse_probe_seconds(text: &str) -> Result<Duration, String> {
+    parse_seconds(text, 0.1, 3600.0)
 }
 
 fn parse_report_interval(text: &str) -> Result<Duration, String> {
@@ -231,15 +242,27 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
 
     // The callback must be registered before lockenv is submitted, or a fast worker could
     // submit the callback job before anyone can take it.
+    let liveness = Liveness {
+        probe_idle: Some(args.probe_idle),
+        probe_timeout: args.probe_timeout,
+        ..Liveness::default()
+    };
     let worker = Worker::with_options(
         servers.clone(),
         WorkerOptions {
             client_id: Some(format!("testenv-client-{jobnum}")),
+            liveness,
             ..WorkerOptions::default()
         },
     );
     worker.register(callback.clone());
-    let client = Client::with_options(servers.clone(), ClientOptions::default());
+    let client = Client::with_options(
+        servers.clone(),
+        ClientOptions {
+            liveness,
+            ..ClientOptions::default()
+        },
+    );
     let mut silence = Silence::new(&servers, args.report_interval);
     let connected = async {
         // The client connection's error says which brokers failed and why; the first one is

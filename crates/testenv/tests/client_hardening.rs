@@ -184,6 +184,27 @@ fn the_client_gives_up_after_five_lock_request_retries() {
     );
 }
 
+#[test]
+fn a_client_notices_a_stopped_broker_and_resubmits_through_another() {
+    let s = Scene::new();
+    let (stopped, alive) = (Broker::start(), Broker::start());
+    let brokers = format!("{},{}", stopped.spec(), alive.spec());
+    let quick_probe = ["--probe-idle", "0.3", "--probe-timeout", "0.5"];
+    let mut c = s.client(
+        &brokers,
+        "stopped",
+        &[&["-t", "60"][..], &quick_probe].concat(),
+        "exit 0",
+    );
+    wait_lockenv_jobs(&stopped, 1);
+    stopped.signal(libc::SIGSTOP);
+    wait_output(&mut c, "lost the broker holding our request");
+    wait_lockenv_jobs(&alive, 1);
+    let _w = s.worker(&alive.spec(), "te1", &[], &[&s.datafile("1")]);
+    c.expect_code(0, TIMEOUT);
+    stopped.signal(libc::SIGCONT);
+}
+
 /// A broker and one real worker serving TE "te1", ready.
 fn one_te() -> (Scene, Broker, Proc) {
     let s = Scene::new();
