@@ -458,6 +458,51 @@ mod tests {
         );
     }
 
+    fn probing() -> Prober {
+        Prober::new(&Liveness {
+            keepalive: None,
+            probe_idle: Some(Duration::from_secs(30)),
+            probe_timeout: Duration::from_secs(10),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_server_that_echoes_is_probed_when_silent() {
+        let mut p = probing();
+        p.sent();
+        let first = p.deadline().unwrap();
+        assert!(first <= Instant::now() + Duration::from_secs(10));
+        p.heard(PacketType::EchoRes);
+        let idle = p.deadline().unwrap();
+        assert!(
+            idle > Instant::now() + Duration::from_secs(29),
+            "probe after 30 s of silence"
+        );
+        assert_eq!(p.due(), None, "nothing due before the deadline");
+        p.sent();
+        assert!(p.deadline().unwrap() <= Instant::now() + Duration::from_secs(10));
+        p.heard(PacketType::Noop);
+        assert!(p.deadline().unwrap() > Instant::now() + Duration::from_secs(29));
+    }
+
+    #[tokio::test]
+    async fn a_server_that_ignores_echo_is_never_taken_for_dead_by_the_probe() {
+        // geard: the first answer is to a later request.
+        let mut p = probing();
+        p.sent();
+        p.heard(PacketType::NoJob);
+        assert_eq!(p.deadline(), None);
+        // Or no answer at all to the first probe: keepalive only, not "dead".
+        let mut p = Prober::new(&Liveness {
+            keepalive: None,
+            probe_idle: Some(Duration::from_millis(1)),
+            probe_timeout: Duration::ZERO,
+        });
+        p.sent();
+        assert_eq!(p.due(), None);
+        assert_eq!(p.deadline(), None);
+    }
+
     #[tokio::test]
     async fn unusable_tls_settings_are_refused_clearly() {
         // Needs a listener: the TLS settings are read once TCP is connected.
