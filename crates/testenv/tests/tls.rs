@@ -45,6 +45,21 @@ fn tls_args(pki: &Pki, cn: &str) -> Vec<String> {
     ]
 }
 
+/// A testenv-worker over TLS offering `datafile` as TE "tls-te".
+fn tls_worker(pki: &Pki, addr: &str, state: &Path, datafile: &Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_testenv-worker"))
+            .args(["-b", addr, "-n", "tls-te", "--state-dir"])
+            .arg(state)
+            .args(tls_args(pki, "te-worker"))
+            .arg(datafile)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn agents_lease_a_te_over_tls_with_client_certificates() {
     let pki = Pki::new("testenv-ca");
@@ -52,17 +67,7 @@ fn agents_lease_a_te_over_tls_with_client_certificates() {
     let state = tempfile::tempdir().unwrap();
     let datafile = state.path().join("te.json");
     std::fs::write(&datafile, r#"{"env-num": "7", "ssh-key": "SECRET"}"#).unwrap();
-    let _worker = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_testenv-worker"))
-            .args(["-b", &addr, "-n", "tls-te", "--state-dir"])
-            .arg(state.path())
-            .args(tls_args(&pki, "te-worker"))
-            .arg(&datafile)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _worker = tls_worker(&pki, &addr, state.path(), &datafile);
     let out = Command::new(env!("CARGO_BIN_EXE_testenv-client"))
         .args(["-b", &addr, "-t", "30"])
         .args(tls_args(&pki, "ci-job"))
@@ -123,17 +128,7 @@ fn a_waiting_client_reports_its_queue_position_over_tls() {
     let state = tempfile::tempdir().unwrap();
     let datafile = state.path().join("te.json");
     std::fs::write(&datafile, r#"{"env-num": "7"}"#).unwrap();
-    let _worker = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_testenv-worker"))
-            .args(["-b", &addr, "-n", "tls-te", "--state-dir"])
-            .arg(state.path())
-            .args(tls_args(&pki, "te-worker"))
-            .arg(&datafile)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _worker = tls_worker(&pki, &addr, state.path(), &datafile);
     let held = state.path().join("held");
     let _holder = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_testenv-client"))
