@@ -388,6 +388,12 @@ pub(crate) async fn connect_transport(
         source,
     };
     let attempt = async {
+        // An address needs no resolver (which would start a thread to block in).
+        if let Ok(ip) = server.host.parse::<std::net::IpAddr>() {
+            return TcpStream::connect((ip, server.port))
+                .await
+                .map_err(connect_err);
+        }
         let addrs = tokio::net::lookup_host((server.host.as_str(), server.port))
             .await
             .map_err(connect_err)?;

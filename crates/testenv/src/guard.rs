@@ -24,9 +24,8 @@ use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use crate::procs;
@@ -194,22 +193,12 @@ fn supervise(
     wanted: &libc::sigset_t,
 ) -> i32 {
     let parent = unsafe { libc::getppid() };
-    let Some((program, args)) = argv.split_first() else {
+    let Some(program) = argv.first() else {
         eprintln!("testenv-client: no command given");
         return 2;
     };
-    let mut cmd = Command::new(program);
-    cmd.args(args).env("TE_DATAFILE", datafile);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let empty = signal_set(&[]);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            Ok(())
-        });
-    }
-    let child = match cmd.spawn() {
-        Ok(c) => c,
+    let child_pid = match spawn_command(&argv, datafile) {
+        Ok(pid) => pid,
         Err(e) => {
             eprintln!(
                 "testenv-client: cannot run {}: {e}",
@@ -222,7 +211,6 @@ fn supervise(
             };
         }
     };
-    let child_pid = child.id() as libc::pid_t;
     let me = unsafe { libc::getpid() };
     let mut status: Option<i32> = None;
     let reap = |status: &mut Option<i32>| loop {
@@ -268,6 +256,70 @@ fn supervise(
             }
             _ => {}
         }
+    }
+}
+
+/// Starts COMMAND with `TE_DATAFILE` set, through posix_spawnp: unlike a fork it does not
+/// copy our page tables, and unlike std's Command it can clear the signal mask (ours blocks
+/// the signals we wait for) and reset SIGPIPE, which Rust programs ignore, to its default.
+fn spawn_command(argv: &[OsString], datafile: &Path) -> std::io::Result<libc::pid_t> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c_string = |bytes: Vec<u8>| {
+        CString::new(bytes).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a NUL byte in the command",
+            )
+        })
+    };
+    let args = argv
+        .iter()
+        .map(|a| c_string(a.as_bytes().to_vec()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut env = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        if key != "TE_DATAFILE" {
+            env.push(c_string([key.as_bytes(), b"=", value.as_bytes()].concat())?);
+        }
+    }
+    env.push(c_string(
+        [b"TE_DATAFILE=".as_slice(), datafile.as_os_str().as_bytes()].concat(),
+    )?);
+    let pointers = |strings: &[CString]| {
+        let mut p: Vec<*mut libc::c_char> = strings.iter().map(|s| s.as_ptr() as *mut _).collect();
+        p.push(std::ptr::null_mut());
+        p
+    };
+    let (argp, envp) = (pointers(&args), pointers(&env));
+    let empty = signal_set(&[]);
+    let pipe = signal_set(&[libc::SIGPIPE]);
+    let mut pid = 0;
+    // SAFETY: attr is initialised before use and destroyed after; every pointer handed to
+    // posix_spawnp points into `args`, `env`, `argp` and `envp`, which outlive the call.
+    let r = unsafe {
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        libc::posix_spawnattr_init(&mut attr);
+        libc::posix_spawnattr_setsigmask(&mut attr, &empty);
+        libc::posix_spawnattr_setsigdefault(&mut attr, &pipe);
+        libc::posix_spawnattr_setflags(
+            &mut attr,
+            (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short,
+        );
+        let r = libc::posix_spawnp(
+            &mut pid,
+            args[0].as_ptr(),
+            std::ptr::null(),
+            &attr,
+            argp.as_ptr(),
+            envp.as_ptr(),
+        );
+        libc::posix_spawnattr_destroy(&mut attr);
+        r
+    };
+    match r {
+        0 => Ok(pid),
+        errno => Err(std::io::Error::from_raw_os_error(errno)),
     }
 }
 

@@ -273,3 +273,23 @@ fn a_stubborn_grandchild_left_behind_by_a_finished_command_is_ended() {
     wait_gone(&[read_pid(&s.path("gc.pid"))], 5 * SEC);
     b.wait_no_leases(5 * SEC);
 }
+
+#[test]
+fn the_command_starts_with_no_blocked_or_ignored_signal() {
+    let (s, b, _w) = one_te();
+    let script = format!(
+        "grep -E '^Sig(Blk|Ign):' /proc/self/status > {}",
+        s.p("sigs")
+    );
+    let mut c = s.client(&b.spec(), "signals", &[], &script);
+    c.expect_code(0, TIMEOUT);
+    let sigs = s.read("sigs");
+    let masks: Vec<u64> = sigs
+        .lines()
+        .map(|l| u64::from_str_radix(l.split('\t').nth(1).unwrap_or("?"), 16).unwrap())
+        .collect();
+    // Signals 1-31 (SIGPIPE above all, which Rust programs ignore); 32 and up are the C
+    // library's own.
+    assert_eq!(masks.len(), 2, "{sigs}");
+    assert!(masks.iter().all(|m| m & 0x7fff_ffff == 0), "{sigs}");
+}
