@@ -113,9 +113,7 @@ impl RunningGuard {
         use tokio::io::AsyncReadExt;
         let mut buf = [0u8; 64];
         // The guard never writes: the socket only closes when it exits.
-        while let Ok(n @ 1..) = self.control.read(&mut buf).await {
-            let _ = n;
-        }
+        while matches!(self.control.read(&mut buf).await, Ok(n) if n > 0) {}
         let mut raw = 0;
         // SAFETY: waitpid on our own child; it is exiting (its socket is closed), so this
         // returns at once.
