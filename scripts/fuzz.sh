@@ -4,7 +4,8 @@
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #
 # Targets: decode (packet framing), admin (admin parser, ACL commands and file), broker (the
-# core state machine fed with packet sequences, invariants checked after every step).
+# core state machine fed with packet sequences, invariants checked after every step), testenv (the
+# agents' lock-request and TE-data parsing, testenv-proto).
 # Needs cargo-fuzz (`cargo install cargo-fuzz`). On a stable toolchain RUSTC_BOOTSTRAP=1 lets
 # cargo-fuzz use the nightly-only sanitizer flags. Crashes land in fuzz/artifacts/TARGET/; the
 # corpus grows in fuzz/corpus/TARGET/ (both git-ignored). Extra libFuzzer flags may be given in
@@ -13,7 +14,7 @@ set -euo pipefail
 secs=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(decode admin broker)
+[ ${#targets[@]} -gt 0 ] || targets=(decode admin broker testenv)
 cd "$(dirname "$0")/../fuzz"
 command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz missing: cargo install cargo-fuzz" >&2; exit 1; }
 if ! rustc --version | grep -q nightly; then

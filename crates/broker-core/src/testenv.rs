@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::broker::{show, Broker, ConnId, Job, JobId, JobState, Millis};
 
 /// The function testenv-workers register; a prefix, since deployments add suffixes for pools.
-pub const LOCKENV_PREFIX: &[u8] = b"lockenv";
+pub const LOCKENV_PREFIX: &[u8] = testenv_proto::LOCKENV.as_bytes();
 
 /// How many ended leases the broker remembers (older ones are only in the history file).
 pub const HISTORY_LEN: usize = 1000;
@@ -94,14 +94,7 @@ impl LeaseTracker {
         if !job.function.starts_with(LOCKENV_PREFIX) {
             return;
         }
-        let request: serde_json::Value = serde_json::from_slice(&job.data).unwrap_or_default();
-        let field = |k: &str| {
-            request
-                .get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_string()
-        };
+        let request = testenv_proto::LockRequest::parse(&job.data).unwrap_or_default();
         self.active.insert(
             id,
             LeaseRecord {
@@ -109,9 +102,9 @@ impl LeaseTracker {
                 worker_id,
                 outcome: "ended",
                 since: now,
-                callback: field("callback_name"),
-                job_identifier: field("job_identifier"),
-                timeout_secs: field("timeout").parse().ok(),
+                timeout_secs: request.timeout_secs(),
+                callback: request.callback_name,
+                job_identifier: request.job_identifier,
             },
         );
     }

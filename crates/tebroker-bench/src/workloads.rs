@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use gearman_client::{Client, JobRequest, ServerAddr, Worker};
 use hdrhistogram::Histogram;
+use testenv_proto::{callback_name, LockRequest, LOCKENV};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -457,12 +458,6 @@ pub struct LeaseParams {
     pub window: Window,
 }
 
-#[derive(serde::Deserialize)]
-struct LockenvRequest<'a> {
-    #[serde(borrow)]
-    callback_name: std::borrow::Cow<'a, str>,
-}
-
 /// testenv cycles with the real protocol, in-process: `tes` simulated testenv-workers and
 /// `clients` simulated testenv-clients that hold their TE for 0 ms.
 pub async fn lease(server: &Server, p: LeaseParams, tedata: Bytes) -> anyhow::Result<Throughput> {
@@ -470,7 +465,7 @@ pub async fn lease(server: &Server, p: LeaseParams, tedata: Bytes) -> anyhow::Re
     let conc = server.kind.connect_pacing();
 
     // Simulated testenv-workers: `lockenv` worker plus a client connection for the callback.
-    let te_workers = connect_many(p.tes, conc, |_| new_worker(&addr, "lockenv")).await?;
+    let te_workers = connect_many(p.tes, conc, |_| new_worker(&addr, LOCKENV)).await?;
     let te_clients = connect_many(p.tes, conc, |_| new_client(&addr)).await?;
     let te_tasks: Vec<_> = te_workers
         .into_iter()
@@ -479,8 +474,8 @@ pub async fn lease(server: &Server, p: LeaseParams, tedata: Bytes) -> anyhow::Re
             let tedata = tedata.clone();
             tokio::spawn(async move {
                 while let Some(job) = w.grab_job().await {
-                    let cb = match serde_json::from_slice::<LockenvRequest>(job.data()) {
-                        Ok(r) => r.callback_name.into_owned(),
+                    let cb = match LockRequest::parse_valid(job.data()) {
+                        Ok(r) => r.callback_name,
                         Err(_) => {
                             let _ = job.fail().await;
                             continue;
@@ -504,7 +499,7 @@ pub async fn lease(server: &Server, p: LeaseParams, tedata: Bytes) -> anyhow::Re
 
     // Simulated testenv-clients: a callback worker and a client connection each.
     let names: Vec<String> = (0..p.clients)
-        .map(|_| format!("callback_{}", uuid::Uuid::new_v4().simple()))
+        .map(|_| callback_name(&uuid::Uuid::new_v4().simple().to_string()))
         .collect();
     let cb_workers = connect_many(p.clients, conc, |i| new_worker(&addr, &names[i])).await?;
     let clients = connect_many(p.clients, conc, |_| new_client(&addr)).await?;
@@ -517,19 +512,17 @@ pub async fn lease(server: &Server, p: LeaseParams, tedata: Bytes) -> anyhow::Re
         .zip(clients)
         .zip(names)
         .map(|((w, c), name)| {
-            let body = serde_json::json!({
-                "callback_name": name,
-                "timeout": "600",
-                "envsize": "2",
-                "compute_envsize": "0",
-                "ucinstance": "",
-                "create_undercloud": "",
-                "ssh_key": "",
-                "net_iso": "multi-nic",
-                "extra_nodes": "0",
-                "job_identifier": "No change: bench",
-            });
-            let req = JobRequest::new("lockenv", serde_json::to_vec(&body).expect("json"));
+            let body = LockRequest {
+                callback_name: name.clone(),
+                timeout: "600".into(),
+                envsize: "2".into(),
+                compute_envsize: "0".into(),
+                net_iso: "multi-nic".into(),
+                extra_nodes: "0".into(),
+                job_identifier: LockRequest::job_identifier(None, Some("bench")),
+                ..LockRequest::default()
+            };
+            let req = JobRequest::new(LOCKENV, body.to_json());
             tokio::spawn(async move {
                 let mut cycle_h = new_hist();
                 let mut grant_h = new_hist();
@@ -671,7 +664,7 @@ pub async fn client_wall(
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let n =
-                servers::registered_functions(server.sockaddr(), "lockenv", Duration::from_secs(5))
+                servers::registered_functions(server.sockaddr(), LOCKENV, Duration::from_secs(5))
                     .await
                     .unwrap_or(0);
             if n > 0 {

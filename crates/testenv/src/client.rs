@@ -24,19 +24,16 @@ const MAX_LOCKENV_RETRIES: u32 = 5;
 pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit status when the worker could not provide an environment, as the original.
 pub const EXIT_NO_ENV: i32 = 2;
-/// The longest `-t` accepted, in seconds: a year. Longer is surely a typo, and every deadline
-/// derived from it stays far from overflowing.
-pub const MAX_TIMEOUT_SECS: f64 = 365.0 * 24.0 * 3600.0;
-
-/// `-t`: a finite number of seconds, more than 0 and at most [`MAX_TIMEOUT_SECS`]. Kept as
-/// given, since the lock request carries it as a string.
+/// `-t`: a number of seconds, more than 0 and at most the longest lease a worker grants
+/// ([`crate::request::MAX_TIMEOUT_SECS`], 30 days): the one range of testenv-proto, so every deadline derived
+/// from it stays far from overflowing. Kept as given, since the lock request carries it as a
+/// string.
 fn parse_timeout(text: &str) -> Result<String, String> {
-    match text.trim().parse::<f64>() {
-        Ok(secs) if secs > 0.0 && secs <= MAX_TIMEOUT_SECS => Ok(text.trim().to_string()),
-        _ => Err(format!(
-            "{text:?} is not a number of seconds between 0 and {MAX_TIMEOUT_SECS:.0} (a year)"
-        )),
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("the timeout must be a number of seconds".into());
     }
+    crate::request::parse_timeout(text).map(|_| text.to_string())
 }
 
 fn timeout_duration(text: &str) -> Duration {
@@ -59,7 +56,7 @@ pub struct ClientArgs {
     /// A unique identifier for this job (default: a random hex uuid).
     #[arg(short = 'n', long)]
     pub jobnum: Option<String>,
-    /// Seconds (more than 0, at most a year) after which the client gives up waiting, or
+    /// Seconds (more than 0, at most 30 days) after which the client gives up waiting, or
     /// releases the environment and kills COMMAND; it exits 124 then.
     #[arg(short = 't', long, default_value = "10800", value_parser = parse_timeout)]
     pub timeout: String,
@@ -231,6 +228,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         net_iso: args.net_iso.clone(),
         extra_nodes: args.extra_nodes.clone(),
         job_identifier: LockRequest::job_identifier_from_env(),
+        ..LockRequest::default()
     };
 
     let mut stops = Stops {

@@ -28,15 +28,6 @@ fn held_pids(s: &Scene, name: &str) -> (i32, i32) {
     )
 }
 
-/// A broker and one worker serving TE "te1" (extra worker flags in `worker_args`), ready.
-fn one_te(worker_args: &[&str]) -> (Scene, Broker, Proc) {
-    let s = Scene::new();
-    let b = Broker::start();
-    let w = s.worker(&b.spec(), "te1", worker_args, &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
-    (s, b, w)
-}
-
 /// The TE is free again: no lease, and the next client gets it at once.
 fn assert_te_free(s: &Scene, b: &Broker) {
     b.wait_no_leases(5 * SEC);
@@ -248,8 +239,12 @@ fn lease_timeout_by_worker_kills_command_and_children() {
         "{}",
         c.output()
     );
+    // The worker tells the client first and logs the lease's end after.
+    wait_until(TIMEOUT, "the worker logs the lease end", || {
+        w.output().contains("lease end")
+    });
     let wl = w.output();
-    assert!(wl.contains("TimedOut"), "{wl}");
+    assert!(wl.contains("outcome=TimedOut"), "{wl}");
 }
 
 #[test]
@@ -338,7 +333,7 @@ fn sigusr2_pauses_and_sigusr1_resumes_worker() {
             f == "lockenv" && (*total, *running, *workers) == (1, 0, 0)
         })
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // No worker has lockenv now (status says so), so nothing can hand this client a TE.
     assert!(c.running(), "client got a TE from a paused worker");
     w.signal(libc::SIGUSR1);
     c.expect_code(0, TIMEOUT);
@@ -683,8 +678,9 @@ fn failing_client_alive_cmd_frees_te() {
     let s = Scene::new();
     let b = Broker::start();
     let alive_cmd = format!(
-        r#"echo "$TE_UCINSTANCE|$TE_JOB_IDENTIFIER" > {seen}; test ! -e {stop}"#,
+        r#"echo "$TE_UCINSTANCE|$TE_JOB_IDENTIFIER" > {seen}; echo >> {runs}; test ! -e {stop}"#,
         seen = s.p("seen"),
+        runs = s.p("runs"),
         stop = s.p("stop"),
     );
     let _w = s.worker(
@@ -719,7 +715,9 @@ fn failing_client_alive_cmd_frees_te() {
     let (pid, gc) = held_pids(&s, "a");
     wait_until(TIMEOUT, "alive check ran", || !s.read("seen").is_empty());
     assert_eq!(s.read("seen").trim(), "uc-9|4242: ovb-ha");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(TIMEOUT, "three passing alive checks", || {
+        s.read("runs").lines().count() >= 3
+    });
     assert!(c.running(), "client ended while its alive check passed");
     s.write("stop", "");
     c.expect_code(3, TIMEOUT);

@@ -548,3 +548,12 @@ pub fn py_script(name: &str) -> PathBuf {
         .join("tests/py")
         .join(name)
 }
+
+/// A broker and one worker serving TE "te1" (extra worker flags in `worker_args`), ready.
+pub fn one_te(worker_args: &[&str]) -> (Scene, Broker, Proc) {
+    let s = Scene::new();
+    let b = Broker::start();
+    let w = s.worker(&b.spec(), "te1", worker_args, &[&s.datafile("1")]);
+    b.wait_lockenv_workers(1);
+    (s, b, w)
+}
