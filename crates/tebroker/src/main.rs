@@ -31,6 +31,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    tebroker::panic::exit_on_panic();
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Admin(args) => std::process::exit(tebroker::admin_cli::run(args)?),
@@ -79,18 +80,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = stdout.flush();
         drop(stdout);
         tracing::info!(%addr, "listening");
-        let stop = server.stop_token();
-        tokio::spawn(async move {
-            wait_for_termination().await;
-            tracing::info!("signal received; stopping");
-            stop.cancel();
-        });
-        let graceful = server.graceful_token();
-        let stop = server.stop_token();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            graceful.cancel();
-        });
+        tokio::spawn(handle_signals(server.shared()));
         let result = server.run().await;
         if let Some(path) = &pidfile {
             let _ = std::fs::remove_file(path);
@@ -99,12 +89,29 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_termination() {
+/// SIGTERM and SIGINT stop the server at once (connections closed, leases ended); SIGHUP
+/// re-reads the ACL and TLS files.
+async fn handle_signals(shared: std::sync::Arc<tebroker::server::Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stopping");
+        shared.stop_token().cancel();
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the ACL and TLS files");
+                tebroker::reload::reload(&shared);
+            }
+        }
     }
+    tracing::info!("signal received; stopping");
+    shared.stop_token().cancel();
 }

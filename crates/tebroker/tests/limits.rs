@@ -134,31 +134,41 @@ fn max_queue_default_and_per_function() {
 fn slow_reader_is_cut_off() {
     let cap = 256 * 1024;
     let mut broker = Broker::start(&["--max-output-buffer", &cap.to_string()]);
-    // A client that asks for lots of echoes and never reads; a small receive buffer makes the
-    // kernel's share small, so the broker's own buffer must fill.
+    // A client that submits a job and never reads; a small receive buffer makes the kernel's
+    // share small, so the broker's own buffer must fill. The output is caused by another
+    // connection (the worker's WORK_DATA), so backpressure on the client's own frames cannot
+    // hold it back: the hard cap must.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     sock.connect(&broker.addr.into()).unwrap();
-    let mut hog: TcpStream = sock.into();
-    hog.set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let payload = vec![b'z'; 60_000];
-    let echo = gearman_proto::Packet::req(T::EchoReq, [payload]).to_bytes();
-    let mut sent = 0usize;
-    let mut cut = false;
-    while sent < 200 * 1024 * 1024 {
-        if hog.write_all(&echo).is_err() {
-            cut = true;
-            break;
+    let hog: TcpStream = sock.into();
+    hog.set_read_timeout(Some(secutil::TIMEOUT)).unwrap();
+    let mut hog = Conn::new(hog);
+    let mut worker = broker.connect();
+    worker.send(T::CanDo, &[b"chatty"]);
+    hog.send(T::SubmitJob, &[b"chatty", b"", b"go"]);
+    worker.send(T::GrabJob, &[]);
+    let assign = loop {
+        let p = worker.recv();
+        match p.ptype {
+            T::JobAssign => break p,
+            T::NoJob => worker.send(T::GrabJob, &[]),
+            _ => {}
         }
-        sent += echo.len();
-        if sent % (4 * 1024 * 1024) < echo.len() && broker.stat("slow_readers_closed") > 0 {
-            cut = true;
+    };
+    let handle = assign.arg(0).to_vec();
+    let chunk = vec![b'z'; 60_000];
+    let data = gearman_proto::Packet::req(T::WorkData, [handle, chunk]).to_bytes();
+    let mut sent = 0usize;
+    while sent < 200 * 1024 * 1024 {
+        worker.raw(&data).unwrap();
+        sent += data.len();
+        if sent % (4 * 1024 * 1024) < data.len() && broker.stat("slow_readers_closed") > 0 {
             break;
         }
     }
     assert!(
-        cut,
+        broker.stat("slow_readers_closed") > 0,
         "sent {sent} bytes and the slow reader is still connected"
     );
     broker.wait_stat("slow_readers_closed", 1);

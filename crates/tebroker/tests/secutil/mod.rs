@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use gearman_proto::{Codec, Frame, Packet, PacketType};
 
-pub const TIMEOUT: Duration = Duration::from_secs(10);
+pub use test_support::{wait_until, TIMEOUT};
 
 /// A tebroker child process, killed when dropped; stderr goes to `log`.
 pub struct Broker {
