@@ -124,6 +124,10 @@ fn a_worker_that_never_reads_gets_only_a_few_jobs() {
 fn a_client_that_floods_echoes_without_reading_is_held_back() {
     let mut broker = Broker::start(&[]);
     let mut hog = small_receive_buffer(&broker);
+    // The stall is expected: a short write timeout ends it.
+    hog.stream
+        .set_write_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
     let echo = gearman_proto::Packet::req(T::EchoReq, [vec![b'z'; 60_000]]).to_bytes();
     // The broker stops reading from the hog once 64 KiB of answers wait for it, so the hog's
     // own socket fills and its writes stall; without backpressure the broker would read on
