@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 
 use broker_core::acl::Acl;
-use broker_core::{Action, Broker, BrokerConfig, ConnId, Security};
+use broker_core::{Action, Broker, BrokerConfig, ConnId, Now, Security};
 use bytes::Bytes;
 use gearman_proto::{Magic, Packet, PacketType};
 use libfuzzer_sys::fuzz_target;
@@ -49,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
         callback_protection: flags & 2 != 0,
         default_max_queue: (flags & 4 != 0).then_some(3),
     });
-    let mut now: u64 = 1_700_000_000_000;
+    let mut now = Now { mono: 0, wall: 1_700_000_000_000 };
     let mut live: HashSet<u64> = HashSet::new();
     let mut generation: HashMap<u64, u64> = HashMap::new();
     let id_of = |slot: u64, generation: &HashMap<u64, u64>| {
@@ -83,7 +83,14 @@ fuzz_target!(|data: &[u8]| {
                 *generation.entry(slot).or_default() += 1;
             }
             1 => {
-                now += u64::from(input.byte().unwrap_or(0)) * 250;
+                // Monotonic time moves on; the wall clock sometimes steps by hours either way.
+                let b = input.byte().unwrap_or(0);
+                now.mono += u64::from(b) * 250;
+                now.wall = match b % 16 {
+                    0 => now.wall.saturating_sub(3_600_000 * u64::from(b / 16)),
+                    1 => now.wall.saturating_add(3_600_000 * u64::from(b / 16)),
+                    _ => now.wall.saturating_add(u64::from(b) * 250),
+                };
                 broker.tick(now, &mut out);
             }
             2 => {
@@ -109,6 +116,10 @@ fuzz_target!(|data: &[u8]| {
                     let arg: Vec<u8> = match (i, sel % 4) {
                         (0, 0..=2) => FUNCS[sel as usize % FUNCS.len()].to_vec(),
                         (_, 0) => format!("H:fz:{}", sel / 4 % 8).into_bytes(),
+                        // Time fields at their limits (CAN_DO_TIMEOUT, SUBMIT_JOB_EPOCH).
+                        (_, 1) if sel >= 0xc0 => ["4294967295", "18446744073709551615", "99999999999"]
+                            [sel as usize % 3]
+                            .into(),
                         (_, 1) => (sel / 4 % 5).to_string().into_bytes(),
                         (_, 2) => Vec::new(),
                         _ => {

@@ -4,11 +4,11 @@ use std::fmt::Write;
 
 use gearman_proto::{AdminCommand, AdminError};
 
-use crate::broker::{show, Action, Broker, ConnId, JobState, Millis};
+use crate::broker::{show, Action, Broker, ConnId, JobState, Now};
 
 impl Broker {
     /// One admin text line from `conn`.
-    pub fn admin(&mut self, conn: ConnId, line: &str, now: Millis, out: &mut Vec<Action>) {
+    pub fn admin(&mut self, conn: ConnId, line: &str, now: Now, out: &mut Vec<Action>) {
         let reply = match AdminCommand::parse(line) {
             // The regex of `acl grant` is the rest of the line, spaces included: hand over the line.
             Ok(AdminCommand::Acl(_)) => Ok(self.acl_admin(conn, line)),
@@ -25,7 +25,7 @@ impl Broker {
     fn run_admin(
         &mut self,
         cmd: AdminCommand,
-        now: Millis,
+        now: Now,
         out: &mut Vec<Action>,
     ) -> Result<String, AdminError> {
         let mut s = String::new();
@@ -101,6 +101,9 @@ impl Broker {
                 s = "OK\r\n".into();
             }
             AdminCommand::Shutdown { graceful } => {
+                if graceful {
+                    self.begin_shutdown();
+                }
                 out.push(Action::Shutdown { graceful });
                 s = "OK\n".into();
             }

@@ -9,9 +9,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::security::{CallbackGuard, Security};
 use crate::testenv::{EndedLease, Lease, LeaseTracker};
-
-/// Milliseconds since the Unix epoch; the only notion of time the core has.
-pub type Millis = u64;
+pub use crate::types::{Millis, Now};
 
 /// How long a woken worker may stay silent before another sleeping worker is woken instead.
 pub const WAKE_RETRY_MS: Millis = 200;
@@ -64,6 +62,19 @@ impl Default for BrokerConfig {
     }
 }
 
+/// Jobs running on a worker now, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunningJobs {
+    pub foreground: usize,
+    pub background: usize,
+}
+
+impl RunningJobs {
+    pub fn total(&self) -> usize {
+        self.foreground + self.background
+    }
+}
+
 /// Counters for metrics and the benchmark; they only ever go up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -101,11 +112,13 @@ pub(crate) enum JobState {
     Queued {
         seq: i64,
     },
+    /// Due at this wall-clock time.
     Scheduled {
         at: Millis,
     },
     Running {
         worker: ConnId,
+        /// Monotonic time the worker's CAN_DO_TIMEOUT ends.
         deadline: Option<Millis>,
     },
 }
@@ -167,7 +180,8 @@ pub(crate) struct Conn {
     /// Registered functions with their CAN_DO_TIMEOUT in seconds, in registration order.
     pub abilities: IndexMap<Bytes, Option<u32>>,
     pub sleeping: bool,
-    /// When this worker was last sent a NOOP it has not yet answered with a GRAB or PRE_SLEEP.
+    /// When (monotonic) this worker was last sent a NOOP it has not yet answered with a GRAB or
+    /// PRE_SLEEP.
     pub woken_at: Option<Millis>,
     pub running: FxHashSet<JobId>,
     pub attached: FxHashSet<JobId>,
@@ -187,15 +201,19 @@ pub struct Broker {
     next_job: JobId,
     next_seq: i64,
     next_head_seq: i64,
+    /// Running jobs by monotonic CAN_DO_TIMEOUT deadline.
     timeouts: BTreeSet<(Millis, JobId)>,
+    /// Scheduled jobs by wall-clock due time.
     schedule: BTreeSet<(Millis, JobId)>,
-    /// Woken workers to check on: one that does not grab in time passes its wake-up on.
+    /// Woken workers to check on (monotonic): one that does not grab in time passes its wake-up on.
     wake_checks: BTreeSet<(Millis, ConnId)>,
     /// The latest time the network layer passed in.
-    now: Millis,
+    now: Now,
     /// `H:<handle_host>:`, the start of every job handle.
     handle_prefix: String,
     pub(crate) leases: LeaseTracker,
+    /// Set by [`Broker::begin_shutdown`]: no new work is handed out.
+    shutting_down: bool,
     pub(crate) stats: Stats,
     pub(crate) security: Security,
     pub(crate) callbacks: CallbackGuard,
@@ -222,8 +240,9 @@ impl Broker {
             timeouts: BTreeSet::new(),
             schedule: BTreeSet::new(),
             wake_checks: BTreeSet::new(),
-            now: 0,
+            now: Now::default(),
             leases: LeaseTracker::default(),
+            shutting_down: false,
             stats: Stats::default(),
             security: Security::default(),
             callbacks: CallbackGuard::default(),
@@ -257,7 +276,7 @@ impl Broker {
     }
 
     /// The testenv leases currently held, oldest first.
-    pub fn leases(&self, now: Millis) -> Vec<Lease> {
+    pub fn leases(&self, now: Now) -> Vec<Lease> {
         self.leases.list(self, now)
     }
 
@@ -269,6 +288,50 @@ impl Broker {
     /// Ended leases not yet handed out by this call, oldest first: for a history file.
     pub fn take_new_history(&mut self) -> Vec<EndedLease> {
         self.leases.take_unflushed()
+    }
+
+    /// Starts a graceful shutdown (drain): from now on no new work is handed out, and running
+    /// jobs go on and end as usual. Submits are refused with an ERROR `SHUTTING_DOWN` packet and
+    /// GRAB_JOB* gets NO_JOB, except for the callback function of a TE lease still held (the
+    /// testenv-worker's job with the TE data), so a lease in progress can finish. Queued jobs stay
+    /// queued (visible in `status`) and are not failed; their clients learn of the end when the
+    /// server closes their connections. Wait with [`Broker::running_jobs`]. Idempotent.
+    pub fn begin_shutdown(&mut self) {
+        if !self.shutting_down {
+            tracing::info!(
+                running = self.running_jobs().total(),
+                "shutting down: no new work is handed out; running jobs go on"
+            );
+        }
+        self.shutting_down = true;
+    }
+
+    /// Whether [`Broker::begin_shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// Jobs a worker is running now: what a graceful shutdown waits for.
+    pub fn running_jobs(&self) -> RunningJobs {
+        let mut running = RunningJobs::default();
+        for id in self.conns.values().flat_map(|c| &c.running) {
+            match self.jobs.get(id) {
+                Some(job) if job.background => running.background += 1,
+                Some(_) => running.foreground += 1,
+                None => {}
+            }
+        }
+        running
+    }
+
+    /// Whether queued jobs of `function` may be handed out now (see [`Broker::begin_shutdown`]).
+    fn may_hand_out(&self, function: &[u8]) -> bool {
+        !self.shutting_down || self.leases.is_active_callback(function)
+    }
+
+    /// Whether a worker of `function` has a job to grab.
+    fn has_work_for(&self, function: &[u8]) -> bool {
+        self.functions.get(function).is_some_and(|f| f.queued() > 0) && self.may_hand_out(function)
     }
 
     /// A new connection from `peer` (an IP address, as shown by the `workers` command).
@@ -357,8 +420,8 @@ impl Broker {
     }
 
     /// One binary packet from `conn`.
-    pub fn packet(&mut self, conn: ConnId, p: Packet, now: Millis, out: &mut Vec<Action>) {
-        self.now = self.now.max(now);
+    pub fn packet(&mut self, conn: ConnId, p: Packet, now: Now, out: &mut Vec<Action>) {
+        self.now = self.now.advanced_to(now);
         if !self.conns.contains_key(&conn) {
             return;
         }
@@ -381,14 +444,14 @@ impl Broker {
             T::SubmitJobEpoch => match parse_num::<u64>(p.arg(2)) {
                 Some(epoch) => {
                     let at = epoch.saturating_mul(1000);
-                    self.submit(conn, p, Submit::At(at.max(now)), out)
+                    self.submit(conn, p, Submit::At(at.max(self.now.wall)), out)
                 }
                 None => self.reply_error(conn, "INVALID_ARGUMENTS", "bad epoch time", out),
             },
             T::SubmitJobSched => {
                 let fields: Vec<&[u8]> = (2..7).map(|i| p.arg(i)).collect();
                 match crate::schedule::parse_cron_fields(&fields)
-                    .and_then(|f| crate::schedule::next_cron_match(&f, now))
+                    .and_then(|f| crate::schedule::next_cron_match(&f, self.now.wall))
                 {
                     Some(at) => self.submit(conn, p, Submit::At(at), out),
                     None => self.reply_error(
@@ -441,9 +504,9 @@ impl Broker {
                 }
             }
             T::PreSleep => self.pre_sleep(conn, out),
-            T::GrabJob => self.grab(conn, PacketType::JobAssign, now, out),
-            T::GrabJobUniq => self.grab(conn, PacketType::JobAssignUniq, now, out),
-            T::GrabJobAll => self.grab(conn, PacketType::JobAssignAll, now, out),
+            T::GrabJob => self.grab(conn, PacketType::JobAssign, out),
+            T::GrabJobUniq => self.grab(conn, PacketType::JobAssignUniq, out),
+            T::GrabJobAll => self.grab(conn, PacketType::JobAssignAll, out),
             T::WorkData | T::WorkWarning | T::WorkStatus => self.work_update(conn, p, out),
             T::WorkComplete | T::WorkFail | T::WorkException => self.work_end(conn, p, out),
             T::AllYours => {}
@@ -463,11 +526,18 @@ impl Broker {
         }
     }
 
-    /// When the next timed event (a CAN_DO_TIMEOUT or a scheduled job) is due.
-    pub fn next_deadline(&self) -> Option<Millis> {
+    /// The monotonic time at which [`Broker::tick`] has something to do (a CAN_DO_TIMEOUT, a
+    /// wake check, a scheduled job). A scheduled job is due in wall time; its monotonic
+    /// estimate assumes the wall clock does not step before then, so a caller that sleeps until
+    /// this deadline should also wake now and then (e.g. every second) to notice a step.
+    pub fn next_deadline(&self, now: Now) -> Option<Millis> {
+        let scheduled = self
+            .schedule
+            .first()
+            .map(|&(at, _)| now.mono.saturating_add(at.saturating_sub(now.wall)));
         [
             self.timeouts.first().map(|&(t, _)| t),
-            self.schedule.first().map(|&(t, _)| t),
+            scheduled,
             self.wake_checks.first().map(|&(t, _)| t),
         ]
         .into_iter()
@@ -476,17 +546,18 @@ impl Broker {
     }
 
     /// Fires everything due at or before `now`.
-    pub fn tick(&mut self, now: Millis, out: &mut Vec<Action>) {
-        self.now = self.now.max(now);
+    pub fn tick(&mut self, now: Now, out: &mut Vec<Action>) {
+        self.now = self.now.advanced_to(now);
+        let now = self.now;
         while let Some(&(at, worker)) = self.wake_checks.first() {
-            if at > now {
+            if at > now.mono {
                 break;
             }
             self.wake_checks.pop_first();
             let Some(c) = self.conns.get_mut(&worker) else {
                 continue;
             };
-            if c.woken_at != Some(at - WAKE_RETRY_MS) {
+            if c.woken_at.map(wake_check_time) != Some(at) {
                 continue;
             }
             // Woken but silent (a worker may ignore NOOP while it wants no work): let another
@@ -495,7 +566,7 @@ impl Broker {
             self.wake_for_waiting_work(worker, out);
         }
         while let Some(&(at, id)) = self.schedule.first() {
-            if at > now {
+            if at > now.wall {
                 break;
             }
             self.schedule.pop_first();
@@ -515,7 +586,7 @@ impl Broker {
             self.wake_one(&function, out);
         }
         while let Some(&(at, id)) = self.timeouts.first() {
-            if at > now {
+            if at > now.mono {
                 break;
             }
             self.timeouts.pop_first();
@@ -555,6 +626,10 @@ impl Broker {
         }
         if !self.may_invoke(conn, &function) {
             return self.reply_error(conn, "PERMISSION_DENIED", "Permission denied by ACL", out);
+        }
+        if !self.may_hand_out(&function) {
+            tracing::debug!(%conn, function = %show(&function), "submit refused: shutting down");
+            return self.reply_error(conn, "SHUTTING_DOWN", "server shutting down", out);
         }
         if &unique[..] == b"-" {
             // libgearman's convention: "-" means "the data is the unique key".
@@ -649,6 +724,9 @@ impl Broker {
 
     /// Sends NOOP to one sleeping worker of `function`, if there is one.
     fn wake_one(&mut self, function: &[u8], out: &mut Vec<Action>) {
+        if !self.may_hand_out(function) {
+            return;
+        }
         let Some(f) = self.functions.get_mut(function) else {
             return;
         };
@@ -662,8 +740,9 @@ impl Broker {
     /// Sends NOOP and remembers to check that the worker acts on it.
     fn send_noop(&mut self, worker: ConnId, out: &mut Vec<Action>) {
         if let Some(c) = self.conns.get_mut(&worker) {
-            c.woken_at = Some(self.now);
-            self.wake_checks.insert((self.now + WAKE_RETRY_MS, worker));
+            c.woken_at = Some(self.now.mono);
+            self.wake_checks
+                .insert((wake_check_time(self.now.mono), worker));
         }
         out.push(Action::Send(
             worker,
@@ -717,13 +796,16 @@ impl Broker {
         let c = self.conn(conn);
         c.abilities.insert(function.clone(), timeout);
         let sleeping = c.sleeping;
-        let f = self.functions.entry(function.clone()).or_default();
-        f.workers.insert(conn);
+        self.functions
+            .entry(function.clone())
+            .or_default()
+            .workers
+            .insert(conn);
         if sleeping {
-            if f.queued() > 0 {
+            if self.has_work_for(&function) {
                 self.set_awake(conn);
                 self.send_noop(conn, out);
-            } else {
+            } else if let Some(f) = self.functions.get_mut(&function) {
                 f.sleeping.insert(conn);
             }
         }
@@ -745,10 +827,7 @@ impl Broker {
     fn pre_sleep(&mut self, conn: ConnId, out: &mut Vec<Action>) {
         self.conn(conn).woken_at = None;
         let c = self.conns.get(&conn).expect("known connection");
-        let work_waiting = c
-            .abilities
-            .keys()
-            .any(|name| self.functions.get(name).is_some_and(|f| f.queued() > 0));
+        let work_waiting = c.abilities.keys().any(|name| self.has_work_for(name));
         if work_waiting {
             self.send_noop(conn, out);
             return;
@@ -762,12 +841,15 @@ impl Broker {
         self.conn(conn).sleeping = true;
     }
 
-    fn grab(&mut self, conn: ConnId, reply: PacketType, now: Millis, out: &mut Vec<Action>) {
+    fn grab(&mut self, conn: ConnId, reply: PacketType, out: &mut Vec<Action>) {
         self.set_awake(conn);
         self.conn(conn).woken_at = None;
         let c = self.conns.get(&conn).expect("known connection");
         let mut best: Option<(usize, i64, JobId, Option<u32>)> = None;
         for (name, timeout) in &c.abilities {
+            if !self.may_hand_out(name) {
+                continue;
+            }
             let Some((p, seq, id)) = self.functions.get(name).and_then(Function::head) else {
                 continue;
             };
@@ -782,7 +864,11 @@ impl Broker {
             ));
             return;
         };
-        let deadline = timeout.map(|t| now + u64::from(t) * 1000);
+        let deadline = timeout.map(|secs| {
+            self.now
+                .mono
+                .saturating_add(u64::from(secs).saturating_mul(1000))
+        });
         let job = self.jobs.get_mut(&id).expect("queued job");
         job.state = JobState::Running {
             worker: conn,
@@ -825,7 +911,7 @@ impl Broker {
             ),
         };
         let worker_id = show(&self.conns[&conn].client_id);
-        self.leases.job_started(id, job, conn, worker_id, now);
+        self.leases.job_started(id, job, conn, worker_id, self.now);
         out.push(Action::Send(conn, packet));
         // The wake-up that brought this worker may have been meant for a job of another of its
         // functions; make sure every function it serves that still has work has a worker awake.
@@ -841,7 +927,7 @@ impl Broker {
         let waiting: Vec<Bytes> = c
             .abilities
             .keys()
-            .filter(|name| self.functions.get(*name).is_some_and(|f| f.queued() > 0))
+            .filter(|name| self.has_work_for(name))
             .cloned()
             .collect();
         for name in waiting {
@@ -1166,6 +1252,11 @@ impl Broker {
         }
         Ok(())
     }
+}
+
+/// When a worker woken at `woken_at` (monotonic) is checked on.
+fn wake_check_time(woken_at: Millis) -> Millis {
+    woken_at.saturating_add(WAKE_RETRY_MS)
 }
 
 fn running_flag(job: &Job) -> Bytes {

@@ -12,8 +12,11 @@ mod schedule;
 mod security;
 mod snapshot;
 mod testenv;
+mod types;
 
-pub use broker::{Action, Broker, BrokerConfig, ConnId, Millis, Stats, WAKE_RETRY_MS};
+pub use broker::{
+    Action, Broker, BrokerConfig, ConnId, Millis, Now, RunningJobs, Stats, WAKE_RETRY_MS,
+};
 pub use schedule::next_cron_match;
 pub use security::{Security, CALLBACK_PREFIX};
 pub use snapshot::{ConnectionInfo, FunctionStatus, Metric};

@@ -46,7 +46,7 @@ pub fn next_cron_match(fields: &CronFields, now: u64) -> Option<u64> {
         }
         let min = (minute % 60) as u32;
         if fields[0].is_none_or(|m| m == min) {
-            return Some(minute * 60_000);
+            return minute.checked_mul(60_000);
         }
         minute += 1;
     }

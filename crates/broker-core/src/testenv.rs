@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::broker::{show, Broker, ConnId, Job, JobId, JobState, Millis};
+use crate::broker::{show, Broker, ConnId, Job, JobId, JobState, Now};
 
 /// The function testenv-workers register; a prefix, since deployments add suffixes for pools.
 pub const LOCKENV_PREFIX: &[u8] = b"lockenv";
@@ -54,7 +54,8 @@ pub struct EndedLease {
     pub worker_id: String,
     pub callback: String,
     pub job_identifier: String,
-    /// Milliseconds since the epoch.
+    /// Wall clock, milliseconds since the epoch. `ended_ms` is never before `started_ms`, even
+    /// if the wall clock stepped back meanwhile.
     pub started_ms: u64,
     pub ended_ms: u64,
     /// `released` (lockenv completed), `failed` (lockenv failed), `worker lost` (the worker's
@@ -66,7 +67,7 @@ pub struct EndedLease {
 struct LeaseRecord {
     worker: ConnId,
     worker_id: String,
-    since: Millis,
+    since: Now,
     callback: String,
     job_identifier: String,
     timeout_secs: Option<u64>,
@@ -89,7 +90,7 @@ impl LeaseTracker {
         job: &Job,
         worker: ConnId,
         worker_id: String,
-        now: Millis,
+        now: Now,
     ) {
         if !job.function.starts_with(LOCKENV_PREFIX) {
             return;
@@ -123,7 +124,7 @@ impl LeaseTracker {
         }
     }
 
-    pub fn job_ended(&mut self, id: JobId, handle: &[u8], now: Millis) {
+    pub fn job_ended(&mut self, id: JobId, handle: &[u8], now: Now) {
         let Some(r) = self.active.remove(&id) else {
             return;
         };
@@ -132,8 +133,8 @@ impl LeaseTracker {
             worker_id: r.worker_id,
             callback: r.callback,
             job_identifier: r.job_identifier,
-            started_ms: r.since,
-            ended_ms: now.max(r.since),
+            started_ms: r.since.wall,
+            ended_ms: now.wall.max(r.since.wall),
             outcome: r.outcome,
         };
         self.ended += 1;
@@ -144,6 +145,13 @@ impl LeaseTracker {
         if self.unflushed.len() < HISTORY_LEN * 10 {
             self.unflushed.push(ended);
         }
+    }
+
+    /// Whether `function` is the callback of a lease held now.
+    pub fn is_active_callback(&self, function: &[u8]) -> bool {
+        self.active
+            .values()
+            .any(|r| !r.callback.is_empty() && r.callback.as_bytes() == function)
     }
 
     pub fn active_count(&self) -> usize {
@@ -163,7 +171,7 @@ impl LeaseTracker {
         std::mem::take(&mut self.unflushed)
     }
 
-    pub fn list(&self, broker: &Broker, now: Millis) -> Vec<Lease> {
+    pub fn list(&self, broker: &Broker, now: Now) -> Vec<Lease> {
         let mut leases: Vec<Lease> = self
             .active
             .iter()
@@ -188,7 +196,7 @@ impl LeaseTracker {
                     callback: r.callback.clone(),
                     job_identifier: r.job_identifier.clone(),
                     timeout_secs: r.timeout_secs,
-                    held_ms: now.saturating_sub(r.since),
+                    held_ms: now.mono.saturating_sub(r.since.mono),
                     callback_state,
                 })
             })

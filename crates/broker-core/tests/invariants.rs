@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use broker_core::{Action, Broker, BrokerConfig, ConnId};
+use broker_core::{Action, Broker, BrokerConfig, ConnId, Now};
 use bytes::Bytes;
 use gearman_proto::{Packet, PacketType as T};
 use proptest::prelude::*;
@@ -78,7 +78,7 @@ proptest! {
             handle_host: "t".into(),
             ..BrokerConfig::default()
         });
-        let mut now = 1_000_000u64;
+        let mut now = Now { mono: 1_000_000, wall: 1_700_000_000_000 };
         let mut generation = [0u64; 4];
         let live = |c: u64, g: &[u64; 4]| ConnId(c * 1000 + g[c as usize]);
         for c in 0..4 {
@@ -105,7 +105,8 @@ proptest! {
                     broker.connect(live(c, &generation), "127.0.0.1");
                 }
                 Op::Advance(ms) => {
-                    now += ms;
+                    now.mono += ms;
+                    now.wall += ms;
                     broker.tick(now, &mut out);
                 }
             }

@@ -312,7 +312,7 @@ fn scheduled_jobs_run_at_their_time() {
     let (c, w) = (sim.conn(1), sim.conn(2));
     sim.send(w, T::CanDo, &[b"f"]);
     sim.send(w, T::PreSleep, &[]);
-    let at = (sim.now / 1000 + 5).to_string();
+    let at = (sim.now.wall / 1000 + 5).to_string();
     sim.send(c, T::SubmitJobEpoch, &[b"f", b"", at.as_bytes(), b"later"]);
     assert_eq!(sim.types(c), vec![T::JobCreated]);
     assert!(sim.take(w).is_empty());

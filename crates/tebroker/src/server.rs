@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use broker_core::{Action, Broker, ConnId, Millis};
+use broker_core::{Action, Broker, ConnId, Millis, Now};
 use gearman_proto::{Frame, Packet};
 use rustc_hash::FxHashMap;
 use tokio::io::AsyncWriteExt;
@@ -69,7 +69,7 @@ impl Shared {
         self.stop.clone()
     }
 
-    pub(crate) fn now(&self) -> Millis {
+    pub(crate) fn now(&self) -> Now {
         self.clock.now()
     }
 
@@ -122,7 +122,7 @@ impl Shared {
     /// Releases the lock, then writes what was queued, hands ended leases to the history
     /// file, and tells the timer when the next deadline moved earlier.
     fn after_apply(&self, mut state: MutexGuard<'_, State>, woken: Vec<Arc<Outbox>>) {
-        let next = state.broker.next_deadline();
+        let next = state.broker.next_deadline(self.now());
         let ended = state.broker.take_new_history();
         drop(state);
         self.timer.rearm(next);
@@ -178,7 +178,7 @@ impl Shared {
     fn begin_shutdown(&self, broker: &mut Broker, graceful: bool) {
         self.stop_accepting.cancel();
         if graceful {
-            let _ = broker;
+            broker.begin_shutdown();
         } else {
             self.stop.cancel();
         }
@@ -211,7 +211,7 @@ impl Shared {
         let now = self.now();
         self.apply(|b, out| {
             b.tick(now, out);
-            b.next_deadline()
+            b.next_deadline(now)
         })
     }
 
@@ -242,7 +242,7 @@ impl Shared {
 
     /// Reads the broker's state (for the operator surface); `now` is passed in. Only the
     /// copying happens under the lock; callers format outside it.
-    pub fn inspect<R>(&self, f: impl FnOnce(&Broker, Millis) -> R) -> R {
+    pub fn inspect<R>(&self, f: impl FnOnce(&Broker, Now) -> R) -> R {
         let now = self.now();
         let mut state = self.lock();
         self.edge.copy_into(state.broker.stats_mut());

@@ -36,12 +36,14 @@ impl Timer {
     }
 }
 
+const WALL_CHECK_MS: Millis = 1000;
+
 pub async fn run(shared: Arc<Shared>) {
     let timer = &shared.timer;
     loop {
         // While the next deadline is being read, any event must wake us (a stored permit).
         timer.armed.store(u64::MAX, Ordering::Release);
-        let next = shared.with_broker(|b| b.next_deadline());
+        let next = shared.with_broker(|b| b.next_deadline(shared.now()));
         timer
             .armed
             .store(next.unwrap_or(u64::MAX), Ordering::Release);
@@ -49,7 +51,9 @@ pub async fn run(shared: Arc<Shared>) {
             timer.changed.notified().await;
             continue;
         };
-        let wait = at.saturating_sub(shared.now());
+        // Wakes at least every second: a scheduled job is due in wall time, and the core's
+        // monotonic estimate of it moves if the wall clock steps.
+        let wait = at.saturating_sub(shared.now().mono).min(WALL_CHECK_MS);
         if wait > 0 {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(wait)) => {}

@@ -2,13 +2,13 @@
 //! the actions for one connection out, invariants checked after every step.
 #![allow(dead_code)]
 
-use broker_core::{Action, Broker, BrokerConfig, ConnId, Security};
+use broker_core::{Action, Broker, BrokerConfig, ConnId, Now, Security};
 use bytes::Bytes;
 use gearman_proto::{Packet, PacketType as T};
 
 pub struct Sim {
     pub broker: Broker,
-    pub now: u64,
+    pub now: Now,
     pub out: Vec<Action>,
 }
 
@@ -21,7 +21,10 @@ impl Sim {
                 version: "test".into(),
                 max_functions_per_conn: 0,
             }),
-            now: 1_700_000_000_000,
+            now: Now {
+                mono: 5_000,
+                wall: 1_700_000_000_000,
+            },
             out: Vec::new(),
         }
     }
@@ -77,8 +80,17 @@ impl Sim {
         self.broker.check_invariants().unwrap();
     }
 
+    /// Both clocks move on by `ms`, then the broker's timers run.
     pub fn advance(&mut self, ms: u64) {
-        self.now += ms;
+        self.now.mono += ms;
+        self.now.wall += ms;
+        self.broker.tick(self.now, &mut self.out);
+        self.broker.check_invariants().unwrap();
+    }
+
+    /// The wall clock steps by `ms` (an NTP correction) while no monotonic time passes.
+    pub fn step_wall(&mut self, ms: i64) {
+        self.now.wall = self.now.wall.saturating_add_signed(ms);
         self.broker.tick(self.now, &mut self.out);
         self.broker.check_invariants().unwrap();
     }
