@@ -249,23 +249,27 @@ impl Shared {
         f(&state.broker, now)
     }
 
-    /// Whether the broker core answers within `within`: its lock can be taken and is not
-    /// poisoned. For `/healthz`.
-    pub async fn probe(&self, within: Duration) -> Result<(), &'static str> {
+    /// Like [`Shared::inspect`], for the HTTP surface: gives up after `within` if the lock
+    /// is not free (a core that hangs), and reports a poisoned lock, instead of blocking.
+    pub async fn inspect_within<R>(
+        &self,
+        within: Duration,
+        f: impl FnOnce(&Broker, Now) -> R,
+    ) -> Result<R, CoreUnavailable> {
         let deadline = Instant::now() + within;
         loop {
             match self.state.try_lock() {
-                Ok(state) => {
-                    let _ = state.broker.connection_count();
-                    return Ok(());
+                Ok(mut state) => {
+                    self.edge.copy_into(state.broker.stats_mut());
+                    return Ok(f(&state.broker, self.now()));
                 }
-                Err(std::sync::TryLockError::Poisoned(_)) => return Err("broker core panicked"),
+                Err(std::sync::TryLockError::Poisoned(_)) => return Err(CoreUnavailable::Panicked),
                 Err(std::sync::TryLockError::WouldBlock) => {}
             }
             if Instant::now() >= deadline {
-                return Err("broker core does not answer");
+                return Err(CoreUnavailable::NoAnswer);
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -297,6 +301,24 @@ impl Shared {
 
     pub(crate) fn with_broker<R>(&self, f: impl FnOnce(&mut Broker) -> R) -> R {
         f(&mut self.lock().broker)
+    }
+}
+
+/// Why the broker core could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoreUnavailable {
+    /// Its lock was not free in time: the core is stuck (or extremely busy).
+    NoAnswer,
+    /// Its lock is poisoned: the core panicked.
+    Panicked,
+}
+
+impl std::fmt::Display for CoreUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CoreUnavailable::NoAnswer => "the broker core does not answer",
+            CoreUnavailable::Panicked => "the broker core panicked",
+        })
     }
 }
 
