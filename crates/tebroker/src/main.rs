@@ -63,6 +63,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let pidfile = settings.pidfile.clone();
         let http = settings.http.clone();
         let server = Server::bind(settings).await?;
+        let signals = Signals::install()?;
         let addr = server.local_addr()?;
         if let Some(path) = &pidfile {
             std::fs::write(path, format!("{}\n", std::process::id()))?;
@@ -80,7 +81,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = stdout.flush();
         drop(stdout);
         tracing::info!(%addr, "listening");
-        tokio::spawn(handle_signals(server.shared()));
+        tokio::spawn(signals.handle(server.shared()));
         let result = server.run().await;
         if let Some(path) = &pidfile {
             let _ = std::fs::remove_file(path);
@@ -91,27 +92,36 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// SIGTERM and SIGINT stop the server at once (connections closed, leases ended); SIGHUP
 /// re-reads the ACL and TLS files.
-async fn handle_signals(shared: std::sync::Arc<tebroker::server::Shared>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stopping");
-        shared.stop_token().cancel();
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading the ACL and TLS files");
-                tebroker::reload::reload(&shared);
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installed before the listening line is printed: whoever reads that line may signal us
+    /// at once, and SIGHUP's default action would end the process.
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn handle(mut self, shared: std::sync::Arc<tebroker::server::Shared>) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => break,
+                _ = self.int.recv() => break,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the ACL and TLS files");
+                    tebroker::reload::reload(&shared);
+                }
             }
         }
+        tracing::info!("signal received; stopping");
+        shared.stop_token().cancel();
     }
-    tracing::info!("signal received; stopping");
-    shared.stop_token().cancel();
 }

@@ -17,6 +17,8 @@ pub use test_support::{wait_until, TIMEOUT};
 /// A tebroker child process, killed when dropped; stderr goes to `log`.
 pub struct Broker {
     pub addr: SocketAddr,
+    /// The HTTP operator surface's address, when started with `--http`.
+    pub http: Option<SocketAddr>,
     child: Child,
     pub log: PathBuf,
     _dir: tempfile::TempDir,
@@ -33,6 +35,7 @@ impl Broker {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tebroker"))
             .args(["serve", "-p", "0", "-L", "127.0.0.1"])
             .args(args)
+            .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -40,9 +43,17 @@ impl Broker {
             .spawn()
             .expect("spawn tebroker");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
+        let http = args.contains(&"--http").then(|| {
+            let mut second = String::new();
+            stdout.read_line(&mut second).unwrap();
+            second
+                .trim()
+                .strip_prefix("tebroker dashboard on http://")
+                .and_then(|a| a.trim_end_matches('/').parse().ok())
+                .unwrap_or_else(|| panic!("no dashboard line: {second:?}"))
+        });
         let addr = line
             .trim()
             .strip_prefix("tebroker listening on ")
@@ -57,10 +68,48 @@ impl Broker {
             .unwrap();
         Broker {
             addr,
+            http,
             child,
             log,
             _dir: dir,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends signal `sig` to the broker.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) },
+            0
+        );
+    }
+
+    /// Waits for the broker to exit, at most `within`; panics (with the log) if it does not.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < until,
+                "tebroker still running after {within:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the log contains `text`.
+    pub fn wait_log(&self, text: &str) -> String {
+        wait_until(&format!("{text:?} in the tebroker log"), || {
+            let log = self.log_text();
+            log.contains(text).then_some(log)
+        })
     }
 
     pub fn connect(&self) -> Conn<TcpStream> {
@@ -194,6 +243,17 @@ impl<S: Read + Write> Conn<S> {
             }
         }
         v
+    }
+
+    /// The next text line, without its line end.
+    pub fn recv_line(&mut self) -> String {
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let l = self.buf.split_to(nl + 1);
+                return String::from_utf8_lossy(&l).trim_end().to_string();
+            }
+            assert!(self.fill().unwrap() > 0, "closed before a full line");
+        }
     }
 
     /// Sends an admin line; reads a one-line reply, or a list up to `.`.
