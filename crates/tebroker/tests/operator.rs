@@ -207,3 +207,195 @@ fn admin_cli_prints_answers_and_fails_on_err() {
         String::from_utf8_lossy(&out.stderr).contains("ERR UNKNOWN_COMMAND Unknown server command")
     );
 }
+
+mod secutil;
+
+use gearman_proto::PacketType as T;
+
+/// Parses `/metrics` with the reference parser (Python prometheus_client's OpenMetrics
+/// parser) and returns every sample as (name, labels, value).
+fn parse_with_prometheus_client(
+    text: &str,
+) -> Vec<(String, serde_json::Map<String, serde_json::Value>, f64)> {
+    const SCRIPT: &str = r#"
+import json, sys
+try:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+except ImportError:
+    sys.exit("prometheus_client is not installed; run scripts/install-peers.sh")
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused /metrics: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<(String, serde_json::Map<String, serde_json::Value>, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    samples
+}
+
+#[test]
+fn metrics_label_values_are_escaped() {
+    let broker = secutil::Broker::start(&["--http", "127.0.0.1:0"]);
+    let names = ["quote\"d", "back\\slash", "new\nline", "plain"];
+    let mut worker = broker.connect();
+    for name in names {
+        worker.send(T::CanDo, &[name.as_bytes()]);
+    }
+    worker.send(T::EchoReq, &[b"sync"]);
+    assert_eq!(worker.recv().ptype, T::EchoRes);
+    let (status, body) = get(&broker.http.unwrap().to_string(), "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let samples = parse_with_prometheus_client(&body);
+    for name in names {
+        let workers = samples
+            .iter()
+            .find(|(metric, labels, _)| {
+                metric == "tebroker_function_workers" && labels["function"] == name
+            })
+            .unwrap_or_else(|| panic!("no workers sample for {name:?} in\n{body}"));
+        assert_eq!(workers.2, 1.0, "{name:?}");
+    }
+    assert!(samples
+        .iter()
+        .any(|(metric, _, _)| metric == "tebroker_history_write_errors_total"));
+}
+
+/// Ends one lease per entry of `outcomes` ("released", "failed" or "timed out") through raw
+/// connections; returns when the last has ended.
+fn end_leases(broker: &secutil::Broker, outcomes: &[&str]) {
+    let mut client = broker.connect();
+    let mut worker = broker.connect();
+    worker.send(T::SetClientId, &[b"te-history"]);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let timeout = *outcome == "timed out";
+        if timeout {
+            worker.send(T::CanDoTimeout, &[b"lockenv", b"1"]);
+        } else {
+            worker.send(T::CanDo, &[b"lockenv"]);
+        }
+        let request = format!(r#"{{"callback_name": "callback_{i}", "timeout": "60"}}"#);
+        client.send(T::SubmitJob, &[b"lockenv", b"", request.as_bytes()]);
+        assert_eq!(client.recv().ptype, T::JobCreated);
+        worker.send(T::GrabJob, &[]);
+        let assign = loop {
+            let p = worker.recv();
+            match p.ptype {
+                T::JobAssign => break p,
+                T::NoJob => worker.send(T::GrabJob, &[]),
+                _ => {}
+            }
+        };
+        match *outcome {
+            "released" => worker.send(T::WorkComplete, &[assign.arg(0), b""]),
+            "failed" => worker.send(T::WorkFail, &[assign.arg(0)]),
+            // The broker fails the job itself after the CAN_DO_TIMEOUT's second.
+            "timed out" => {}
+            other => panic!("no such outcome {other}"),
+        }
+        let end = client.recv();
+        let want = if *outcome == "released" {
+            T::WorkComplete
+        } else {
+            T::WorkFail
+        };
+        assert_eq!(end.ptype, want, "lease {i} ({outcome})");
+    }
+}
+
+#[test]
+fn history_records_failed_and_timed_out_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("leases.jsonl");
+    let broker = secutil::Broker::start(&[
+        "--http",
+        "127.0.0.1:0",
+        "--history-file",
+        secutil::path(&history),
+    ]);
+    end_leases(&broker, &["failed", "timed out", "released"]);
+    let api = json(&broker.http.unwrap().to_string(), "/api/history");
+    let outcomes: Vec<&str> = api
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["released", "timed out", "failed"],
+        "newest first"
+    );
+    let lines = secutil::wait_until("3 lines in the history file", || {
+        let text = std::fs::read_to_string(&history).unwrap_or_default();
+        (text.lines().count() >= 3).then_some(text)
+    });
+    let file: Vec<String> = lines
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["outcome"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        file,
+        ["failed", "timed out", "released"],
+        "in the order they ended"
+    );
+}
+
+#[test]
+fn the_api_history_keeps_the_last_1000_and_the_file_keeps_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("leases.jsonl");
+    let broker = secutil::Broker::start(&[
+        "--http",
+        "127.0.0.1:0",
+        "--history-file",
+        secutil::path(&history),
+    ]);
+    let total = 1005;
+    end_leases(&broker, &vec!["released"; total]);
+    let api = json(&broker.http.unwrap().to_string(), "/api/history");
+    let entries = api.as_array().unwrap();
+    assert_eq!(entries.len(), 1000);
+    assert_eq!(
+        entries[0]["callback"],
+        format!("callback_{}", total - 1),
+        "newest first"
+    );
+    assert_eq!(
+        entries[999]["callback"], "callback_5",
+        "the five oldest are gone"
+    );
+    secutil::wait_until("every lease in the history file", || {
+        let text = std::fs::read_to_string(&history).unwrap_or_default();
+        (text.lines().count() == total).then_some(())
+    });
+    let (_, metrics) = get(&broker.http.unwrap().to_string(), "/metrics");
+    assert_eq!(
+        metric(&metrics, "tebroker_leases_ended_total "),
+        total as f64
+    );
+}

@@ -290,3 +290,72 @@ async fn gearman_client_library_over_tls_with_a_client_certificate() {
         .unwrap_err();
     assert!(err.to_string().contains("nope.pem"), "{err}");
 }
+
+fn tls_broker(pki: &Pki, extra: &[&str]) -> Broker {
+    let server = pki.issue("localhost");
+    let mut args = vec![
+        "--ssl-cert".to_string(),
+        path(&server.cert).to_string(),
+        "--ssl-key".to_string(),
+        path(&server.key).to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Broker::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn a_handshake_not_finished_in_time_is_dropped() {
+    let pki = Pki::new("test CA");
+    let mut broker = tls_broker(&pki, &["--partial-packet-timeout", "1"]);
+    // Connects and never says a word: the handshake cannot finish.
+    let mut silent = broker.connect();
+    assert!(
+        silent.closed_within(secutil::TIMEOUT),
+        "the silent connection is still open"
+    );
+    broker.wait_stat_tls("tls_handshake_failures", 1, &pki);
+    assert!(broker
+        .log_text()
+        .contains("TLS handshake not finished in time"));
+    echo(&mut tls_connect(broker.addr, &pki.ca(), None));
+    assert!(broker.alive());
+}
+
+#[test]
+fn max_connections_holds_over_tls() {
+    let pki = Pki::new("test CA");
+    let mut broker = tls_broker(&pki, &["--max-connections", "2"]);
+    let mut first = tls_connect(broker.addr, &pki.ca(), None);
+    let mut second = tls_connect(broker.addr, &pki.ca(), None);
+    echo(&mut first);
+    echo(&mut second);
+    // A third is closed before its handshake (no SERVER_BUSY packet: it would not be TLS).
+    let third = try_tls_connect(broker.addr, &pki.ca(), None).map(|mut c| {
+        c.send(T::EchoReq, &[b"x"]);
+        c.next_frame()
+    });
+    assert!(
+        matches!(third, Err(_) | Ok(None)),
+        "a third TLS connection was served: {third:?}"
+    );
+    drop(first);
+    // The slot is free again once the first connection has ended.
+    let mut again = secutil::wait_until("a free connection slot", || {
+        try_tls_connect(broker.addr, &pki.ca(), None)
+            .ok()
+            .and_then(|mut c| {
+                c.send(T::EchoReq, &[b"over tls"]);
+                matches!(c.next_frame(), Some(gearman_proto::Frame::Packet(_))).then_some(c)
+            })
+    });
+    let stats = again.admin("stats");
+    let refused: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("connections_refused\t"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(refused >= 1, "{stats}");
+    echo(&mut second);
+    assert!(broker.alive());
+}
