@@ -21,5 +21,5 @@ mod wait;
 pub use admin::{admin, answers_with_list, parse_status, stat, StatusRow};
 pub use peer::{free_port, Peer, PeerServer};
 pub use pki::{Files, Pki};
-pub use process::{find_program, require_program, KillOnDrop, LoggedChild};
+pub use process::{find_program, require_program, run_with_timeout, KillOnDrop, LoggedChild};
 pub use wait::{wait_until, wait_until_within, TIMEOUT};

@@ -138,3 +138,37 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Runs `cmd` to completion (stdin from /dev/null, output captured) within `timeout`; kills it
+/// and panics, with what it printed, if it overruns.
+pub fn run_with_timeout(cmd: &mut Command, timeout: std::time::Duration) -> std::process::Output {
+    let what = format!("{cmd:?}");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if rx.recv_timeout(timeout).is_err() {
+            // Still running: kill it so that wait_with_output returns.
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            return true;
+        }
+        false
+    });
+    let out = child.wait_with_output().expect("wait");
+    let _ = tx.send(());
+    let killed = watchdog.join().unwrap();
+    assert!(
+        !killed,
+        "{what} did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

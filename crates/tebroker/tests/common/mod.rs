@@ -7,7 +7,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use gearman_proto::{Codec, Frame, Packet, PacketType};
 #[allow(unused_imports)] // for the tests that run gearman-tools
-pub use test_support::{require_program, KillOnDrop};
+pub use test_support::{require_program, run_with_timeout, KillOnDrop};
 use test_support::{LoggedChild, Peer, PeerServer};
 
 /// How long any single wait (start-up, one answer) may take before the test fails. Generous:
@@ -474,39 +474,6 @@ pub fn check_round_trip(port: u16) {
     // Nothing left for this function.
     worker.req::<&[u8]>(PacketType::GrabJob, &[]);
     worker.expect(PacketType::NoJob);
-}
-
-/// Runs a program to completion with a timeout; kills it (and fails) if it overruns.
-pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
-    let what = format!("{cmd:?}");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    let id = child.id();
-    let (tx, rx) = mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if rx.recv_timeout(timeout).is_err() {
-            // Still running after the timeout: kill it so wait_with_output returns.
-            unsafe {
-                libc::kill(id as libc::pid_t, libc::SIGKILL);
-            }
-            return true;
-        }
-        false
-    });
-    let out = child.wait_with_output().expect("wait");
-    let _ = tx.send(());
-    let killed = watchdog.join().unwrap();
-    assert!(
-        !killed,
-        "{what} did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// Polls `f` until it returns Some, or panics with `what` after [`TIMEOUT`].
