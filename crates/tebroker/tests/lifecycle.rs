@@ -308,19 +308,17 @@ fn healthz_fails_while_the_core_does_not_answer() {
 fn an_unwritable_history_file_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("no-such-dir").join("leases.jsonl");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tebroker"))
-        .args([
-            "serve",
-            "-p",
-            "0",
-            "-L",
-            "127.0.0.1",
-            "--history-file",
-            path(&bad),
-        ])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tebroker"));
+    cmd.args([
+        "serve",
+        "-p",
+        "0",
+        "-L",
+        "127.0.0.1",
+        "--history-file",
+        path(&bad),
+    ]);
+    let out = test_support::run_with_timeout(&mut cmd, TIMEOUT);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -142,28 +142,39 @@ impl Drop for KillOnDrop {
 /// Runs `cmd` to completion (stdin from /dev/null, output captured) within `timeout`; kills it
 /// and panics, with what it printed, if it overruns.
 pub fn run_with_timeout(cmd: &mut Command, timeout: std::time::Duration) -> std::process::Output {
+    use std::io::Read;
     let what = format!("{cmd:?}");
-    let child = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if rx.recv_timeout(timeout).is_err() {
-            // Still running: kill it so that wait_with_output returns.
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            return true;
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = std::time::Instant::now() + timeout;
+    let (status, killed) = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break (st, false);
         }
-        false
-    });
-    let out = child.wait_with_output().expect("wait");
-    let _ = tx.send(());
-    let killed = watchdog.join().unwrap();
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            break (child.wait().expect("wait"), true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let out = std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
     assert!(
         !killed,
         "{what} did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -171,4 +182,27 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: std::time::Duration) -> std:
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_with_timeout_kills_an_overrun() {
+        let started = std::time::Instant::now();
+        let r = std::panic::catch_unwind(|| {
+            run_with_timeout(
+                Command::new("sleep").arg("30"),
+                std::time::Duration::from_millis(300),
+            )
+        });
+        assert!(r.is_err(), "an overrun must fail");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        let out = run_with_timeout(
+            Command::new("echo").arg("hi"),
+            std::time::Duration::from_secs(10),
+        );
+        assert_eq!(out.stdout, b"hi\n");
+    }
 }
