@@ -150,10 +150,15 @@ fn response_magic_from_a_client_is_refused_or_ignored_safely() {
     // A \0RES packet sent *to* the server: must not crash or be taken as a request.
     c.send(&Packet::res(PacketType::JobCreated, ["H:fake:1"]));
     c.send(&Packet::res(PacketType::WorkComplete, ["H:fake:1", "x"]));
-    match c.next(Duration::from_millis(500)) {
-        Got::Frame(Frame::Packet(p)) => assert_eq!(p.ptype, PacketType::Error, "got {p:?}"),
-        Got::Closed | Got::Nothing => {}
-        other => panic!("unexpected answer to a \\0RES packet: {other:?}"),
+    // ERROR answers (or a close) are fine; the ECHO after them shows nothing else came back.
+    let _ = c.try_send_raw(&Packet::req(PacketType::EchoReq, ["after"]).to_bytes());
+    loop {
+        match c.next(common::TIMEOUT) {
+            Got::Frame(Frame::Packet(p)) if p.ptype == PacketType::Error => continue,
+            Got::Frame(Frame::Packet(p)) if p.ptype == PacketType::EchoRes => break,
+            Got::Closed => break,
+            other => panic!("unexpected answer to a \\0RES packet: {other:?}"),
+        }
     }
     still_serving(&mut server);
 }
@@ -300,9 +305,12 @@ fn too_few_arguments_get_error() {
         let context = format!("{t} with body {body:?}");
         expect_error_packet(c.next(common::TIMEOUT), &context);
         // The connection may be closed or stay usable; if it stays, it must work.
-        match c.next(Duration::from_millis(200)) {
+        let _ = c.try_send_raw(&Packet::req(PacketType::EchoReq, ["still-usable"]).to_bytes());
+        match c.next(common::TIMEOUT) {
             Got::Closed => {}
-            Got::Nothing => c.echo(b"still-usable"),
+            Got::Frame(Frame::Packet(p)) if p.ptype == PacketType::EchoRes => {
+                assert_eq!(p.arg(0), b"still-usable", "{context}")
+            }
             other => panic!("{context}: after the ERROR: {other:?}"),
         }
         still_serving(&mut server);
@@ -508,11 +516,8 @@ fn work_packets_for_foreign_or_unknown_handles_are_refused() {
             _ => panic!("intruder got {p:?}"),
         }
     }
-    // The client must not have received the forged result.
-    match client.next(Duration::from_millis(300)) {
-        Got::Nothing => {}
-        other => panic!("client got something after a forged WORK_COMPLETE: {other:?}"),
-    }
+    // The client must not have received the forged result: the first thing it gets is the
+    // genuine one (a forged packet would have been queued before it).
     owner.req(PacketType::WorkComplete, &[&handle[..], b"genuine"]);
     let done = client.expect(PacketType::WorkComplete);
     assert_eq!(done.arg(1), b"genuine");

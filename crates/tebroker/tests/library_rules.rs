@@ -7,15 +7,16 @@ use std::time::Duration;
 use common::{Server, TIMEOUT};
 use gearman_client::{Client, Error, JobEvent, JobRequest, Priority, ServerAddr, Worker};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Runtime::new().unwrap()
+/// Every async body gets one deadline, so no await in it can hang the test.
+fn run<F: std::future::Future>(body: F) -> F::Output {
+    test_support::block_on_within(Duration::from_secs(60), body)
 }
 
 #[test]
 fn coalesced_foreground_jobs_share_every_event() {
     let server = Server::tebroker();
     let addr = ServerAddr::localhost(server.port);
-    rt().block_on(async {
+    run(async {
         let worker = Worker::new([addr.clone()]);
         worker.register("shared");
         worker.wait_for_server(TIMEOUT).await.unwrap();
@@ -53,7 +54,7 @@ fn coalesced_foreground_jobs_share_every_event() {
 fn priorities_are_served_high_normal_low() {
     let server = Server::tebroker();
     let addr = ServerAddr::localhost(server.port);
-    rt().block_on(async {
+    run(async {
         let client = Client::connect([addr.clone()]).await.unwrap();
         for (p, d) in [
             (Priority::Low, "low"),
@@ -81,7 +82,7 @@ fn priorities_are_served_high_normal_low() {
 fn a_dead_worker_fails_foreground_jobs_and_requeues_background_ones() {
     let server = Server::tebroker();
     let addr = ServerAddr::localhost(server.port);
-    rt().block_on(async {
+    run(async {
         let client = Client::connect([addr.clone()]).await.unwrap();
         let fg = client
             .submit(JobRequest::new("fragile", "fg"))
@@ -127,7 +128,7 @@ fn a_client_fails_over_to_the_second_broker() {
         ServerAddr::localhost(first.port),
         ServerAddr::localhost(second.port),
     ];
-    rt().block_on(async {
+    run(async {
         let worker = Worker::new(servers.clone());
         worker.register("echo");
         worker.wait_for_all_servers(TIMEOUT).await.unwrap();

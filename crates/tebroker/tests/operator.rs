@@ -96,8 +96,7 @@ fn dashboard_api_metrics_and_history_follow_a_lease() {
     assert!(status.contains("200") && page.contains("Leased test environments"));
     assert_eq!(get(&broker.http, "/healthz").1, "ok\n");
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    test_support::block_on_within(Duration::from_secs(60), async {
         // The TE worker and the CI job's callback worker, speaking the testenv protocol.
         let te = Worker::with_options(
             [addr.clone()],
@@ -110,16 +109,25 @@ fn dashboard_api_metrics_and_history_follow_a_lease() {
         let callback = Worker::new([addr.clone()]);
         callback.register("callback_job42");
         te.wait_for_server(Duration::from_secs(10)).await.unwrap();
-        callback.wait_for_server(Duration::from_secs(10)).await.unwrap();
+        callback
+            .wait_for_server(Duration::from_secs(10))
+            .await
+            .unwrap();
         let client = Client::connect([addr.clone()]).await.unwrap();
         let request = format!(
             r#"{{"callback_name": "callback_job42", "timeout": "600", "ssh_key": "{SECRET}", "job_identifier": "42: demo"}}"#
         );
-        let lockenv = client.submit(JobRequest::new("lockenv", request)).await.unwrap();
+        let lockenv = client
+            .submit(JobRequest::new("lockenv", request))
+            .await
+            .unwrap();
         let lease = te.grab_job().await.unwrap();
         let te_client = Client::connect([addr.clone()]).await.unwrap();
         let cb = te_client
-            .submit(JobRequest::new("callback_job42", format!(r#"{{"ssh-key": "{SECRET}"}}"#)))
+            .submit(JobRequest::new(
+                "callback_job42",
+                format!(r#"{{"ssh-key": "{SECRET}"}}"#),
+            ))
             .await
             .unwrap();
         let cb_job = callback.grab_job().await.unwrap();
@@ -131,9 +139,16 @@ fn dashboard_api_metrics_and_history_follow_a_lease() {
         assert_eq!(leases[0]["callback_state"], "running");
         let (_, metrics) = get(&broker.http, "/metrics");
         assert_eq!(metric(&metrics, "tebroker_leases "), 1.0);
-        assert!(metrics.contains(r#"tebroker_function_workers{function="lockenv"} 1"#), "{metrics}");
+        assert!(
+            metrics.contains(r#"tebroker_function_workers{function="lockenv"} 1"#),
+            "{metrics}"
+        );
         let status = json(&broker.http, "/api/status");
-        assert!(status.as_array().unwrap().iter().any(|f| f["name"] == "lockenv" && f["running"] == 1));
+        assert!(status
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "lockenv" && f["running"] == 1));
         let conns = json(&broker.http, "/api/connections");
         assert!(conns.as_array().unwrap().len() >= 4);
 

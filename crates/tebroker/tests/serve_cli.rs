@@ -111,8 +111,7 @@ fn geard_spelling_of_flags_is_accepted() {
 fn graceful_shutdown_waits_for_running_jobs() {
     let mut server = Server::tebroker();
     let addr = ServerAddr::localhost(server.port);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    test_support::block_on_within(Duration::from_secs(60), async {
         let worker = Worker::new([addr.clone()]);
         worker.register("slow");
         worker.wait_for_server(TIMEOUT).await.unwrap();
@@ -120,14 +119,15 @@ fn graceful_shutdown_waits_for_running_jobs() {
         let job = client.submit(JobRequest::new("slow", "x")).await.unwrap();
         let grabbed = worker.grab_job().await.unwrap();
         assert_eq!(server.admin_line("shutdown graceful"), "OK");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The listener closing shows the shutdown has begun; the job in hand keeps it running.
+        wait_until("the listener to close", || {
+            std::net::TcpStream::connect(server.addr())
+                .is_err()
+                .then_some(())
+        });
         assert!(
             server.exit_status().is_none(),
             "still running while a job is in hand"
-        );
-        assert!(
-            std::net::TcpStream::connect(server.addr()).is_err(),
-            "no longer accepting"
         );
         grabbed.complete("done").await.unwrap();
         assert_eq!(&job.result().await.unwrap()[..], b"done");

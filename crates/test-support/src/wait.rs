@@ -25,3 +25,14 @@ pub fn wait_until_within<T>(what: &str, limit: Duration, mut f: impl FnMut() -> 
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs an async test body on a fresh multi-threaded tokio runtime, failing the test if it has
+/// not finished within `limit`: no await in it can hang the test for ever.
+pub fn block_on_within<F: std::future::Future>(limit: Duration, body: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async { tokio::time::timeout(limit, body).await })
+        .unwrap_or_else(|_| panic!("the async test body did not finish within {limit:?}"))
+}
