@@ -1,13 +1,13 @@
 //! Backpressure: a peer that does not read its socket stops being served until it does, so it
 //! costs the broker little memory and (a worker) takes no more jobs than it can be sent.
 
-mod secutil;
+mod harness;
 
 use std::io::Write;
 use std::net::TcpStream;
 
 use gearman_proto::PacketType as T;
-use secutil::{wait_until, Broker, Conn};
+use harness::{wait_until, Server, Stream};
 use test_support::{admin, parse_status};
 
 const JOBS: usize = 2000;
@@ -17,26 +17,26 @@ const JOB_SIZE: usize = 4096;
 /// (8 MiB) it asks for.
 const STUCK_MAX: usize = 150;
 
-fn running(broker: &Broker, function: &str) -> usize {
-    parse_status(&admin(broker.addr, "status"))
+fn running(broker: &Server, function: &str) -> usize {
+    parse_status(&admin(broker.addr(), "status"))
         .into_iter()
         .find(|row| row.function == function)
         .map_or(0, |row| row.running as usize)
 }
 
-fn small_receive_buffer(broker: &Broker) -> Conn<TcpStream> {
+fn small_receive_buffer(broker: &Server) -> Stream<TcpStream> {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&broker.addr.into()).unwrap();
+    sock.connect(&broker.addr().into()).unwrap();
     let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(secutil::TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(secutil::TIMEOUT)).unwrap();
-    Conn::new(s)
+    s.set_read_timeout(Some(harness::TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(harness::TIMEOUT)).unwrap();
+    Stream::new(s)
 }
 
 #[test]
 fn a_worker_that_never_reads_gets_only_a_few_jobs() {
-    let mut broker = Broker::start(&[]);
+    let mut broker = Server::tebroker_with(&[]);
     let function = "backpressure";
     let mut client = broker.connect();
     let payload = vec![b'j'; JOB_SIZE];
@@ -122,7 +122,7 @@ fn a_worker_that_never_reads_gets_only_a_few_jobs() {
 
 #[test]
 fn a_client_that_floods_echoes_without_reading_is_held_back() {
-    let mut broker = Broker::start(&[]);
+    let mut broker = Server::tebroker_with(&[]);
     let mut hog = small_receive_buffer(&broker);
     // The stall is expected: a short write timeout ends it.
     hog.stream

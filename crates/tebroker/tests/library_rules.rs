@@ -1,11 +1,11 @@
 //! The broker's rules as seen through our own client/worker library, over real sockets.
 
-mod common;
+mod harness;
 
 use std::time::Duration;
 
-use common::{Server, TIMEOUT};
 use gearman_client::{Client, Error, JobEvent, JobRequest, Priority, ServerAddr, Worker};
+use harness::{Server, TIMEOUT};
 
 /// Every async body gets one deadline, so no await in it can hang the test.
 fn run<F: std::future::Future>(body: F) -> F::Output {
@@ -93,7 +93,7 @@ fn a_dead_worker_fails_foreground_jobs_and_requeues_background_ones() {
             .await
             .unwrap();
         // A raw worker connection that takes both jobs and then vanishes.
-        let mut raw = common::Conn::connect(server.port);
+        let mut raw = harness::Conn::connect(server.port);
         raw.req(gearman_proto::PacketType::CanDo, &["fragile"]);
         raw.req(gearman_proto::PacketType::GrabJob, &[] as &[&str]);
         raw.expect(gearman_proto::PacketType::JobAssign);

@@ -2,7 +2,7 @@
 //! the history file written to the end), SIGHUP reload of the ACL and TLS files, a panic in
 //! the core ending the process, `/healthz` telling a stuck core, history-file write errors.
 
-mod secutil;
+mod harness;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,17 +10,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use gearman_proto::PacketType as T;
-use secutil::{path, tls_connect, wait_until, Broker, Conn, Pki, TIMEOUT};
+use harness::{path, tls_connect, wait_until, Pki, Server, Stream, TIMEOUT};
 use test_support::parse_status;
 
 /// A TE worker holding a lease: it registered `lockenv` and was assigned a lockenv job.
 struct Lease {
-    worker: Conn<TcpStream>,
-    _client: Conn<TcpStream>,
+    worker: Stream<TcpStream>,
+    _client: Stream<TcpStream>,
     handle: Vec<u8>,
 }
 
-fn lease(broker: &Broker, callback: &str) -> Lease {
+fn lease(broker: &Server, callback: &str) -> Lease {
     let mut worker = broker.connect();
     worker.send(T::SetClientId, &[b"te-worker"]);
     worker.send(T::CanDo, &[b"lockenv"]);
@@ -64,7 +64,8 @@ fn refuses_connections(addr: SocketAddr) -> bool {
 fn graceful_shutdown_waits_for_running_jobs_only() {
     let dir = tempfile::tempdir().unwrap();
     let history = dir.path().join("leases.jsonl");
-    let mut broker = Broker::start(&["--history-file", path(&history), "--shutdown-timeout", "30"]);
+    let mut broker =
+        Server::tebroker_with(&["--history-file", path(&history), "--shutdown-timeout", "30"]);
     let mut held = lease(&broker, "callback_1");
     // Queued with no worker: must not hold the shutdown up.
     let mut submitter = broker.connect();
@@ -77,7 +78,7 @@ fn graceful_shutdown_waits_for_running_jobs_only() {
 
     assert_eq!(broker.connect().admin("shutdown graceful"), "OK\n");
     wait_until("the listener to close", || {
-        refuses_connections(broker.addr).then_some(())
+        refuses_connections(broker.addr()).then_some(())
     });
     // No new work is handed out: the queued job stays with the broker.
     idle_worker.send(T::CanDo, &[b"nobody-works-this"]);
@@ -102,7 +103,8 @@ fn graceful_shutdown_waits_for_running_jobs_only() {
 fn graceful_shutdown_gives_up_after_the_timeout_and_records_the_lease() {
     let dir = tempfile::tempdir().unwrap();
     let history = dir.path().join("leases.jsonl");
-    let mut broker = Broker::start(&["--history-file", path(&history), "--shutdown-timeout", "1"]);
+    let mut broker =
+        Server::tebroker_with(&["--history-file", path(&history), "--shutdown-timeout", "1"]);
     let _held = lease(&broker, "callback_9");
     assert_eq!(broker.connect().admin("shutdown graceful"), "OK\n");
     let status = broker.wait_exit(TIMEOUT);
@@ -122,7 +124,7 @@ fn shutdown_timeout_from_the_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tebroker.toml");
     std::fs::write(&config, "shutdown_timeout = 1\n").unwrap();
-    let mut broker = Broker::start(&["--config", path(&config)]);
+    let mut broker = Server::tebroker_with(&["--config", path(&config)]);
     let _held = lease(&broker, "callback_2");
     assert_eq!(broker.connect().admin("shutdown graceful"), "OK\n");
     assert!(broker.wait_exit(TIMEOUT).success());
@@ -134,11 +136,11 @@ const ACL_AFTER: &str = "[alice]\nregister = two\n";
 
 /// Whether a CAN_DO `f` on `conn` is accepted (the ACL lets it register `f`).
 fn registers(
-    conn: &mut Conn<secutil::TlsStream>,
-    admin: &mut Conn<secutil::TlsStream>,
+    conn: &mut Stream<harness::TlsStream>,
+    admin: &mut Stream<harness::TlsStream>,
     f: &str,
 ) -> bool {
-    let workers = |admin: &mut Conn<secutil::TlsStream>| {
+    let workers = |admin: &mut Stream<harness::TlsStream>| {
         let lines: Vec<String> = admin.admin("status").lines().map(str::to_string).collect();
         let rows = parse_status(&lines[..lines.len() - 1]);
         rows.iter()
@@ -159,7 +161,7 @@ fn sighup_reloads_acl_and_certificate_and_keeps_connections() {
     let alice = pki.issue("alice");
     let acl = pki.dir.path().join("acl.ini");
     std::fs::write(&acl, ACL_BEFORE).unwrap();
-    let mut broker = Broker::start(&[
+    let mut broker = Server::tebroker_with(&[
         "--ssl-cert",
         path(&server.cert),
         "--ssl-key",
@@ -169,8 +171,8 @@ fn sighup_reloads_acl_and_certificate_and_keeps_connections() {
         "--acl",
         path(&acl),
     ]);
-    let mut old = tls_connect(broker.addr, &pki.ca(), Some(&alice));
-    let mut admin = tls_connect(broker.addr, &pki.ca(), Some(&alice));
+    let mut old = tls_connect(broker.addr(), &pki.ca(), Some(&alice));
+    let mut admin = tls_connect(broker.addr(), &pki.ca(), Some(&alice));
     assert!(registers(&mut old, &mut admin, "one"));
     let first_cert = old.stream.conn.peer_certificates().unwrap()[0].to_vec();
 
@@ -196,7 +198,7 @@ fn sighup_reloads_acl_and_certificate_and_keeps_connections() {
         registers(&mut old, &mut admin, "two"),
         "the new ACL applies"
     );
-    let mut fresh = tls_connect(broker.addr, &pki.ca(), Some(&alice));
+    let mut fresh = tls_connect(broker.addr(), &pki.ca(), Some(&alice));
     assert!(!registers(&mut fresh, &mut admin, "three"));
     let new_cert = fresh.stream.conn.peer_certificates().unwrap()[0].to_vec();
     assert_ne!(
@@ -222,14 +224,14 @@ fn sighup_reloads_acl_and_certificate_and_keeps_connections() {
     broker.wait_log("ACL reload failed; keeping the ACL in force");
     assert!(registers(&mut fresh, &mut admin, "two"));
     assert!(broker.alive());
-    let mut last = tls_connect(broker.addr, &pki.ca(), Some(&alice));
+    let mut last = tls_connect(broker.addr(), &pki.ca(), Some(&alice));
     last.send(T::EchoReq, &[b"ok"]);
     assert_eq!(last.recv().ptype, T::EchoRes);
 }
 
 #[test]
 fn sighup_without_acl_or_tls_keeps_serving() {
-    let mut broker = Broker::start(&[]);
+    let mut broker = Server::tebroker_with(&[]);
     let mut before = broker.connect();
     broker.signal(libc::SIGHUP);
     broker.wait_log("SIGHUP: reloading");
@@ -242,7 +244,7 @@ const FAULTS: (&str, &str) = ("TEBROKER_FAULT_INJECTION", "1");
 
 #[test]
 fn a_panic_in_the_core_ends_the_process() {
-    let mut broker = Broker::start_env(&[], &[FAULTS]);
+    let mut broker = Server::tebroker_env(&[], &[FAULTS]);
     let mut c = broker.connect();
     c.raw(b"debug panic\n").unwrap();
     let status = broker.wait_exit(TIMEOUT);
@@ -257,7 +259,7 @@ fn a_panic_in_the_core_ends_the_process() {
 
 #[test]
 fn faults_are_not_injected_unless_asked_for() {
-    let mut broker = Broker::start(&[]);
+    let mut broker = Server::tebroker_with(&[]);
     let answer = broker.connect().admin("debug panic");
     assert!(answer.starts_with("ERR"), "{answer}");
     broker.assert_serving();
@@ -282,7 +284,7 @@ fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
 
 #[test]
 fn healthz_fails_while_the_core_does_not_answer() {
-    let broker = Broker::start_env(&["--http", "127.0.0.1:0"], &[FAULTS]);
+    let broker = Server::tebroker_env(&["--http", "127.0.0.1:0"], &[FAULTS]);
     let http = broker.http.unwrap();
     assert_eq!(
         http_get(http, "/healthz"),
@@ -332,7 +334,8 @@ fn an_unwritable_history_file_is_refused_at_start() {
 fn history_write_errors_are_counted_and_the_lines_retried() {
     let dir = tempfile::tempdir().unwrap();
     let history = dir.path().join("leases.jsonl");
-    let broker = Broker::start(&["--history-file", path(&history), "--http", "127.0.0.1:0"]);
+    let broker =
+        Server::tebroker_with(&["--history-file", path(&history), "--http", "127.0.0.1:0"]);
     // The path turns into a directory: appends fail.
     std::fs::remove_file(&history).unwrap();
     std::fs::create_dir(&history).unwrap();
