@@ -1,7 +1,8 @@
 //! The broker core fed with packet sequences from several connections (connects, disconnects,
 //! packets of every type, admin lines, clock ticks), with ACLs and callback protection on;
 //! `check_invariants` after every step, plus the core invariants checked from outside:
-//! every foreground job ends with exactly one final packet to each attached client.
+//! every foreground job ends with exactly one final packet to each attached client. The clock
+//! ticks on both time bases, with wall-clock steps of hours, and a graceful shutdown may begin.
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
@@ -99,11 +100,13 @@ fuzz_target!(|data: &[u8]| {
                 let cmds = [
                     "status", "workers", "show jobs", "show unique jobs", "leases", "stats",
                     "prioritystatus", "acl list", "maxqueue f 1", "cancel job H:fz:1",
-                    "acl grant invoke b .*", "acl self-revoke all",
+                    "acl grant invoke b .*", "acl self-revoke all", "shutdown graceful",
                 ];
                 let pick = cmds[line.len() % cmds.len()];
                 let line = if n % 2 == 0 { pick.to_string() } else { line };
-                if !line.starts_with("shutdown") {
+                // A graceful shutdown drains (the broker goes on); random `shutdown` lines would
+                // only add the server's part.
+                if !line.starts_with("shutdown") || line == "shutdown graceful" {
                     broker.admin(conn, &line, now, &mut out);
                 }
             }

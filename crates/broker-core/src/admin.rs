@@ -4,7 +4,9 @@ use std::fmt::Write;
 
 use gearman_proto::{AdminCommand, AdminError};
 
-use crate::broker::{show, Action, Broker, ConnId, JobState, Now};
+use crate::broker::Broker;
+use crate::function::Function;
+use crate::types::{show, Action, ConnId, Job, JobState, Now};
 
 impl Broker {
     /// One admin text line from `conn`.
@@ -32,13 +34,13 @@ impl Broker {
         match cmd {
             AdminCommand::Status => {
                 for (name, f) in self.sorted_functions() {
-                    let total = f.queued() + f.running + f.scheduled;
+                    let total = f.queued() + f.running() + f.scheduled();
                     let _ = writeln!(
                         s,
                         "{}\t{}\t{}\t{}",
                         show(name),
                         total,
-                        f.running,
+                        f.running(),
                         f.workers.len()
                     );
                 }
@@ -46,7 +48,7 @@ impl Broker {
             }
             AdminCommand::PriorityStatus => {
                 for (name, f) in self.sorted_functions() {
-                    let [h, n, l] = &f.queues;
+                    let [h, n, l] = f.queues();
                     let _ = writeln!(
                         s,
                         "{}\t{}\t{}\t{}\t{}",
@@ -125,15 +127,29 @@ impl Broker {
         Ok(s)
     }
 
-    fn sorted_functions(&self) -> Vec<(&bytes::Bytes, &crate::broker::Function)> {
+    fn sorted_functions(&self) -> Vec<(&bytes::Bytes, &Function)> {
         let mut v: Vec<_> = self.functions.iter().collect();
         v.sort_by(|a, b| a.0.cmp(b.0));
         v
     }
 
-    fn sorted_jobs(&self) -> Vec<&crate::broker::Job> {
+    fn sorted_jobs(&self) -> Vec<&Job> {
         let mut ids: Vec<_> = self.jobs.keys().copied().collect();
         ids.sort_unstable();
         ids.iter().map(|id| &self.jobs[id]).collect()
+    }
+
+    /// `stats`: every counter and a few gauges, `name<TAB>value`, then `.`.
+    pub(crate) fn stats_text(&self) -> String {
+        let rows = self.metrics();
+        let mut out = String::new();
+        for m in rows {
+            out.push_str(m.name);
+            out.push('\t');
+            out.push_str(&m.value.to_string());
+            out.push('\n');
+        }
+        out.push_str(".\n");
+        out
     }
 }

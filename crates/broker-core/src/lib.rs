@@ -8,16 +8,16 @@
 pub mod acl;
 mod admin;
 mod broker;
+mod function;
 mod schedule;
 mod security;
 mod snapshot;
 mod testenv;
 mod types;
 
-pub use broker::{
-    Action, Broker, BrokerConfig, ConnId, Millis, Now, RunningJobs, Stats, WAKE_RETRY_MS,
-};
+pub use broker::{Broker, BrokerConfig, RunningJobs, Stats, WAKE_RETRY_MS};
 pub use schedule::next_cron_match;
 pub use security::{Security, CALLBACK_PREFIX};
 pub use snapshot::{ConnectionInfo, FunctionStatus, Metric};
 pub use testenv::{EndedLease, Lease, HISTORY_LEN};
+pub use types::{Action, ConnId, Millis, Now};

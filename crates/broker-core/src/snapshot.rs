@@ -3,7 +3,9 @@
 
 use serde::Serialize;
 
-use crate::broker::{show, Broker};
+use crate::broker::Broker;
+use crate::testenv::Lease;
+use crate::types::{show, JobState, Now};
 
 /// One number the broker exports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -161,6 +163,41 @@ impl Broker {
         ]
     }
 
+    /// The testenv leases held now, longest held first.
+    pub fn leases(&self, now: Now) -> Vec<Lease> {
+        let mut leases: Vec<Lease> = self
+            .leases
+            .active()
+            .filter_map(|(id, r)| {
+                let job = self.jobs.get(id)?;
+                debug_assert!(matches!(job.state, JobState::Running { .. }));
+                let callback_state = match self.functions.get(r.request.callback.as_bytes()) {
+                    Some(f) if f.running() > 0 => "running",
+                    Some(f) if f.queued() > 0 => "queued",
+                    Some(_) => "waiting",
+                    None => "gone",
+                };
+                let worker_id = self
+                    .conns
+                    .get(&r.worker)
+                    .map(|c| show(&c.client_id))
+                    .unwrap_or_default();
+                Some(Lease {
+                    lockenv_handle: show(&job.handle),
+                    worker: r.worker,
+                    worker_id,
+                    callback: r.request.callback.clone(),
+                    job_identifier: r.request.job_identifier.clone(),
+                    timeout_secs: r.request.timeout_secs,
+                    held_ms: now.mono.saturating_sub(r.since.mono),
+                    callback_state,
+                })
+            })
+            .collect();
+        leases.sort_by_key(|l| std::cmp::Reverse(l.held_ms));
+        leases
+    }
+
     /// Every function, sorted by name.
     pub fn function_status(&self) -> Vec<FunctionStatus> {
         let mut v: Vec<FunctionStatus> = self
@@ -168,11 +205,11 @@ impl Broker {
             .iter()
             .map(|(name, f)| FunctionStatus {
                 name: show(name),
-                queued_high: f.queues[0].len(),
-                queued_normal: f.queues[1].len(),
-                queued_low: f.queues[2].len(),
-                scheduled: f.scheduled,
-                running: f.running,
+                queued_high: f.queues()[0].len(),
+                queued_normal: f.queues()[1].len(),
+                queued_low: f.queues()[2].len(),
+                scheduled: f.scheduled(),
+                running: f.running(),
                 workers: f.workers.len(),
             })
             .collect();

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::broker::{show, Broker, ConnId, Job, JobId, JobState, Now};
+use crate::types::{show, ConnId, Job, JobId, Now};
 
 /// The function testenv-workers register; a prefix, since deployments add suffixes for pools.
 pub const LOCKENV_PREFIX: &[u8] = b"lockenv";
@@ -63,14 +63,38 @@ pub struct EndedLease {
     pub outcome: &'static str,
 }
 
+/// The non-secret fields of a `lockenv` request.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct LeaseRequest {
+    pub callback: String,
+    pub job_identifier: String,
+    pub timeout_secs: Option<u64>,
+}
+
+/// Reads a lockenv request's non-secret fields; a missing or malformed field is left empty.
+/// The one place that knows the request's JSON.
+pub(crate) fn lease_request(data: &[u8]) -> LeaseRequest {
+    let request: serde_json::Value = serde_json::from_slice(data).unwrap_or_default();
+    let field = |k: &str| {
+        request
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    LeaseRequest {
+        callback: field("callback_name"),
+        job_identifier: field("job_identifier"),
+        timeout_secs: field("timeout").parse().ok(),
+    }
+}
+
 #[derive(Debug)]
-struct LeaseRecord {
-    worker: ConnId,
+pub(crate) struct LeaseRecord {
+    pub worker: ConnId,
     worker_id: String,
-    since: Now,
-    callback: String,
-    job_identifier: String,
-    timeout_secs: Option<u64>,
+    pub since: Now,
+    pub request: LeaseRequest,
     outcome: &'static str,
 }
 
@@ -95,14 +119,6 @@ impl LeaseTracker {
         if !job.function.starts_with(LOCKENV_PREFIX) {
             return;
         }
-        let request: serde_json::Value = serde_json::from_slice(&job.data).unwrap_or_default();
-        let field = |k: &str| {
-            request
-                .get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or("")
-                .to_string()
-        };
         self.active.insert(
             id,
             LeaseRecord {
@@ -110,9 +126,7 @@ impl LeaseTracker {
                 worker_id,
                 outcome: "ended",
                 since: now,
-                callback: field("callback_name"),
-                job_identifier: field("job_identifier"),
-                timeout_secs: field("timeout").parse().ok(),
+                request: lease_request(&job.data),
             },
         );
     }
@@ -131,8 +145,8 @@ impl LeaseTracker {
         let ended = EndedLease {
             lockenv_handle: show(handle),
             worker_id: r.worker_id,
-            callback: r.callback,
-            job_identifier: r.job_identifier,
+            callback: r.request.callback,
+            job_identifier: r.request.job_identifier,
             started_ms: r.since.wall,
             ended_ms: now.wall.max(r.since.wall),
             outcome: r.outcome,
@@ -151,7 +165,7 @@ impl LeaseTracker {
     pub fn is_active_callback(&self, function: &[u8]) -> bool {
         self.active
             .values()
-            .any(|r| !r.callback.is_empty() && r.callback.as_bytes() == function)
+            .any(|r| !r.request.callback.is_empty() && r.request.callback.as_bytes() == function)
     }
 
     pub fn active_count(&self) -> usize {
@@ -171,37 +185,8 @@ impl LeaseTracker {
         std::mem::take(&mut self.unflushed)
     }
 
-    pub fn list(&self, broker: &Broker, now: Now) -> Vec<Lease> {
-        let mut leases: Vec<Lease> = self
-            .active
-            .iter()
-            .filter_map(|(id, r)| {
-                let job = broker.jobs.get(id)?;
-                let callback_state = match broker.functions.get(r.callback.as_bytes()) {
-                    Some(f) if f.running > 0 => "running",
-                    Some(f) if f.queued() > 0 => "queued",
-                    Some(_) => "waiting",
-                    None => "gone",
-                };
-                let worker_id = broker
-                    .conns
-                    .get(&r.worker)
-                    .map(|c| show(&c.client_id))
-                    .unwrap_or_default();
-                debug_assert!(matches!(job.state, JobState::Running { .. }));
-                Some(Lease {
-                    lockenv_handle: show(&job.handle),
-                    worker: r.worker,
-                    worker_id,
-                    callback: r.callback.clone(),
-                    job_identifier: r.job_identifier.clone(),
-                    timeout_secs: r.timeout_secs,
-                    held_ms: now.mono.saturating_sub(r.since.mono),
-                    callback_state,
-                })
-            })
-            .collect();
-        leases.sort_by_key(|l| std::cmp::Reverse(l.held_ms));
-        leases
+    /// The leases held now, by job.
+    pub fn active(&self) -> impl Iterator<Item = (&JobId, &LeaseRecord)> {
+        self.active.iter()
     }
 }

@@ -1,4 +1,7 @@
-//! Types every part of the core shares.
+//! Types every part of the core shares: connections, jobs, actions and time.
+
+use bytes::Bytes;
+use gearman_proto::Packet;
 
 /// Milliseconds, on one of the two clocks of [`Now`].
 pub type Millis = u64;
@@ -25,4 +28,77 @@ impl Now {
             wall: later.wall,
         }
     }
+}
+
+/// A connection, numbered by the network layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+pub(crate) type JobId = u64;
+
+/// Something the network layer must do on the broker's behalf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Send(ConnId, Packet),
+    Text(ConnId, String),
+    /// Close the connection once what was queued for it has been written.
+    Close(ConnId),
+    Shutdown {
+        graceful: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Priority {
+    High = 0,
+    Normal = 1,
+    Low = 2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobState {
+    Queued {
+        seq: i64,
+    },
+    /// Due at this wall-clock time.
+    Scheduled {
+        at: Millis,
+    },
+    Running {
+        worker: ConnId,
+        /// Monotonic time the worker's CAN_DO_TIMEOUT ends.
+        deadline: Option<Millis>,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub handle: Bytes,
+    pub function: Bytes,
+    pub unique: Bytes,
+    pub data: Bytes,
+    pub priority: Priority,
+    pub background: bool,
+    /// Foreground clients attached to this job; each gets every result packet.
+    pub clients: Vec<ConnId>,
+    pub state: JobState,
+    pub numerator: Bytes,
+    pub denominator: Bytes,
+    pub retries: u32,
+}
+
+/// Bytes shown in logs: lossy UTF-8.
+pub(crate) fn show(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A decimal number in a packet argument (surrounding spaces allowed).
+pub(crate) fn parse_num<T: std::str::FromStr>(b: &[u8]) -> Option<T> {
+    std::str::from_utf8(b).ok()?.trim().parse().ok()
 }

@@ -49,19 +49,8 @@ fn a_wall_clock_step_neither_fires_nor_stalls_a_can_do_timeout() {
 fn a_wall_clock_step_neither_fires_nor_stalls_a_wake_check() {
     for step in [HOURS_5, -HOURS_5] {
         let mut sim = Sim::new();
-        let (c, w1, w2) = (sim.conn(1), sim.conn(2), sim.conn(3));
-        for w in [w1, w2] {
-            sim.send(w, T::CanDo, &[b"f"]);
-            sim.send(w, T::PreSleep, &[]);
-        }
-        sim.submit(c, T::SubmitJob, "f", "", "x");
-        let woken = if sim.types(w1) == vec![T::Noop] {
-            w1
-        } else {
-            w2
-        };
-        let other = if woken == w1 { w2 } else { w1 };
-        assert!(sim.take(other).is_empty());
+        let c = sim.conn(1);
+        let (_woken, other) = sim.two_sleepers_and_a_job(c, "f");
         // `woken` ignores its NOOP; the wall clock steps while no real time passes.
         sim.step_wall(step);
         assert!(sim.take(other).is_empty(), "step {step}: wake check fired");

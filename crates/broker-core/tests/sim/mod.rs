@@ -120,6 +120,25 @@ impl Sim {
         p.args[0].clone()
     }
 
+    /// Two workers of `f` asleep (connections 2 and 3), then a job for `f` from `client`: returns
+    /// (the worker it woke, the other), checking that exactly one was sent NOOP.
+    pub fn two_sleepers_and_a_job(&mut self, client: ConnId, f: &str) -> (ConnId, ConnId) {
+        let (w1, w2) = (self.conn(2), self.conn(3));
+        for w in [w1, w2] {
+            self.send(w, T::CanDo, &[f.as_bytes()]);
+            self.send(w, T::PreSleep, &[]);
+        }
+        self.submit(client, T::SubmitJob, f, "", "x");
+        let woken = if self.types(w1) == vec![T::Noop] {
+            w1
+        } else {
+            w2
+        };
+        let other = if woken == w1 { w2 } else { w1 };
+        assert!(self.take(other).is_empty());
+        (woken, other)
+    }
+
     /// Worker grabs; returns (handle, function, unique, data) or None on NO_JOB.
     pub fn grab(&mut self, w: ConnId) -> Option<(Bytes, String, String, String)> {
         self.send(w, T::GrabJobUniq, &[]);
