@@ -36,16 +36,8 @@ impl Setup {
             .collect();
         let acl = pki.dir.path().join("acl.ini");
         std::fs::write(&acl, ACL).unwrap();
-        let broker = Server::tebroker_with(&[
-            "--ssl-cert",
-            path(&server.cert),
-            "--ssl-key",
-            path(&server.key),
-            "--ssl-ca",
-            path(&pki.ca()),
-            "--acl",
-            path(&acl),
-        ]);
+        let broker =
+            Server::tebroker_with(&harness::strs(&harness::tls_acl_args(&server, &pki, &acl)));
         Setup { pki, broker, certs }
     }
 

@@ -28,16 +28,7 @@ fn lease(broker: &Server, callback: &str) -> Lease {
     let request = format!(r#"{{"callback_name": "{callback}", "timeout": "600"}}"#);
     client.send(T::SubmitJob, &[b"lockenv", b"", request.as_bytes()]);
     assert_eq!(client.recv().ptype, T::JobCreated);
-    worker.send(T::GrabJob, &[]);
-    let assign = loop {
-        let p = worker.recv();
-        match p.ptype {
-            T::JobAssign => break p,
-            T::Noop => {}
-            T::NoJob => worker.send(T::GrabJob, &[]),
-            other => panic!("unexpected {other:?}"),
-        }
-    };
+    let assign = worker.grab_assignment();
     Lease {
         handle: assign.arg(0).to_vec(),
         worker,
@@ -161,16 +152,8 @@ fn sighup_reloads_acl_and_certificate_and_keeps_connections() {
     let alice = pki.issue("alice");
     let acl = pki.dir.path().join("acl.ini");
     std::fs::write(&acl, ACL_BEFORE).unwrap();
-    let mut broker = Server::tebroker_with(&[
-        "--ssl-cert",
-        path(&server.cert),
-        "--ssl-key",
-        path(&server.key),
-        "--ssl-ca",
-        path(&pki.ca()),
-        "--acl",
-        path(&acl),
-    ]);
+    let mut broker =
+        Server::tebroker_with(&harness::strs(&harness::tls_acl_args(&server, &pki, &acl)));
     let mut old = tls_connect(broker.addr(), &pki.ca(), Some(&alice));
     let mut admin = tls_connect(broker.addr(), &pki.ca(), Some(&alice));
     assert!(registers(&mut old, &mut admin, "one"));

@@ -147,15 +147,7 @@ fn slow_reader_is_cut_off() {
     let mut worker = broker.connect();
     worker.send(T::CanDo, &[b"chatty"]);
     hog.send(T::SubmitJob, &[b"chatty", b"", b"go"]);
-    worker.send(T::GrabJob, &[]);
-    let assign = loop {
-        let p = worker.recv();
-        match p.ptype {
-            T::JobAssign => break p,
-            T::NoJob => worker.send(T::GrabJob, &[]),
-            _ => {}
-        }
-    };
+    let assign = worker.grab_assignment();
     let handle = assign.arg(0).to_vec();
     let chunk = vec![b'z'; 60_000];
     let data = gearman_proto::Packet::req(T::WorkData, [handle, chunk]).to_bytes();

@@ -271,15 +271,7 @@ fn end_leases(broker: &Server, outcomes: &[&str]) {
         let request = format!(r#"{{"callback_name": "callback_{i}", "timeout": "60"}}"#);
         client.send(T::SubmitJob, &[b"lockenv", b"", request.as_bytes()]);
         assert_eq!(client.recv().ptype, T::JobCreated);
-        worker.send(T::GrabJob, &[]);
-        let assign = loop {
-            let p = worker.recv();
-            match p.ptype {
-                T::JobAssign => break p,
-                T::NoJob => worker.send(T::GrabJob, &[]),
-                _ => {}
-            }
-        };
+        let assign = worker.grab_assignment();
         match *outcome {
             "released" => worker.send(T::WorkComplete, &[assign.arg(0), b""]),
             "failed" => worker.send(T::WorkFail, &[assign.arg(0)]),
@@ -301,12 +293,7 @@ fn end_leases(broker: &Server, outcomes: &[&str]) {
 fn history_records_failed_and_timed_out_leases() {
     let dir = tempfile::tempdir().unwrap();
     let history = dir.path().join("leases.jsonl");
-    let broker = Server::tebroker_with(&[
-        "--http",
-        "127.0.0.1:0",
-        "--history-file",
-        harness::path(&history),
-    ]);
+    let broker = start(&history);
     end_leases(&broker, &["failed", "timed out", "released"]);
     let api = json(broker.http.unwrap(), "/api/history");
     let outcomes: Vec<&str> = api
@@ -344,12 +331,7 @@ fn history_records_failed_and_timed_out_leases() {
 fn the_api_history_keeps_the_last_1000_and_the_file_keeps_all() {
     let dir = tempfile::tempdir().unwrap();
     let history = dir.path().join("leases.jsonl");
-    let broker = Server::tebroker_with(&[
-        "--http",
-        "127.0.0.1:0",
-        "--history-file",
-        harness::path(&history),
-    ]);
+    let broker = start(&history);
     let total = 1005;
     end_leases(&broker, &vec!["released"; total]);
     let api = json(broker.http.unwrap(), "/api/history");

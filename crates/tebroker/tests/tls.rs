@@ -188,16 +188,7 @@ fn pypi_gear_over_ssl_with_acl() {
         "[worker]\nregister = lockenv\n\n[client]\nregister = callback_.*\ninvoke = lockenv$\n",
     )
     .unwrap();
-    let broker = Server::tebroker_with(&[
-        "--ssl-cert",
-        path(&server.cert),
-        "--ssl-key",
-        path(&server.key),
-        "--ssl-ca",
-        path(&pki.ca()),
-        "--acl",
-        path(&acl),
-    ]);
+    let broker = Server::tebroker_with(&harness::strs(&harness::tls_acl_args(&server, &pki, &acl)));
     let out = Command::new("python3")
         .args([
             "-c",
@@ -240,16 +231,7 @@ async fn gearman_client_library_over_tls_with_a_client_certificate() {
         "[worker]\nregister = reverse\n[client]\ninvoke = reverse\n",
     )
     .unwrap();
-    let broker = Server::tebroker_with(&[
-        "--ssl-cert",
-        path(&server.cert),
-        "--ssl-key",
-        path(&server.key),
-        "--ssl-ca",
-        path(&pki.ca()),
-        "--acl",
-        path(&acl),
-    ]);
+    let broker = Server::tebroker_with(&harness::strs(&harness::tls_acl_args(&server, &pki, &acl)));
     let addr = |files: Option<&harness::Files>| {
         ServerAddr::new("localhost", broker.addr().port()).with_tls(TlsConfig {
             ssl_cert: files.map(|f| f.cert.clone()),

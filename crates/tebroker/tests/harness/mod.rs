@@ -638,6 +638,21 @@ impl<S: Read + Write> Stream<S> {
         }
     }
 
+    /// GRAB_JOB until a JOB_ASSIGN arrives (NOOPs skipped, NO_JOB asks again): the job a
+    /// worker that registered its function is handed next.
+    pub fn grab_assignment(&mut self) -> Packet {
+        self.send(PacketType::GrabJob, &[]);
+        loop {
+            let p = self.recv();
+            match p.ptype {
+                PacketType::JobAssign => return p,
+                PacketType::NoJob => self.send(PacketType::GrabJob, &[]),
+                PacketType::Noop => {}
+                other => panic!("expected JOB_ASSIGN, got {other:?} {p:?}"),
+            }
+        }
+    }
+
     /// Reads until the server closes; returns the packets seen on the way.
     pub fn recv_until_closed(&mut self) -> Vec<Packet> {
         let mut v = Vec::new();
@@ -729,6 +744,29 @@ pub use test_support::{Files, Pki};
 
 pub fn path(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// `tebroker serve` flags for TLS with `server`'s certificate, client certificates signed by
+/// `pki`'s CA, and the ACL file `acl`.
+pub fn tls_acl_args<'a>(server: &'a Files, pki: &Pki, acl: &'a Path) -> Vec<String> {
+    [
+        "--ssl-cert",
+        path(&server.cert),
+        "--ssl-key",
+        path(&server.key),
+        "--ssl-ca",
+        path(&pki.ca()),
+        "--acl",
+        path(acl),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `Vec<String>` flags as the `&[&str]` that [`Server::tebroker_with`] takes.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 fn load_certs(p: &Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
