@@ -5,6 +5,7 @@
 #   - Debian postgresql (initdb, pg_ctl, postgres), via apt-get: the store's tests and benchmark
 #     start throwaway clusters of their own (test-support's PgCluster), on free ports with
 #     private sockets, so no system cluster is wanted (none is created, see below).
+#   - PyPI prometheus-client (its text-format parser checks tebroker's /metrics), via pip.
 # Idempotent: anything already installed is left alone. Runs as root, or through sudo.
 # Environment: PYTHON (default python3) is the interpreter gear is installed for.
 set -euo pipefail
@@ -55,12 +56,16 @@ else
         "${missing[@]}" >/dev/null
 fi
 
-if "$PYTHON" -c 'import gear' >/dev/null 2>&1; then
-    log "pip: gear already importable by $PYTHON"
-else
-    log "pip: installing gear for $PYTHON"
+# pip_package MODULE PACKAGE: installs PACKAGE unless MODULE is importable.
+pip_package() {
+    local module="$1" package="$2"
+    if "$PYTHON" -c "import $module" >/dev/null 2>&1; then
+        log "pip: $package already importable by $PYTHON"
+        return
+    fi
+    log "pip: installing $package for $PYTHON"
     export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
-    pip_install() { "$PYTHON" -m pip install --quiet "$@" gear; }
+    pip_install() { "$PYTHON" -m pip install --quiet "$@" "$package"; }
     errf="$(mktemp)"
     if ! pip_install 2>"$errf"; then
         # Debian's own python refuses system-wide pip installs (PEP 668).
@@ -73,10 +78,13 @@ else
         fi
     fi
     rm -f "$errf"
-    "$PYTHON" -c 'import gear' || { log "gear still not importable by $PYTHON"; exit 1; }
+    "$PYTHON" -c "import $module" || { log "$package still not importable by $PYTHON"; exit 1; }
     # Under pyenv, new console scripts (geard) need their shim.
     if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
-fi
+}
+pip_package gear gear
+# The reference Prometheus text parser, for the test of tebroker's /metrics.
+pip_package prometheus_client prometheus-client
 
 # Everything the tests run must now be there.
 for prog in gearmand gearman gearadmin geard; do
