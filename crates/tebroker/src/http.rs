@@ -198,6 +198,42 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
+/// Runs the operator surface on a thread and runtime of its own, so that a core stuck while it
+/// holds the broker lock cannot stall the surface along with the runtime thread it blocks:
+/// `/healthz` still answers, with 503. Returns the bound address once it listens.
+pub fn serve_on_own_thread(
+    addr: String,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("tebroker-http".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = bound_tx.send(Err(anyhow::Error::from(e)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let bound = serve(&addr, shared, stop.clone()).await;
+                let listening = bound.is_ok();
+                let _ = bound_tx.send(bound);
+                if listening {
+                    stop.cancelled().await;
+                }
+            });
+        })?;
+    bound_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the HTTP thread ended before it listened"))?
+}
+
 /// Serves the operator surface on `addr` until `stop` is cancelled; returns the bound address.
 pub async fn serve(
     addr: &str,

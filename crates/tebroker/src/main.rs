@@ -73,7 +73,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         // port): these lines are written with errors ignored, never a panic on a closed pipe.
         let mut banner = format!("tebroker listening on {addr}\n");
         if let Some(http) = &http {
-            let bound = tebroker::http::serve(http, server.shared(), server.stop_token()).await?;
+            let bound = tebroker::http::serve_on_own_thread(
+                http.clone(),
+                server.shared(),
+                server.stop_token(),
+            )?;
             banner.push_str(&format!("tebroker dashboard on http://{bound}/\n"));
         }
         let mut stdout = std::io::stdout().lock();

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
@@ -28,21 +28,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("invalid PEM in {}", path.display()))?;
-    if certs.is_empty() {
-        bail!("no certificate found in {}", path.display());
-    }
-    Ok(certs)
+    gearman_client::tls::read_certs(path).map_err(anyhow::Error::msg)
 }
 
 fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    rustls_pemfile::private_key(&mut &pem[..])
-        .with_context(|| format!("invalid PEM in {}", path.display()))?
-        .with_context(|| format!("no private key found in {}", path.display()))
+    gearman_client::tls::read_private_key(path).map_err(anyhow::Error::msg)
 }
 
 /// Builds the acceptor; every error names the file at fault (and never prints key material).

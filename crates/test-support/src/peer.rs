@@ -15,6 +15,46 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether a job server answers two GET_STATUS requests on one connection. Accepting is not
+/// enough: geard listens (and serves) before its constructor has finished, and a packet it handles
+/// in that window raises inside geard and drops the connection (its `statsd` attribute is not
+/// set yet), so a test that connects at once can lose its first connection.
+fn answers_twice(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    const GET_STATUS: u32 = 15;
+    const STATUS_RES: u32 = 20;
+    let Ok(mut conn) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let timeout = Some(Duration::from_secs(2));
+    if conn.set_read_timeout(timeout).is_err() || conn.set_write_timeout(timeout).is_err() {
+        return false;
+    }
+    let handle = b"H:readiness:0";
+    let mut request = b"\0REQ".to_vec();
+    request.extend_from_slice(&GET_STATUS.to_be_bytes());
+    request.extend_from_slice(&(handle.len() as u32).to_be_bytes());
+    request.extend_from_slice(handle);
+    for _ in 0..2 {
+        if conn.write_all(&request).is_err() {
+            return false;
+        }
+        let mut header = [0u8; 12];
+        if conn.read_exact(&mut header).is_err()
+            || &header[..4] != b"\0RES"
+            || u32::from_be_bytes(header[4..8].try_into().unwrap()) != STATUS_RES
+        {
+            return false;
+        }
+        let len = u32::from_be_bytes(header[8..12].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len];
+        if len > 4096 || conn.read_exact(&mut body).is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 /// Which peer job server a [`PeerServer`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {
@@ -138,7 +178,7 @@ impl PeerServer {
                 }
                 match listener_owner(self.port, proc.pid()) {
                     Listener::Ours => {
-                        if TcpStream::connect(self.addr()).is_ok() {
+                        if answers_twice(self.addr()) {
                             self.proc = Some(proc);
                             return;
                         }
