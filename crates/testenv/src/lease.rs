@@ -119,6 +119,8 @@ pub struct LeaseEnd {
     pub job_identifier: String,
     /// How long the TE was held.
     pub held: Duration,
+    /// COMMAND's exit status, when the holder's testenv-client reported it.
+    pub exit_status: Option<i32>,
 }
 
 /// What may interrupt a wait of the lease machinery: the owner pausing or resuming the worker
@@ -147,6 +149,8 @@ pub struct LeaseContext<'a, I: Interrupts> {
     /// Refuse requests needing more nodes than the TE data lists (the agent does; the
     /// original testenv-worker never did, so testenv-worker does not).
     pub check_size: bool,
+    /// The holder's COMMAND exit status, when its testenv-client said it (ours do).
+    pub exit_status: Option<i32>,
     /// The last journal write failed: a crash now would not quarantine the TE, so it is not
     /// offered again until the journal can be written.
     pub journal_failing: bool,
@@ -274,11 +278,13 @@ pub async fn lease<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Job) -
     let job_identifier = LockRequest::parse(lockenv.data())
         .map(|r| r.job_identifier)
         .unwrap_or_default();
+    ctx.exit_status = None;
     let outcome = lease_outcome(ctx, lockenv).await;
     LeaseEnd {
         outcome,
         job_identifier,
         held: started.elapsed(),
+        exit_status: ctx.exit_status,
     }
 }
 
@@ -441,7 +447,13 @@ async fn hand_over(
     loop {
         tokio::select! {
             ev = callback.next_event() => match ev {
-                Ok(Some(JobEvent::Complete(_))) => return Outcome::Completed,
+                Ok(Some(JobEvent::Complete(data))) => {
+                    ctx.exit_status = std::str::from_utf8(&data)
+                        .ok()
+                        .and_then(|t| t.strip_prefix(crate::client::COMMAND_EXIT_PREFIX))
+                        .and_then(|n| n.trim().parse().ok());
+                    return Outcome::Completed;
+                }
                 Ok(Some(e)) if e.is_final() => return Outcome::Failed,
                 Ok(_) => {}
                 Err(e) => return Outcome::LostBroker(e.to_string()),

@@ -252,6 +252,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         worker: &worker,
         interrupts: &mut signals,
         check_size: false,
+        exit_status: None,
         journal_failing: false,
     };
     loop {
