@@ -89,7 +89,7 @@ pub async fn run(te: &TeConfig, which: &str, cmd: Option<&str>) -> Result<(), Ho
 
 pub fn humanize(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         format!("{ms}ms")
     } else {
         format!("{}s", d.as_secs())

@@ -25,6 +25,9 @@ use crate::hooks::{self, HookError};
 
 /// How long a held TE stays held when the command names no time.
 const HOLD_FOREVER: Duration = Duration::from_secs(testenv_proto::MAX_TIMEOUT_SECS);
+/// How long a TE too small for a request stays out of rotation, so the client's retries
+/// (about 3 s of them) reach other TEs.
+const STEP_ASIDE: Duration = Duration::from_secs(5);
 /// Pause between two rebuild attempts of the same TE.
 const REBUILD_PAUSE: Duration = Duration::from_secs(1);
 
@@ -488,6 +491,21 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
         let end = lease(&mut ctx, job).await;
         if end.outcome.stops_worker() {
             break;
+        }
+        if let Outcome::TooSmall { has, needs } = end.outcome {
+            pool.set_state(
+                i,
+                EnvState::Ready,
+                Some(format!(
+                    "stepped aside: a request needed {needs} nodes, this TE has {has}"
+                )),
+            );
+            // The client submits the request again at once; stepping aside for a moment lets
+            // a bigger TE (of this agent or another) take it instead of this one again.
+            tokio::select! {
+                _ = tokio::time::sleep(STEP_ASIDE) => {}
+                _ = wait_stop(&pool, i) => break,
+            }
         }
         if !end.outcome.leased() {
             // Nothing was handed over (a refused or too-big request): the TE is as it was.

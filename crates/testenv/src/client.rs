@@ -254,7 +254,6 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         extra_nodes: args.extra_nodes.clone(),
         job_identifier: LockRequest::job_identifier_from_env(),
         tenant: args.tenant.clone(),
-        ..LockRequest::default()
     };
     let target = LockTarget {
         function: match &args.label {
