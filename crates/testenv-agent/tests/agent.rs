@@ -474,6 +474,14 @@ host_disk_gb = 5000
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("[te te3] num = 3 (carved)"), "{text}");
     assert!(!text.contains("[te te4]"), "100 GB / 32 GB = 3 TEs: {text}");
+    // The sample in contrib/ loads.
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/testenv-agent.toml");
+    let out = run_with_timeout(
+        Command::new(AGENT_BIN).arg("check-config").arg(sample),
+        LONG,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[te te2]"));
     // An unknown key and a bad duration are clear errors.
     std::fs::write(
         &config,
@@ -489,4 +497,59 @@ host_disk_gb = 5000
         String::from_utf8_lossy(&out.stderr).contains("colour"),
         "{out:?}"
     );
+}
+
+/// The rows of admin `status` for `function`: (queued, running, workers).
+fn function_status(broker: SocketAddr, function: &str) -> Option<(u64, u64, u64)> {
+    test_support::parse_status(&test_support::admin(broker, "status"))
+        .into_iter()
+        .find(|r| r.function == function)
+        .map(|r| (r.total, r.running, r.workers))
+}
+
+#[test]
+fn reports_go_to_tebroker_only_and_sigusr2_drains_the_host() {
+    let te = |broker: SocketAddr| {
+        let dir = tempfile::tempdir().unwrap();
+        te_data(&dir.path().join("te1.json"), "1", 2);
+        Agent::start_in(
+            dir,
+            broker,
+            "[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\nlabels = [\"ovb\"]\n",
+        )
+    };
+    let broker = tebroker();
+    let agent = te(broker);
+    agent.wait_state("te1", EnvState::Ready);
+    // This tebroker does not consume reports yet, so they queue as jobs of the report function.
+    wait_until("a state report reached tebroker", || {
+        function_status(broker, "tebroker:te-report").filter(|r| r.0 >= 1)
+    });
+    wait_until("te1 registered lockenv:ovb", || {
+        function_status(broker, "lockenv:ovb").filter(|r| r.2 == 1)
+    });
+    // SIGUSR2: the whole host drained (CANT_DO everywhere); SIGUSR1: back.
+    // SAFETY: signals to our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGUSR2) };
+    agent.wait_state("te1", EnvState::Drained);
+    // tebroker deletes a function nobody can do, so the row may be gone altogether.
+    wait_until("te1 unregistered while drained", || {
+        match function_status(broker, "lockenv") {
+            None => Some(()),
+            Some(r) => (r.2 == 0).then_some(()),
+        }
+    });
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGUSR1) };
+    agent.wait_state("te1", EnvState::Ready);
+
+    let server = gearmand();
+    let agent = te(server.addr());
+    agent.wait_state("te1", EnvState::Ready);
+    wait_until("te1 registered on gearmand", || {
+        function_status(server.addr(), "lockenv").filter(|r| r.2 == 1)
+    });
+    let out = finish(client(server.addr(), &[], "cat $TE_DATAFILE"));
+    assert!(out.status.success(), "{out:?}");
+    // The agent asked gearmand's version and sent no report there.
+    assert_eq!(function_status(server.addr(), "tebroker:te-report"), None);
 }
