@@ -169,17 +169,21 @@ async fn ctl(args: &Args, socket: Option<PathBuf>, op: &CtlOp) -> anyhow::Result
     let reply = tokio::time::timeout(std::time::Duration::from_secs(30), exchange)
         .await
         .map_err(|_| anyhow::anyhow!("the agent at {} did not answer", socket.display()))??;
+    let mut text = String::new();
     if let CtlOp::Status { json: true } = op {
-        println!("{}", serde_json::to_string_pretty(&reply.report)?);
+        text = serde_json::to_string_pretty(&reply.report)? + "\n";
     } else if let (CtlOp::Status { .. }, Some(report)) = (op, &reply.report) {
-        println!("agent {} on {}", report.agent, report.host);
-        println!(
+        use std::fmt::Write;
+        let _ = writeln!(text, "agent {} on {}", report.agent, report.host);
+        let _ = writeln!(
+            text,
             "{:<16} {:<13} {:>8} {:<24} DETAIL",
             "TE", "STATE", "FOR", "HOLDER"
         );
         let now = testenv::journal::now_ms();
         for e in &report.envs {
-            println!(
+            let _ = writeln!(
+                text,
                 "{:<16} {:<13} {:>7}s {:<24} {}",
                 e.name,
                 e.state.as_str(),
@@ -189,7 +193,17 @@ async fn ctl(args: &Args, socket: Option<PathBuf>, op: &CtlOp) -> anyhow::Result
             );
         }
     } else {
-        println!("{}", reply.message);
+        text = format!("{}\n", reply.message);
+    }
+    // A reader that has seen enough (`| grep -q`, `| head`) closes the pipe: not an error.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(e.into());
+            }
+        }
     }
     Ok(if reply.ok { 0 } else { 1 })
 }
