@@ -553,3 +553,45 @@ fn reports_go_to_tebroker_only_and_sigusr2_drains_the_host() {
     // The agent asked gearmand's version and sent no report there.
     assert_eq!(function_status(server.addr(), "tebroker:te-report"), None);
 }
+
+#[test]
+fn a_gear_based_original_style_client_leases_from_the_agent_through_geard() {
+    let py = std::env::var("TESTENV_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let server = PeerServer::start(Peer::Geard, Duration::from_secs(20));
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    let agent = Agent::start_in(
+        dir,
+        server.addr(),
+        "[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n",
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testenv/tests/py/te_client.py");
+    let out_file = agent.path("out");
+    let out = run_with_timeout(
+        Command::new(py)
+            .arg("-u")
+            .arg(script)
+            .args([
+                "-b",
+                &server.addr().to_string(),
+                "-n",
+                "py1",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .arg(format!(
+                "cat \"$TE_DATAFILE\" > {}; exit 5",
+                out_file.display()
+            )),
+        LONG,
+    );
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(std::fs::read_to_string(&out_file)
+        .unwrap()
+        .contains("\"env-num\":\"1\""));
+    // The gear client says nothing of COMMAND's status: the lease is not a failed one.
+    let te = agent.wait_state("te1", EnvState::Ready);
+    assert_eq!(te.failed_leases, 0);
+}
