@@ -122,7 +122,10 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // SAFETY: a signal to our own child.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: a signal to our own child, not yet reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
@@ -594,4 +597,40 @@ fn a_gear_based_original_style_client_leases_from_the_agent_through_geard() {
     // The gear client says nothing of COMMAND's status: the lease is not a failed one.
     let te = agent.wait_state("te1", EnvState::Ready);
     assert_eq!(te.failed_leases, 0);
+}
+
+#[test]
+fn a_te_leased_when_the_agent_crashes_is_quarantined_after_restart() {
+    let broker = tebroker();
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    let body =
+        "[lease]\nholder_grace = \"3s\"\n[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n";
+    let mut agent = Agent::start_in(dir, broker, body);
+    agent.wait_state("te1", EnvState::Ready);
+    let started = agent.path("started");
+    let holder = client(
+        broker,
+        &[],
+        &format!("touch {}; sleep 600", started.display()),
+    );
+    wait_until("the lease started", || started.exists().then_some(()));
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    // The holder learns its TE is gone (tebroker fails lockenv of a dead worker).
+    let out = finish(holder);
+    assert!(!out.status.success(), "{out:?}");
+    // Restarted on the same state_dir: the journal says a lease was open, so te1 sits out the
+    // holder grace before it is offered again.
+    let dir = std::mem::replace(&mut agent.dir, tempfile::tempdir().unwrap());
+    drop(agent);
+    let agent = Agent::start_in(dir, broker, body);
+    let te = agent.wait_state("te1", EnvState::Provisioning);
+    assert!(
+        te.detail.unwrap_or_default().contains("quarantine"),
+        "{}",
+        agent.log()
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    assert!(agent.log().contains("a previous run left a lease open"));
 }
