@@ -235,7 +235,7 @@ impl Pool {
 }
 
 /// A TE's interrupts during a lease: only the agent stopping cuts a lease short; a drain
-/// arriving meanwhile marks it draining (the worker is already paused while leased).
+/// arriving meanwhile marks it draining, and the TE leaves rotation when the lease ends.
 struct TeInterrupts {
     pool: Rc<Pool>,
     i: usize,
@@ -473,11 +473,15 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
                 continue;
             }
         };
-        worker.pause();
         let Some(job) = job else {
+            worker.pause();
             refuse_queued(&worker, &te.name).await;
             continue;
         };
+        // Not paused during the lease: gearmand hands a running job out again when its worker
+        // sends CANT_DO for the function meanwhile. No second job is grabbed, since nobody
+        // waits in `grab_job` until the TE is ready again.
+
         let holder = LockRequest::parse(job.data())
             .map(|r| r.job_identifier)
             .unwrap_or_default();
@@ -489,6 +493,8 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
         };
         pool.set_state(i, leased_state, None);
         let end = lease(&mut ctx, job).await;
+        // lockenv is answered: out of rotation until the loop finds the TE ready again.
+        worker.pause();
         if end.outcome.stops_worker() {
             break;
         }

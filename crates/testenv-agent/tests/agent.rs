@@ -634,3 +634,63 @@ fn a_te_leased_when_the_agent_crashes_is_quarantined_after_restart() {
     agent.wait_state("te1", EnvState::Ready);
     assert!(agent.log().contains("a previous run left a lease open"));
 }
+
+#[test]
+fn a_high_priority_request_overtakes_waiting_low_ones_through_gearmand() {
+    let server = gearmand();
+    let broker = server.addr();
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        "[lease]\nholder_grace = \"1s\"\n[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n",
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let go = agent.path("go");
+    let order = agent.path("order");
+    let first = client(
+        broker,
+        &[],
+        &format!(
+            "touch {0}.started; while [ ! -e {0} ]; do sleep 0.05; done",
+            go.display()
+        ),
+    );
+    wait_until("the first lease started", || {
+        go.with_extension("started").exists().then_some(())
+    });
+    let queued = |n: u64| {
+        wait_until(&format!("{n} lock requests queued"), || {
+            function_status(broker, "lockenv").filter(|r| r.0 >= n + 1)
+        })
+    };
+    let low = client(
+        broker,
+        &["--priority", "low"],
+        &format!("echo low >> {}", order.display()),
+    );
+    queued(1);
+    let high = client(
+        broker,
+        &["--priority", "high"],
+        &format!("echo high >> {}", order.display()),
+    );
+    queued(2);
+    std::fs::write(&go, "").unwrap();
+    for c in [first, high, low] {
+        let out = finish(c);
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_eq!(std::fs::read_to_string(&order).unwrap(), "high\nlow\n");
+    // Each request was leased once: gearmand hands a running job out again if its worker sends
+    // CANT_DO meanwhile, so the agent must not leave rotation during a lease.
+    let te = agent.wait_state("te1", EnvState::Ready);
+    assert_eq!(
+        agent.log().matches("lease start").count(),
+        3,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(te.failed_leases, 0);
+}
