@@ -370,6 +370,8 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
         interrupts: &mut interrupts,
         check_size: true,
         exit_status: None,
+        leasing: false,
+        pause_after_lease: false,
         journal_failing: false,
     };
 

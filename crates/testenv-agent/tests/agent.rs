@@ -662,7 +662,7 @@ fn a_high_priority_request_overtakes_waiting_low_ones_through_gearmand() {
     });
     let queued = |n: u64| {
         wait_until(&format!("{n} lock requests queued"), || {
-            function_status(broker, "lockenv").filter(|r| r.0 >= n + 1)
+            function_status(broker, "lockenv").filter(|r| r.0 > n)
         })
     };
     let low = client(

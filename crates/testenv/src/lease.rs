@@ -151,6 +151,11 @@ pub struct LeaseContext<'a, I: Interrupts> {
     pub check_size: bool,
     /// The holder's COMMAND exit status, when its testenv-client said it (ours do).
     pub exit_status: Option<i32>,
+    /// A lease is running: a pause waits for its end, since gearmand hands a running job out
+    /// again when its worker sends CANT_DO for the function.
+    pub leasing: bool,
+    /// A pause asked for during the lease, applied when `lockenv` is answered.
+    pub pause_after_lease: bool,
     /// The last journal write failed: a crash now would not quarantine the TE, so it is not
     /// offered again until the journal can be written.
     pub journal_failing: bool,
@@ -192,6 +197,16 @@ impl<I: Interrupts> LeaseContext<'_, I> {
     /// Pauses or resumes the worker as asked while waiting for something else; true on stop.
     pub async fn pause_resume_or_stop(&mut self) -> bool {
         match self.interrupts.next().await {
+            Interrupt::Pause if self.leasing => {
+                tracing::info!(tenum = self.tenum, "paused: no new leases after this one");
+                self.pause_after_lease = true;
+                false
+            }
+            Interrupt::Resume if self.leasing => {
+                tracing::info!(tenum = self.tenum, "taking leases again after this one");
+                self.pause_after_lease = false;
+                false
+            }
             Interrupt::Pause => {
                 tracing::info!(tenum = self.tenum, "paused, taking no new leases");
                 self.worker.pause();
@@ -279,7 +294,12 @@ pub async fn lease<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Job) -
         .map(|r| r.job_identifier)
         .unwrap_or_default();
     ctx.exit_status = None;
+    ctx.leasing = true;
     let outcome = lease_outcome(ctx, lockenv).await;
+    ctx.leasing = false;
+    if std::mem::take(&mut ctx.pause_after_lease) {
+        ctx.worker.pause();
+    }
     LeaseEnd {
         outcome,
         job_identifier,

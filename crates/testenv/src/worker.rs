@@ -253,6 +253,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         interrupts: &mut signals,
         check_size: false,
         exit_status: None,
+        leasing: false,
+        pause_after_lease: false,
         journal_failing: false,
     };
     loop {
