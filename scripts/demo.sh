@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 jobs="${1:-5}"
 
 echo "== building (release)"
-cargo build --release -q -p tebroker -p testenv
-bin=target/release
+cargo build --release -q -p tebroker -p testenv -p testenv-agent
+bin=${DEMO_BIN:-target/release}
 work="$(mktemp -d)"
 pids=()
 cleanup() {
@@ -65,3 +65,43 @@ for _ in $(seq 20); do [ "$(wc -l <"$work/history.jsonl" 2>/dev/null || echo 0)"
 sed 's/^/   /' "$work/history.jsonl"
 echo "== worker log of one TE"
 sed 's/^/   /' "$work/testenv-1.log"
+
+echo "== testenv-agent: one agent serving a pool of two TEs; agent-te2 fails its first health check"
+cat >"$work/health.sh" <<HOOK
+#!/bin/sh
+# agent-te2 "lost its IP" until it has been rebuilt once; nobody acts.
+if [ "\$TE_NAME" = agent-te2 ] && [ ! -e "$work/rebuilt" ]; then echo "no route to \$TE_NAME"; exit 1; fi
+sleep 1
+HOOK
+chmod +x "$work/health.sh"
+cat >"$work/agent.toml" <<CONF
+brokers = ["$addr"]
+agent = "demo-host"
+state_dir = "$work/agent-state"
+control_socket = "$work/agent.sock"
+[hooks]
+health = "$work/health.sh"
+rebuild = "sleep 1; touch $work/rebuilt"
+timeout = "30s"
+[[te]]
+name = "agent-te1"
+datafile = "demo/testenv-1.json"
+labels = ["ovb"]
+[[te]]
+name = "agent-te2"
+datafile = "demo/testenv-2.json"
+CONF
+"$bin/testenv-agent" --config "$work/agent.toml" 2>"$work/agent.log" &
+pids+=($!)
+for _ in $(seq 50); do [ -S "$work/agent.sock" ] && break; sleep 0.1; done
+sleep 0.5
+echo "   testenv-agent ctl status, just after start:"
+"$bin/testenv-agent" ctl --socket "$work/agent.sock" status | sed 's/^/   /'
+for _ in $(seq 100); do
+    "$bin/testenv-agent" ctl --socket "$work/agent.sock" status --json | grep -q '"state": "\(unhealthy\|rebuilding\|provisioning\)"' || break
+    sleep 0.1
+done
+echo "   testenv-agent ctl status, a few seconds later (agent-te2 was rebuilt and checked again):"
+"$bin/testenv-agent" ctl --socket "$work/agent.sock" status | sed 's/^/   /'
+echo "   a job asking for label ovb:"
+"$bin/testenv-client" -b "$addr" --label ovb -- sh -c 'echo "   got $(grep -o "\"env-num\": \"[0-9]*\"" "$TE_DATAFILE")"' 2>>"$work/clients.log"

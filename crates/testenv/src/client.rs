@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use gearman_client::{
-    Backoff, Client, ClientOptions, ForegroundJob, JobRequest, Liveness, ServerAddr, Worker,
-    WorkerOptions,
+    Backoff, Client, ClientOptions, ForegroundJob, JobRequest, Liveness, Priority, ServerAddr,
+    Worker, WorkerOptions,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -20,10 +20,24 @@ use crate::tedata;
 pub const EXIT_LEASE_LOST: i32 = 3;
 /// How often a lock request that ends without an environment is submitted again.
 const MAX_LOCKENV_RETRIES: u32 = 5;
+/// The callback job's result when COMMAND exited: this followed by its exit status.
+pub const COMMAND_EXIT_PREFIX: &str = "exit ";
 /// Exit status when the local --timeout expired.
 pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit status when the worker could not provide an environment, as the original.
 pub const EXIT_NO_ENV: i32 = 2;
+/// `--label`: a name usable in a function name (as testenv-proto checks agent labels).
+fn parse_label(text: &str) -> Result<String, String> {
+    testenv_proto::agent::check_name("label", text).map_err(|e| e.to_string())?;
+    Ok(text.to_string())
+}
+
+/// The lock function and priority the lock request is submitted with.
+struct LockTarget {
+    function: String,
+    priority: Priority,
+}
+
 /// `-t`: a number of seconds, more than 0 and at most the longest lease a worker grants
 /// ([`crate::request::MAX_TIMEOUT_SECS`], 30 days): the one range of testenv-proto, so every deadline derived
 /// from it stays far from overflowing. Kept as given, since the lock request carries it as a
@@ -99,6 +113,17 @@ pub struct ClientArgs {
     pub probe_timeout: Duration,
     #[command(flatten)]
     pub tls: crate::TlsArgs,
+    /// Ask only for a TE with this label (testenv-agent registers `lockenv:LABEL` for it).
+    #[arg(long, value_parser = parse_label)]
+    pub label: Option<String>,
+    /// Submit the lock request with this Gearman priority (SUBMIT_JOB_HIGH / SUBMIT_JOB /
+    /// SUBMIT_JOB_LOW).
+    #[arg(long, default_value = "normal", value_parser = ["high", "normal", "low"])]
+    pub priority: String,
+    /// The project the job runs for; tebroker serves waiting requests of equal priority fairly
+    /// across tenants. Default: $ZUUL_PROJECT, else the one shared tenant.
+    #[arg(long, env = "ZUUL_PROJECT", default_value = "")]
+    pub tenant: String,
     /// The command to run while the environment is locked.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<OsString>,
@@ -228,7 +253,18 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         net_iso: args.net_iso.clone(),
         extra_nodes: args.extra_nodes.clone(),
         job_identifier: LockRequest::job_identifier_from_env(),
-        ..LockRequest::default()
+        tenant: args.tenant.clone(),
+    };
+    let target = LockTarget {
+        function: match &args.label {
+            Some(label) => testenv_proto::agent::label_function(label),
+            None => LOCKENV.to_string(),
+        },
+        priority: match args.priority.as_str() {
+            "high" => Priority::High,
+            "low" => Priority::Low,
+            _ => Priority::Normal,
+        },
     };
 
     let mut stops = Stops {
@@ -279,7 +315,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     }
     tracing::info!(%callback, "requesting a test environment");
     let mut lockenv = match stops
-        .or_stop(submit_lockenv(&client, &request, &mut silence))
+        .or_stop(submit_lockenv(&client, &target, &request, &mut silence))
         .await
     {
         Ok(job) => job,
@@ -331,7 +367,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         let resubmit = async {
             tokio::time::sleep(resubmit_after).await;
             let mut silence = Silence::new(&servers, args.report_interval);
-            submit_lockenv(&client, &request, &mut silence).await
+            submit_lockenv(&client, &target, &request, &mut silence).await
         };
         match stops.or_stop(resubmit).await {
             Ok(job) => lockenv = job,
@@ -413,8 +449,13 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     };
     drop(datafile);
 
-    // Hand the environment back.
-    if let Err(e) = job.complete("").await {
+    // Hand the environment back, saying how COMMAND ended (testenv-agent counts failed jobs
+    // and holds their TEs; other workers ignore the data).
+    let how = match ending {
+        Ending::Command(code) => format!("{COMMAND_EXIT_PREFIX}{code}"),
+        _ => String::new(),
+    };
+    if let Err(e) = job.complete(how).await {
         tracing::warn!(error = %e, "could not complete the callback job; the worker will free the TE when it notices");
     }
     worker.stop();
@@ -445,6 +486,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
 /// Submits the lock request, trying every broker in turn with backoff until one takes it.
 async fn submit_lockenv(
     client: &Client,
+    target: &LockTarget,
     request: &LockRequest,
     silence: &mut Silence,
 ) -> ForegroundJob {
@@ -452,7 +494,10 @@ async fn submit_lockenv(
     let mut delay = backoff.initial;
     loop {
         match client
-            .submit(JobRequest::new(LOCKENV, request.to_json()))
+            .submit(
+                JobRequest::new(target.function.clone(), request.to_json())
+                    .priority(target.priority),
+            )
             .await
         {
             Ok(job) => return job,

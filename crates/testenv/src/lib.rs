@@ -5,6 +5,7 @@
 pub mod client;
 pub mod guard;
 pub mod journal;
+pub mod lease;
 pub mod procs;
 pub mod request;
 pub mod tedata;

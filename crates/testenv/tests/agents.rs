@@ -341,6 +341,45 @@ fn sigusr2_pauses_and_sigusr1_resumes_worker() {
 }
 
 #[test]
+fn sigusr2_during_a_lease_through_gearmand_does_not_lease_the_request_twice() {
+    // gearmand hands a running job out again when its worker sends CANT_DO for the function,
+    // so a pause during a lease must wait for the lease's end.
+    let s = Scene::new();
+    let g = PeerServer::gearmand();
+    let w = s.worker(&g.spec(), "te1", &[], &[&s.datafile("1")]);
+    wait_lockenv_workers(g.addr, 1);
+    let go = s.path("go");
+    let mut c = s.client(
+        &g.spec(),
+        "holder",
+        &[],
+        &format!(
+            "touch {0}.started; while [ ! -e {0} ]; do sleep 0.05; done",
+            go.display()
+        ),
+    );
+    wait_until(TIMEOUT, "lease started", || {
+        go.with_extension("started").exists()
+    });
+    w.signal(libc::SIGUSR2);
+    wait_until(TIMEOUT, "pause noted", || w.output().contains("paused"));
+    std::fs::write(&go, "").unwrap();
+    c.expect_code(0, TIMEOUT);
+    wait_until(TIMEOUT, "lease end logged", || {
+        w.output().contains("lease end")
+    });
+    w.signal(libc::SIGUSR1);
+    // Re-leased, the holder's request would keep the TE until its callback start timeout
+    // (30 s): the next client would not get it in time.
+    let mut c = s.client(&g.spec(), "next", &[], "exit 0");
+    c.expect_code(0, TIMEOUT);
+    let out = w.output();
+    let starts: Vec<&str> = out.lines().filter(|l| l.contains("lease start")).collect();
+    assert_eq!(starts.len(), 2, "{out}");
+    assert!(starts[1].contains("callback_next"), "{out}");
+}
+
+#[test]
 fn script_form_create_argv_destroy_and_failing_create() {
     let s = Scene::new();
     let b = Broker::start();

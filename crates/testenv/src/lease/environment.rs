@@ -11,14 +11,14 @@ use crate::tedata;
 
 /// What a lease hands the holder: TE data, or the notice that there is none.
 #[derive(Debug)]
-pub(super) enum Environment {
+pub(crate) enum Environment {
     Ready(TeData),
     /// `Couldn't retrieve env: ...`, sent to the client in place of TE data.
     Unavailable(String),
 }
 
 impl Environment {
-    pub(super) fn unavailable(why: impl std::fmt::Display) -> Environment {
+    pub(crate) fn unavailable(why: impl std::fmt::Display) -> Environment {
         Environment::Unavailable(tedata::failure_notice(why))
     }
 
@@ -29,7 +29,7 @@ impl Environment {
         }
     }
 
-    pub(super) fn into_callback_data(self) -> String {
+    pub(crate) fn into_callback_data(self) -> String {
         match self {
             Environment::Ready(te) => te.into_text(),
             Environment::Unavailable(notice) => notice,
@@ -38,7 +38,7 @@ impl Environment {
 }
 
 /// The static form: the datafile is read for every lease, so edits take effect.
-pub(super) fn read_datafile(path: &Path) -> Environment {
+pub(crate) fn read_datafile(path: &Path) -> Environment {
     match std::fs::read_to_string(path) {
         Err(e) => Environment::unavailable(format_args!("cannot read {}: {e}", path.display())),
         Ok(text) => Environment::from_text(text, path.display()),
@@ -47,7 +47,7 @@ pub(super) fn read_datafile(path: &Path) -> Environment {
 
 /// The script form: `CREATE_SCRIPT TENUM ENVSIZE UCINSTANCE CREATE_UNDERCLOUD SSH_KEY NET_ISO
 /// COMPUTE_ENVSIZE EXTRA_NODES` writes the TE's JSON to `$TE_DATAFILE`.
-pub(super) async fn run_create(script: &Path, tenum: &str, req: &ValidLockRequest) -> Environment {
+pub(crate) async fn run_create(script: &Path, tenum: &str, req: &ValidLockRequest) -> Environment {
     let count = |n: Option<u32>, default: u32| n.unwrap_or(default).to_string();
     let or = |v: &str, d: &str| {
         if v.is_empty() {
@@ -101,7 +101,7 @@ pub(super) async fn run_create(script: &Path, tenum: &str, req: &ValidLockReques
     }
 }
 
-pub(super) async fn run_destroy(script: &Path, tenum: &str) {
+pub async fn run_destroy(script: &Path, tenum: &str) {
     let result = tokio::process::Command::new(script)
         .arg(tenum)
         .stdin(Stdio::null())
@@ -133,7 +133,7 @@ impl Drop for KillGroupOnDrop {
 }
 
 /// Runs the client-alive check for at most `limit`; false if it failed or timed out.
-pub(super) async fn client_alive(
+pub(crate) async fn client_alive(
     cmd: String,
     tenum: String,
     req: ValidLockRequest,

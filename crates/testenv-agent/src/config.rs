@@ -1,0 +1,570 @@
+//! The agent's TOML configuration: what the file says ([`FileConfig`], unknown keys refused) and
+//! what every TE ends up with once per-TE overrides and defaults are applied ([`Config`]).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksFile {
+    pub setup: Option<String>,
+    pub health: Option<String>,
+    pub cleanup: Option<String>,
+    pub rebuild: Option<String>,
+    pub create: Option<String>,
+    pub destroy: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    pub health_interval: Option<String>,
+    pub max_failed_leases: Option<u32>,
+    pub max_rebuilds: Option<u32>,
+    pub hold_on_failure: Option<String>,
+    /// A lease whose COMMAND fails within this long counts as a failed lease.
+    pub early_failure: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseFile {
+    pub timeout: Option<String>,
+    pub holder_grace: Option<String>,
+    pub dead_holder_grace: Option<String>,
+    pub callback_start_timeout: Option<String>,
+    pub client_alive_cmd: Option<String>,
+    pub alive_interval: Option<String>,
+    pub alive_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeFile {
+    pub name: String,
+    pub datafile: PathBuf,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    #[serde(default)]
+    pub hooks: HooksFile,
+    #[serde(default)]
+    pub policy: PolicyFile,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CarveFile {
+    pub mem_per_env_gb: f64,
+    pub cpu_per_env: u32,
+    pub disk_per_env_gb: f64,
+    pub disk_path: PathBuf,
+    #[serde(default = "default_name_pattern")]
+    pub name_pattern: String,
+    pub datafile_pattern: String,
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Host figures to use instead of reading the host (tests, dry runs).
+    pub host_mem_gb: Option<f64>,
+    pub host_cpus: Option<u32>,
+    pub host_disk_gb: Option<f64>,
+}
+
+fn default_name_pattern() -> String {
+    "te{n}".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnDemandFile {
+    pub max_envs: u32,
+    #[serde(default)]
+    pub min_ready: u32,
+    #[serde(default = "one")]
+    pub max_concurrent_creates: u32,
+    #[serde(default)]
+    pub create_retries: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default = "default_brokers")]
+    pub brokers: Vec<String>,
+    /// This agent's name on the brokers (default: the host name).
+    pub agent: Option<String>,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub ssl_cert: Option<PathBuf>,
+    pub ssl_key: Option<PathBuf>,
+    pub ssl_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub hooks: HooksFile,
+    #[serde(default)]
+    pub policy: PolicyFile,
+    #[serde(default)]
+    pub lease: LeaseFile,
+    #[serde(default)]
+    pub te: Vec<TeFile>,
+    pub carve: Option<CarveFile>,
+    pub on_demand: Option<OnDemandFile>,
+}
+
+fn default_brokers() -> Vec<String> {
+    vec!["127.0.0.1:4730".into()]
+}
+
+/// The hooks of one TE, each a `sh -c` command.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hooks {
+    pub setup: Option<String>,
+    pub health: Option<String>,
+    pub cleanup: Option<String>,
+    pub rebuild: Option<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub health_interval: Duration,
+    pub max_failed_leases: u32,
+    pub max_rebuilds: u32,
+    pub hold_on_failure: Duration,
+    pub early_failure: Duration,
+}
+
+/// One TE with every setting resolved.
+#[derive(Debug, Clone)]
+pub struct TeConfig {
+    pub name: String,
+    /// 1-based position (the carve number for carved TEs), `TE_NUM` of the hooks.
+    pub num: u32,
+    pub datafile: PathBuf,
+    pub labels: Vec<String>,
+    pub hooks: Hooks,
+    pub policy: Policy,
+    /// Carved: `setup` writes the datafile before the first health check.
+    pub carved: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent: String,
+    pub brokers: Vec<String>,
+    pub tls: testenv::TlsArgs,
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub lease: testenv::lease::LeaseSettings,
+    pub tes: Vec<TeConfig>,
+}
+
+/// A duration as `10m`, `30s`, `1h30m`, `2d`, `250ms` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let bad = || format!("{text:?} is not a duration (like \"30s\", \"10m\", \"1h30m\")");
+    if t.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit_ms: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        let part = n.checked_mul(unit_ms).ok_or_else(bad)?;
+        total = total
+            .checked_add(Duration::from_millis(part))
+            .ok_or_else(bad)?;
+    }
+    // The lease machinery's deadlines are checked against 30 days; so are these.
+    if total > Duration::from_secs(testenv_proto::MAX_TIMEOUT_SECS) {
+        return Err(format!("{text:?} is longer than 30 days"));
+    }
+    Ok(total)
+}
+
+fn duration(
+    where_: &str,
+    key: &str,
+    v: &Option<String>,
+    default: Duration,
+) -> anyhow::Result<Duration> {
+    match v {
+        None => Ok(default),
+        Some(t) => parse_duration(t).map_err(|e| anyhow::anyhow!("{where_}: {key}: {e}")),
+    }
+}
+
+fn hooks(where_: &str, base: &HooksFile, over: &HooksFile) -> anyhow::Result<Hooks> {
+    let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
+    Ok(Hooks {
+        setup: pick(&over.setup, &base.setup),
+        health: pick(&over.health, &base.health),
+        cleanup: pick(&over.cleanup, &base.cleanup),
+        rebuild: pick(&over.rebuild, &base.rebuild),
+        timeout: duration(
+            where_,
+            "hooks.timeout",
+            &pick(&over.timeout, &base.timeout),
+            Duration::from_secs(600),
+        )?,
+    })
+}
+
+fn policy(where_: &str, base: &PolicyFile, over: &PolicyFile) -> anyhow::Result<Policy> {
+    let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
+    let p = Policy {
+        health_interval: duration(
+            where_,
+            "policy.health_interval",
+            &pick(&over.health_interval, &base.health_interval),
+            Duration::from_secs(1800),
+        )?,
+        max_failed_leases: over
+            .max_failed_leases
+            .or(base.max_failed_leases)
+            .unwrap_or(3),
+        max_rebuilds: over.max_rebuilds.or(base.max_rebuilds).unwrap_or(2),
+        hold_on_failure: duration(
+            where_,
+            "policy.hold_on_failure",
+            &pick(&over.hold_on_failure, &base.hold_on_failure),
+            Duration::ZERO,
+        )?,
+        early_failure: duration(
+            where_,
+            "policy.early_failure",
+            &pick(&over.early_failure, &base.early_failure),
+            Duration::from_secs(60),
+        )?,
+    };
+    anyhow::ensure!(
+        !p.health_interval.is_zero(),
+        "{where_}: policy.health_interval must be more than 0"
+    );
+    Ok(p)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        Config::parse(&text, &crate::carve::HostReader)
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+    }
+
+    pub fn parse(text: &str, host: &dyn crate::carve::HostFigures) -> anyhow::Result<Config> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(
+            !file.brokers.is_empty(),
+            "brokers: give at least one broker"
+        );
+        let agent = file.agent.clone().unwrap_or_else(crate::host_name);
+        testenv_proto::agent::check_name("agent", &agent)
+            .map_err(|e| anyhow::anyhow!("agent: {e}"))?;
+        let l = &file.lease;
+        let lease = testenv::lease::LeaseSettings {
+            timeout: duration("lease", "timeout", &l.timeout, Duration::from_secs(10800))?,
+            client_alive_cmd: l.client_alive_cmd.clone(),
+            alive_interval: duration(
+                "lease",
+                "alive_interval",
+                &l.alive_interval,
+                Duration::from_secs(60),
+            )?,
+            alive_timeout: duration(
+                "lease",
+                "alive_timeout",
+                &l.alive_timeout,
+                Duration::from_secs(60),
+            )?,
+            holder_grace: duration(
+                "lease",
+                "holder_grace",
+                &l.holder_grace,
+                Duration::from_secs(15),
+            )?,
+            dead_holder_grace: duration(
+                "lease",
+                "dead_holder_grace",
+                &l.dead_holder_grace,
+                Duration::from_secs(1),
+            )?,
+            callback_start_timeout: duration(
+                "lease",
+                "callback_start_timeout",
+                &l.callback_start_timeout,
+                Duration::from_secs(30),
+            )?,
+        };
+        anyhow::ensure!(
+            !lease.timeout.is_zero(),
+            "lease: timeout must be more than 0"
+        );
+        // The defaults themselves must be valid even when no TE overrides them.
+        hooks("hooks", &file.hooks, &HooksFile::default())?;
+        policy("policy", &file.policy, &PolicyFile::default())?;
+
+        let mut tes = Vec::new();
+        for (i, te) in file.te.iter().enumerate() {
+            let where_ = format!("te {:?}", te.name);
+            testenv_proto::agent::check_name("TE", &te.name)
+                .map_err(|e| anyhow::anyhow!("te #{}: name: {e}", i + 1))?;
+            for label in &te.labels {
+                testenv_proto::agent::check_name("label", label)
+                    .map_err(|e| anyhow::anyhow!("{where_}: labels: {e}"))?;
+            }
+            tes.push(TeConfig {
+                name: te.name.clone(),
+                num: u32::try_from(i + 1).unwrap_or(u32::MAX),
+                datafile: te.datafile.clone(),
+                labels: te.labels.clone(),
+                hooks: hooks(&where_, &file.hooks, &te.hooks)?,
+                policy: policy(&where_, &file.policy, &te.policy)?,
+                carved: false,
+            });
+        }
+        if let Some(carve) = &file.carve {
+            let n = crate::carve::count(carve, host)?;
+            let base_hooks = hooks("carve", &file.hooks, &HooksFile::default())?;
+            anyhow::ensure!(
+                base_hooks.setup.is_some(),
+                "carve: hooks.setup is required to set up carved TEs"
+            );
+            for num in 1..=n {
+                let name = carve.name_pattern.replace("{n}", &num.to_string());
+                testenv_proto::agent::check_name("TE", &name)
+                    .map_err(|e| anyhow::anyhow!("carve: name_pattern: {e}"))?;
+                for label in &carve.labels {
+                    testenv_proto::agent::check_name("label", label)
+                        .map_err(|e| anyhow::anyhow!("carve: labels: {e}"))?;
+                }
+                tes.push(TeConfig {
+                    name,
+                    num,
+                    datafile: carve
+                        .datafile_pattern
+                        .replace("{n}", &num.to_string())
+                        .into(),
+                    labels: carve.labels.clone(),
+                    hooks: base_hooks.clone(),
+                    policy: policy("carve", &file.policy, &PolicyFile::default())?,
+                    carved: true,
+                });
+            }
+        }
+        if let Some(od) = &file.on_demand {
+            anyhow::ensure!(
+                file.hooks.create.is_some() && file.hooks.destroy.is_some(),
+                "on_demand: hooks.create and hooks.destroy are required"
+            );
+            anyhow::ensure!(
+                od.max_envs >= od.min_ready,
+                "on_demand: min_ready is more than max_envs"
+            );
+            anyhow::ensure!(
+                od.max_concurrent_creates >= 1,
+                "on_demand: max_concurrent_creates must be at least 1"
+            );
+            anyhow::ensure!(
+                od.create_retries <= 100,
+                "on_demand: create_retries is more than 100"
+            );
+            anyhow::bail!(
+                "on_demand: on-demand TEs are not implemented by this testenv-agent yet; \
+                 use testenv-worker CREATE_SCRIPT DESTROY_SCRIPT"
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for te in &tes {
+            anyhow::ensure!(
+                seen.insert(te.name.clone()),
+                "te {:?}: the name is used twice",
+                te.name
+            );
+        }
+        anyhow::ensure!(
+            !tes.is_empty(),
+            "no TE: give [[te]] entries or a [carve] section"
+        );
+        Ok(Config {
+            agent,
+            brokers: file.brokers.clone(),
+            tls: testenv::TlsArgs {
+                ssl_cert: file.ssl_cert.clone(),
+                ssl_key: file.ssl_key.clone(),
+                ssl_ca: file.ssl_ca.clone(),
+            },
+            state_dir: file.state_dir.clone(),
+            control_socket: file.control_socket.clone(),
+            lease,
+            tes,
+        })
+    }
+
+    /// The effective settings, for `check-config`: every TE with its hooks and policy.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "agent = {:?}", self.agent);
+        let _ = writeln!(out, "brokers = {:?}", self.brokers);
+        let _ = writeln!(
+            out,
+            "state_dir = {:?}",
+            self.state_dir.display().to_string()
+        );
+        let _ = writeln!(
+            out,
+            "control_socket = {:?}",
+            self.control_socket.display().to_string()
+        );
+        let _ = writeln!(out, "lease = {:?}", self.lease);
+        for te in &self.tes {
+            let _ = writeln!(
+                out,
+                "\n[te {}] num = {}{}",
+                te.name,
+                te.num,
+                if te.carved { " (carved)" } else { "" }
+            );
+            let _ = writeln!(
+                out,
+                "  datafile = {:?}{}",
+                te.datafile.display().to_string(),
+                if te.datafile.exists() || te.carved {
+                    ""
+                } else {
+                    "  (MISSING: the TE will be unhealthy)"
+                }
+            );
+            let _ = writeln!(out, "  labels = {:?}", te.labels);
+            let h = &te.hooks;
+            for (k, v) in [
+                ("setup", &h.setup),
+                ("health", &h.health),
+                ("cleanup", &h.cleanup),
+                ("rebuild", &h.rebuild),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "  hooks.{k} = {}",
+                    v.as_deref()
+                        .map_or("(none)".to_string(), |c| format!("{c:?}"))
+                );
+            }
+            let _ = writeln!(out, "  hooks.timeout = {:?}", h.timeout);
+            let p = &te.policy;
+            let _ = writeln!(
+                out,
+                "  policy: health_interval = {:?}, max_failed_leases = {}, max_rebuilds = {}, hold_on_failure = {:?}, early_failure = {:?}",
+                p.health_interval, p.max_failed_leases, p.max_rebuilds, p.hold_on_failure, p.early_failure
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::carve::Figures;
+
+    const HOST: Figures = Figures {
+        mem_gb: 128.0,
+        cpus: 32,
+        disk_gb: 1000.0,
+    };
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        for bad in [
+            "",
+            "m",
+            "10x",
+            "1.5h",
+            "-3s",
+            "99999999999999999999d",
+            "31d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn per_te_overrides_and_errors_name_the_te_and_key() {
+        let text = r#"
+            state_dir = "/tmp/s"
+            control_socket = "/tmp/s.sock"
+            [hooks]
+            health = "true"
+            [policy]
+            max_rebuilds = 5
+            [[te]]
+            name = "te1"
+            datafile = "/nonexistent/te1.json"
+            labels = ["ovb"]
+            [te.policy]
+            max_rebuilds = 1
+            [[te]]
+            name = "te2"
+            datafile = "/nonexistent/te2.json"
+            [te.hooks]
+            health = "false"
+        "#;
+        let c = Config::parse(text, &HOST).unwrap();
+        assert_eq!(c.tes[0].policy.max_rebuilds, 1);
+        assert_eq!(c.tes[1].policy.max_rebuilds, 5);
+        assert_eq!(c.tes[0].hooks.health.as_deref(), Some("true"));
+        assert_eq!(c.tes[1].hooks.health.as_deref(), Some("false"));
+        assert!(c.describe().contains("MISSING"));
+
+        let e = Config::parse(
+            &text.replace(
+                "max_rebuilds = 1",
+                "max_rebuilds = 1\nhealth_interval = \"soon\"",
+            ),
+            &HOST,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("te \"te1\"") && e.contains("policy.health_interval"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &text.replace("labels = [\"ovb\"]", "labels = [\"ovb\"]\ncolour = 1"),
+            &HOST,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("colour"), "{e}");
+    }
+}

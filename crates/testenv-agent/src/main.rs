@@ -1,0 +1,260 @@
+//! testenv-agent: one agent per TE host that serves all its TEs (see README, "testenv-agent").
+
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use clap::{Parser, Subcommand};
+use testenv_proto::agent::{ControlCommand, ControlOp, ControlReply, ALL_ENVS};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::signal::unix::{signal, SignalKind};
+
+mod carve;
+mod config;
+mod control;
+mod hooks;
+mod pool;
+
+use config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "testenv-agent",
+    version,
+    about = "Serve every test environment of a host through Gearman: health checks, rebuilds, \
+             drain, hold and labels, one lease per TE.",
+    after_help = "Signals: SIGUSR2 drains every TE (leases finish first), SIGUSR1 undrains them, \
+                  SIGINT/SIGTERM stop."
+)]
+pub struct Args {
+    /// The agent's TOML configuration.
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    /// Debug logging.
+    #[arg(short = 'd', long, global = true)]
+    debug: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check FILE and print the effective settings of every TE.
+    CheckConfig { file: PathBuf },
+    /// Talk to a running agent over its control socket.
+    Ctl {
+        /// The control socket (default: control_socket of --config, else
+        /// /run/testenv-agent.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        op: CtlOp,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlOp {
+    /// Every TE with its state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop offering a TE (after its lease).
+    Drain(Target),
+    /// Offer a drained TE again.
+    Undrain(Target),
+    /// Keep a TE aside.
+    Hold {
+        name: String,
+        /// For how long ("2h"); default until released.
+        #[arg(long = "for", value_parser = config::parse_duration)]
+        for_: Option<std::time::Duration>,
+    },
+    /// End a hold.
+    Release { name: String },
+    /// Rebuild a TE now (then health-check it).
+    Rebuild { name: String },
+}
+
+#[derive(Debug, clap::Args)]
+struct Target {
+    #[arg(required_unless_present = "all")]
+    name: Option<String>,
+    /// Every TE of the agent.
+    #[arg(long, conflicts_with = "name")]
+    all: bool,
+}
+
+impl Target {
+    fn env(&self) -> String {
+        if self.all {
+            ALL_ENVS.into()
+        } else {
+            self.name.clone().unwrap_or_default()
+        }
+    }
+}
+
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    testenv::init_logging(if args.debug { "debug" } else { "info" });
+    testenv::agent_main("testenv-agent", async move {
+        match &args.command {
+            Some(Command::CheckConfig { file }) => {
+                let config = Config::load(file)?;
+                print!("{}", config.describe());
+                Ok(0)
+            }
+            Some(Command::Ctl { socket, op }) => ctl(&args, socket.clone(), op).await,
+            None => {
+                let Some(file) = &args.config else {
+                    anyhow::bail!("give --config FILE (or a subcommand; see --help)");
+                };
+                serve(Config::load(file)?).await
+            }
+        }
+    })
+}
+
+async fn ctl(args: &Args, socket: Option<PathBuf>, op: &CtlOp) -> anyhow::Result<i32> {
+    let socket = match (socket, &args.config) {
+        (Some(s), _) => s,
+        (None, Some(file)) => Config::load(file)?.control_socket,
+        (None, None) => "/run/testenv-agent.sock".into(),
+    };
+    let (op_, env, hold_secs) = match op {
+        CtlOp::Status { .. } => (ControlOp::Status, String::new(), None),
+        CtlOp::Drain(t) => (ControlOp::Drain, t.env(), None),
+        CtlOp::Undrain(t) => (ControlOp::Undrain, t.env(), None),
+        CtlOp::Hold { name, for_ } => (ControlOp::Hold, name.clone(), for_.map(|d| d.as_secs())),
+        CtlOp::Release { name } => (ControlOp::Release, name.clone(), None),
+        CtlOp::Rebuild { name } => (ControlOp::Rebuild, name.clone(), None),
+    };
+    let cmd = ControlCommand {
+        op: op_,
+        env,
+        hold_secs,
+        requested_by: Some(format!("ctl:{}", std::env::var("USER").unwrap_or_default())),
+    };
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(&socket)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the agent at {}: {e}", socket.display()))?;
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(format!("{}\n", cmd.to_json()).as_bytes())
+            .await?;
+        let mut line = String::new();
+        BufReader::new(read).read_line(&mut line).await?;
+        let reply: ControlReply = serde_json::from_str(&line)
+            .map_err(|e| anyhow::anyhow!("the agent's answer is not a reply: {e}"))?;
+        anyhow::Ok(reply)
+    };
+    let reply = tokio::time::timeout(std::time::Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("the agent at {} did not answer", socket.display()))??;
+    let mut text = String::new();
+    if let CtlOp::Status { json: true } = op {
+        text = serde_json::to_string_pretty(&reply.report)? + "\n";
+    } else if let (CtlOp::Status { .. }, Some(report)) = (op, &reply.report) {
+        use std::fmt::Write;
+        let _ = writeln!(text, "agent {} on {}", report.agent, report.host);
+        let _ = writeln!(
+            text,
+            "{:<16} {:<13} {:>8} {:<24} DETAIL",
+            "TE", "STATE", "FOR", "HOLDER"
+        );
+        let now = testenv::journal::now_ms();
+        for e in &report.envs {
+            let _ = writeln!(
+                text,
+                "{:<16} {:<13} {:>7}s {:<24} {}",
+                e.name,
+                e.state.as_str(),
+                now.saturating_sub(e.since_ms) / 1000,
+                e.holder.as_deref().unwrap_or("-"),
+                e.detail.as_deref().unwrap_or("")
+            );
+        }
+    } else {
+        text = format!("{}\n", reply.message);
+    }
+    // A reader that has seen enough (`| grep -q`, `| head`) closes the pipe: not an error.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(if reply.ok { 0 } else { 1 })
+}
+
+async fn serve(config: Config) -> anyhow::Result<i32> {
+    let servers = config.tls.servers(&config.brokers.join(","))?;
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|e| anyhow::anyhow!("state_dir {}: {e}", config.state_dir.display()))?;
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async move {
+            let pool = Rc::new(pool::Pool::new(config.agent.clone(), host_name(), config.tes.clone()));
+            control::serve_socket(pool.clone(), &config.control_socket).await?;
+            let mut usr1 = signal(SignalKind::user_defined1())?;
+            let mut usr2 = signal(SignalKind::user_defined2())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            let mut term = signal(SignalKind::terminate())?;
+            let rt = Rc::new(pool::TeRuntime {
+                servers: servers.clone(),
+                settings: Rc::new(config.lease.clone()),
+                state_dir: config.state_dir.clone(),
+            });
+            let mut tasks = Vec::new();
+            for i in 0..pool.tes.len() {
+                tasks.push(tokio::task::spawn_local(pool::run_te(pool.clone(), i, rt.clone())));
+            }
+            let ctl_worker = control::serve_gearman(pool.clone(), servers.clone());
+            control::report_forever(pool.clone(), servers.clone());
+            tracing::info!(agent = pool.agent, tes = pool.tes.len(), brokers = ?config.brokers, "serving");
+            let whole_host = |op| ControlCommand {
+                op,
+                env: ALL_ENVS.into(),
+                hold_secs: None,
+                requested_by: Some("signal".into()),
+            };
+            loop {
+                tokio::select! {
+                    _ = usr2.recv() => { pool.apply(&whole_host(ControlOp::Drain)); }
+                    _ = usr1.recv() => { pool.apply(&whole_host(ControlOp::Undrain)); }
+                    _ = int.recv() => break,
+                    _ = term.recv() => break,
+                }
+            }
+            tracing::info!("stopping");
+            pool.stop();
+            ctl_worker.stop();
+            for t in tasks {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), t).await;
+            }
+            let _ = std::fs::remove_file(&config.control_socket);
+            anyhow::Ok(0)
+        })
+        .await
+}

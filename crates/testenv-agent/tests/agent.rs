@@ -1,0 +1,696 @@
+//! End-to-end: the real testenv-agent binary with real hook scripts, real testenv-clients, and
+//! a real broker (tebroker in this process, or Debian's gearmand). Every wait has a deadline.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use test_support::{run_with_timeout, wait_until, Peer, PeerServer};
+use testenv_proto::agent::{AgentReport, EnvState};
+
+const AGENT_BIN: &str = env!("CARGO_BIN_EXE_testenv-agent");
+const LONG: Duration = Duration::from_secs(60);
+
+/// testenv-client, built next to this test binary (by `cargo test --workspace`, or here).
+fn client_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("testenv-client");
+    if !bin.exists() {
+        let out = run_with_timeout(
+            Command::new(env!("CARGO")).args(["build", "-p", "testenv", "--bin", "testenv-client"]),
+            Duration::from_secs(600),
+        );
+        assert!(out.status.success(), "cannot build testenv-client: {out:?}");
+    }
+    bin
+}
+
+/// tebroker on a free loopback port, served by a thread of this test process.
+fn tebroker() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let settings = tebroker::config::Settings {
+                port: 0,
+                listen: "127.0.0.1".into(),
+                handle_host: "test".into(),
+                ..tebroker::config::Settings::default()
+            };
+            let server = tebroker::server::Server::bind(settings).await.unwrap();
+            tx.send(server.local_addr().unwrap()).unwrap();
+            let _ = server.run().await;
+        });
+    });
+    rx.recv_timeout(LONG).expect("tebroker started")
+}
+
+fn gearmand() -> PeerServer {
+    PeerServer::start(Peer::Gearmand { threads: 1 }, Duration::from_secs(10))
+}
+
+/// A running testenv-agent with its config, datafiles and hooks in a temp dir.
+struct Agent {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Agent {
+    /// `body` is the config after `brokers`, `state_dir` and `control_socket`; `{dir}` in it
+    /// stands for the agent's temp dir `dir`.
+    fn start_in(dir: tempfile::TempDir, broker: SocketAddr, body: &str) -> Agent {
+        let d = dir.path().display().to_string();
+        let config = format!(
+            "brokers = [\"{broker}\"]\nagent = \"test-agent\"\nstate_dir = \"{d}/state\"\n\
+             control_socket = \"{d}/ctl.sock\"\n{}",
+            body.replace("{dir}", &d)
+        );
+        std::fs::write(dir.path().join("agent.toml"), config).unwrap();
+        let child = Command::new(AGENT_BIN)
+            .arg("--config")
+            .arg(dir.path().join("agent.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Agent { dir, child }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        run_with_timeout(
+            Command::new(AGENT_BIN)
+                .arg("ctl")
+                .arg("--socket")
+                .arg(self.path("ctl.sock"))
+                .args(args),
+            LONG,
+        )
+    }
+
+    fn status(&self) -> Option<AgentReport> {
+        let out = self.ctl(&["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn wait_state(&self, te: &str, want: EnvState) -> testenv_proto::agent::EnvReport {
+        wait_until(&format!("{te} {want}; log:\n{}", self.log()), || {
+            std::thread::sleep(Duration::from_millis(50));
+            self.status()?
+                .envs
+                .into_iter()
+                .find(|e| e.name == te && e.state == want)
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: a signal to our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes an executable script.
+fn script(path: &Path, body: &str) {
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn te_data(path: &Path, num: &str, nodes: usize) {
+    let nodes = vec!["{}"; nodes].join(",");
+    std::fs::write(
+        path,
+        format!("{{\"env-num\":\"{num}\",\"nodes\":[{nodes}]}}"),
+    )
+    .unwrap();
+}
+
+/// A testenv-client running `command` (sh -c) with the TE; its output and exit status.
+fn client(broker: SocketAddr, extra: &[&str], command: &str) -> Child {
+    Command::new(client_bin())
+        .args(["-b", &broker.to_string(), "-t", "300"])
+        .args(extra)
+        .args(["--", "sh", "-c", command])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(LONG) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("testenv-client did not finish within {LONG:?}");
+        }
+    }
+}
+
+#[test]
+fn a_flaky_te_is_rebuilt_by_itself_and_only_then_offered() {
+    let broker = tebroker();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    te_data(&d.join("te1.json"), "1", 2);
+    // te1's health fails until its rebuild hook has run; every health run is logged.
+    script(
+        &d.join("health.sh"),
+        &format!(
+            "echo \"$TE_NAME\" >> {d}/health.log\n[ -e {d}/rebuilt ] || {{ echo 'lost its IP'; exit 1; }}",
+            d = d.display()
+        ),
+    );
+    script(
+        &d.join("rebuild.sh"),
+        &format!("touch {}/rebuilt", d.display()),
+    );
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+health = "{dir}/health.sh"
+rebuild = "{dir}/rebuild.sh"
+timeout = "10s"
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+"#,
+    );
+    let te = agent.wait_state("te1", EnvState::Ready);
+    assert_eq!(te.failed_rebuilds, 0);
+    let health_runs = std::fs::read_to_string(agent.path("health.log")).unwrap();
+    assert_eq!(
+        health_runs.lines().count(),
+        2,
+        "health before the first offer and after the rebuild"
+    );
+    assert!(
+        agent.log().contains("TE te1: hook health: failed"),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("lost its IP"));
+    // Offered now: a client gets it.
+    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"env-num\":\"1\""));
+}
+
+#[test]
+fn failing_rebuilds_end_failed_and_bad_hooks_do_not_stop_the_other_tes() {
+    let broker = tebroker();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    te_data(&d.join("good.json"), "1", 2);
+    te_data(&d.join("broken.json"), "2", 2);
+    te_data(&d.join("hung.json"), "3", 2);
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+timeout = "1s"
+[policy]
+max_rebuilds = 2
+[[te]]
+name = "good"
+datafile = "{dir}/good.json"
+[[te]]
+name = "broken"
+datafile = "{dir}/broken.json"
+[te.hooks]
+health = "{dir}/no-such-hook"
+[[te]]
+name = "hung"
+datafile = "{dir}/hung.json"
+[te.hooks]
+health = "sleep 1000 & echo $! > {dir}/hung.pid; wait"
+[[te]]
+name = "nodata"
+datafile = "{dir}/missing.json"
+"#,
+    );
+    let broken = agent.wait_state("broken", EnvState::Failed);
+    assert_eq!(broken.failed_rebuilds, 2, "{broken:?}");
+    let detail = broken.detail.unwrap();
+    assert!(
+        detail.contains("TE broken: hook health: not found"),
+        "{detail}"
+    );
+    let hung = agent.wait_state("hung", EnvState::Failed);
+    assert!(hung.detail.unwrap().contains("hung past its timeout of 1s"));
+    // The hung hook's whole process group was killed.
+    let pid: i32 = std::fs::read_to_string(agent.path("hung.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until("the hung hook's child is gone", || {
+        // SAFETY: signal 0 only checks for existence.
+        (unsafe { libc::kill(pid, 0) } != 0).then_some(())
+    });
+    let nodata = agent.wait_state("nodata", EnvState::Failed);
+    assert!(nodata.detail.unwrap().contains("TE nodata: datafile"));
+    // The healthy TE serves throughout.
+    agent.wait_state("good", EnvState::Ready);
+    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"env-num\":\"1\""));
+    // An operator's rebuild takes a failed TE back into the cycle (it fails again here).
+    std::fs::write(agent.path("missing.json"), r#"{"env-num":"4"}"#).unwrap();
+    let out = agent.ctl(&["rebuild", "nodata"]);
+    assert!(out.status.success(), "{out:?}");
+    agent.wait_state("nodata", EnvState::Ready);
+}
+
+#[test]
+fn drain_during_a_lease_through_gearmand_and_the_gearman_cli() {
+    let server = gearmand();
+    let broker = server.addr();
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[lease]
+holder_grace = "1s"
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+"#,
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let go = agent.path("go");
+    let holder = client(
+        broker,
+        &[],
+        &format!(
+            "touch {0}.started; while [ ! -e {0} ]; do sleep 0.05; done",
+            go.display()
+        ),
+    );
+    wait_until("the lease started", || {
+        go.with_extension("started").exists().then_some(())
+    });
+    agent.wait_state("te1", EnvState::Leased);
+    // Debian's gearman CLI sends the command as a job of the agent's control function.
+    let out = run_with_timeout(
+        Command::new("gearman").args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port().to_string(),
+            "-f",
+            "testenv-agent:ctl:test-agent",
+            r#"{"op":"drain","env":"te1"}"#,
+        ]),
+        LONG,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(r#""ok":true"#),
+        "{out:?}"
+    );
+    agent.wait_state("te1", EnvState::Draining);
+    std::fs::write(&go, "").unwrap();
+    let out = finish(holder);
+    assert!(out.status.success(), "the lease finished normally: {out:?}");
+    agent.wait_state("te1", EnvState::Drained);
+    let out = agent.ctl(&["undrain", "--all"]);
+    assert!(out.status.success(), "{out:?}");
+    agent.wait_state("te1", EnvState::Ready);
+}
+
+#[test]
+fn autohold_after_a_failed_job_and_release() {
+    let broker = tebroker();
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[policy]
+hold_on_failure = "1h"
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+"#,
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let out = finish(client(broker, &[], "exit 7"));
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let held = agent.wait_state("te1", EnvState::Held);
+    assert!(held.detail.unwrap().contains("autohold"));
+    assert_eq!(
+        held.failed_leases, 1,
+        "a command failing in its first minute is a failed lease"
+    );
+    let out = agent.ctl(&["release", "te1"]);
+    assert!(out.status.success(), "{out:?}");
+    agent.wait_state("te1", EnvState::Ready);
+    // An operator's hold with a time.
+    let out = agent.ctl(&["hold", "te1", "--for", "1s"]);
+    assert!(out.status.success(), "{out:?}");
+    agent.wait_state("te1", EnvState::Held);
+    agent.wait_state("te1", EnvState::Ready);
+}
+
+#[test]
+fn labels_and_sizes_pick_the_te_and_a_too_big_request_is_not_stranded() {
+    let broker = tebroker();
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("small.json"), "small", 2);
+    te_data(&dir.path().join("big.json"), "big", 6);
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[[te]]
+name = "small"
+datafile = "{dir}/small.json"
+labels = ["ovb"]
+[[te]]
+name = "big"
+datafile = "{dir}/big.json"
+labels = ["baremetal"]
+"#,
+    );
+    agent.wait_state("small", EnvState::Ready);
+    agent.wait_state("big", EnvState::Ready);
+    for _ in 0..3 {
+        let out = finish(client(broker, &["--label", "ovb"], "cat $TE_DATAFILE"));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("\"small\""),
+            "{out:?}"
+        );
+        let out = finish(client(
+            broker,
+            &["--envsize", "4", "--extra-nodes", "1"],
+            "cat $TE_DATAFILE",
+        ));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("\"big\""),
+            "{out:?}"
+        );
+    }
+    // Nothing fits 9 nodes: every TE fails the request, the client gives up (exit 1) with a
+    // clear message instead of waiting for its timeout.
+    let out = finish(client(broker, &["--envsize", "9"], "true"));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("without an environment"),
+        "{out:?}"
+    );
+    assert!(agent.log().contains("the TE is smaller than the request"));
+    agent.wait_state("big", EnvState::Ready);
+    agent.wait_state("small", EnvState::Ready);
+}
+
+#[test]
+fn carving_from_given_host_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        r#"
+state_dir = "/tmp/unused"
+control_socket = "/tmp/unused.sock"
+[hooks]
+setup = "echo '{}' > $TE_DATAFILE"
+[carve]
+mem_per_env_gb = 32
+cpu_per_env = 8
+disk_per_env_gb = 200
+disk_path = "/"
+datafile_pattern = "/tmp/carved-te{n}.json"
+host_mem_gb = 100
+host_cpus = 64
+host_disk_gb = 5000
+"#,
+    )
+    .unwrap();
+    let out = run_with_timeout(
+        Command::new(AGENT_BIN).arg("check-config").arg(&config),
+        LONG,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[te te3] num = 3 (carved)"), "{text}");
+    assert!(!text.contains("[te te4]"), "100 GB / 32 GB = 3 TEs: {text}");
+    // The sample in contrib/ loads.
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/testenv-agent.toml");
+    let out = run_with_timeout(
+        Command::new(AGENT_BIN).arg("check-config").arg(sample),
+        LONG,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[te te2]"));
+    // An unknown key and a bad duration are clear errors.
+    std::fs::write(
+        &config,
+        "state_dir = \"/x\"\ncontrol_socket = \"/y\"\ncolour = 1\n",
+    )
+    .unwrap();
+    let out = run_with_timeout(
+        Command::new(AGENT_BIN).arg("check-config").arg(&config),
+        LONG,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("colour"),
+        "{out:?}"
+    );
+}
+
+/// The rows of admin `status` for `function`: (queued, running, workers).
+fn function_status(broker: SocketAddr, function: &str) -> Option<(u64, u64, u64)> {
+    test_support::parse_status(&test_support::admin(broker, "status"))
+        .into_iter()
+        .find(|r| r.function == function)
+        .map(|r| (r.total, r.running, r.workers))
+}
+
+#[test]
+fn reports_go_to_tebroker_only_and_sigusr2_drains_the_host() {
+    let te = |broker: SocketAddr| {
+        let dir = tempfile::tempdir().unwrap();
+        te_data(&dir.path().join("te1.json"), "1", 2);
+        Agent::start_in(
+            dir,
+            broker,
+            "[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\nlabels = [\"ovb\"]\n",
+        )
+    };
+    let broker = tebroker();
+    let agent = te(broker);
+    agent.wait_state("te1", EnvState::Ready);
+    // This tebroker does not consume reports yet, so they queue as jobs of the report function.
+    wait_until("a state report reached tebroker", || {
+        function_status(broker, "tebroker:te-report").filter(|r| r.0 >= 1)
+    });
+    wait_until("te1 registered lockenv:ovb", || {
+        function_status(broker, "lockenv:ovb").filter(|r| r.2 == 1)
+    });
+    // SIGUSR2: the whole host drained (CANT_DO everywhere); SIGUSR1: back.
+    // SAFETY: signals to our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGUSR2) };
+    agent.wait_state("te1", EnvState::Drained);
+    // tebroker deletes a function nobody can do, so the row may be gone altogether.
+    wait_until("te1 unregistered while drained", || {
+        match function_status(broker, "lockenv") {
+            None => Some(()),
+            Some(r) => (r.2 == 0).then_some(()),
+        }
+    });
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGUSR1) };
+    agent.wait_state("te1", EnvState::Ready);
+
+    let server = gearmand();
+    let agent = te(server.addr());
+    agent.wait_state("te1", EnvState::Ready);
+    wait_until("te1 registered on gearmand", || {
+        function_status(server.addr(), "lockenv").filter(|r| r.2 == 1)
+    });
+    let out = finish(client(server.addr(), &[], "cat $TE_DATAFILE"));
+    assert!(out.status.success(), "{out:?}");
+    // The agent asked gearmand's version and sent no report there.
+    assert_eq!(function_status(server.addr(), "tebroker:te-report"), None);
+}
+
+#[test]
+fn a_gear_based_original_style_client_leases_from_the_agent_through_geard() {
+    let py = std::env::var("TESTENV_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let server = PeerServer::start(Peer::Geard, Duration::from_secs(20));
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    let agent = Agent::start_in(
+        dir,
+        server.addr(),
+        "[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n",
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testenv/tests/py/te_client.py");
+    let out_file = agent.path("out");
+    let out = run_with_timeout(
+        Command::new(py)
+            .arg("-u")
+            .arg(script)
+            .args([
+                "-b",
+                &server.addr().to_string(),
+                "-n",
+                "py1",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .arg(format!(
+                "cat \"$TE_DATAFILE\" > {}; exit 5",
+                out_file.display()
+            )),
+        LONG,
+    );
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(std::fs::read_to_string(&out_file)
+        .unwrap()
+        .contains("\"env-num\":\"1\""));
+    // The gear client says nothing of COMMAND's status: the lease is not a failed one.
+    let te = agent.wait_state("te1", EnvState::Ready);
+    assert_eq!(te.failed_leases, 0);
+}
+
+#[test]
+fn a_te_leased_when_the_agent_crashes_is_quarantined_after_restart() {
+    let broker = tebroker();
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    let body =
+        "[lease]\nholder_grace = \"3s\"\n[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n";
+    let mut agent = Agent::start_in(dir, broker, body);
+    agent.wait_state("te1", EnvState::Ready);
+    let started = agent.path("started");
+    let holder = client(
+        broker,
+        &[],
+        &format!("touch {}; sleep 600", started.display()),
+    );
+    wait_until("the lease started", || started.exists().then_some(()));
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    // The holder learns its TE is gone (tebroker fails lockenv of a dead worker).
+    let out = finish(holder);
+    assert!(!out.status.success(), "{out:?}");
+    // Restarted on the same state_dir: the journal says a lease was open, so te1 sits out the
+    // holder grace before it is offered again.
+    let dir = std::mem::replace(&mut agent.dir, tempfile::tempdir().unwrap());
+    drop(agent);
+    let agent = Agent::start_in(dir, broker, body);
+    let te = agent.wait_state("te1", EnvState::Provisioning);
+    assert!(
+        te.detail.unwrap_or_default().contains("quarantine"),
+        "{}",
+        agent.log()
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    assert!(agent.log().contains("a previous run left a lease open"));
+}
+
+#[test]
+fn a_high_priority_request_overtakes_waiting_low_ones_through_gearmand() {
+    let server = gearmand();
+    let broker = server.addr();
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        "[lease]\nholder_grace = \"1s\"\n[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n",
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let go = agent.path("go");
+    let order = agent.path("order");
+    let first = client(
+        broker,
+        &[],
+        &format!(
+            "touch {0}.started; while [ ! -e {0} ]; do sleep 0.05; done",
+            go.display()
+        ),
+    );
+    wait_until("the first lease started", || {
+        go.with_extension("started").exists().then_some(())
+    });
+    let queued = |n: u64| {
+        wait_until(&format!("{n} lock requests queued"), || {
+            function_status(broker, "lockenv").filter(|r| r.0 > n)
+        })
+    };
+    let low = client(
+        broker,
+        &["--priority", "low"],
+        &format!("echo low >> {}", order.display()),
+    );
+    queued(1);
+    let high = client(
+        broker,
+        &["--priority", "high"],
+        &format!("echo high >> {}", order.display()),
+    );
+    queued(2);
+    std::fs::write(&go, "").unwrap();
+    for c in [first, high, low] {
+        let out = finish(c);
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_eq!(std::fs::read_to_string(&order).unwrap(), "high\nlow\n");
+    // Each request was leased once: gearmand hands a running job out again if its worker sends
+    // CANT_DO meanwhile, so the agent must not leave rotation during a lease.
+    let te = agent.wait_state("te1", EnvState::Ready);
+    assert_eq!(
+        agent.log().matches("lease start").count(),
+        3,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(te.failed_leases, 0);
+}
