@@ -62,7 +62,11 @@ fn the_shipped_config_is_valid_and_every_default_is_printed() {
         "backlog = 4096",
         "callback_protection = true",
     ] {
-        assert!(lines.contains(&line), "{line:?} missing: {}", checked.stdout);
+        assert!(
+            lines.contains(&line),
+            "{line:?} missing: {}",
+            checked.stdout
+        );
     }
     // What it prints is itself a valid config file meaning the same.
     let dir = tempfile::tempdir().unwrap();
@@ -78,7 +82,10 @@ fn the_shipped_config_is_valid_and_every_default_is_printed() {
 fn an_unknown_key_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let checked = check_config(&config(dir.path(), "port = 4730\nmax_conections = 5\n"));
-    refused(&checked, &["unknown field `max_conections`", "tebroker.toml"]);
+    refused(
+        &checked,
+        &["unknown field `max_conections`", "tebroker.toml"],
+    );
 }
 
 #[test]
