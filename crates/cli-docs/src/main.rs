@@ -54,7 +54,9 @@ fn man_pages(command: &Command, name: &str, dir: &Path) -> anyhow::Result<Vec<Pa
     let mut written = Vec::new();
     let path = dir.join(format!("{name}.1"));
     let mut page = Vec::new();
-    clap_mangen::Man::new(command.clone().name(name.to_string()))
+    // Built subcommands carry the display name "tebroker-serve" and the bin name
+    // "tebroker serve" the page's NAME and SYNOPSIS show.
+    clap_mangen::Man::new(command.clone())
         .render(&mut page)
         .with_context(|| format!("man page of {name}"))?;
     std::fs::write(&path, page).with_context(|| format!("{}", path.display()))?;

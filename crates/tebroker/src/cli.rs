@@ -25,7 +25,11 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Send an admin command (status, workers, leases, stats, ...) and print the answer.
     Admin(crate::admin_cli::AdminArgs),
-    /// Validate a config file (keys, values, the TLS and ACL files it names) and print the
-    /// settings `tebroker serve --config FILE` would run with; exit 1 on the first problem.
+    /// Validate a config file and print the settings it gives.
+    ///
+    /// Checks what `tebroker serve --config FILE` would refuse at start-up (unknown keys, bad
+    /// values, TLS and ACL files that do not read or parse) without binding a port, and prints
+    /// every effective setting, defaults included, as a config file (exit 0); or names the
+    /// first problem on stderr (exit 1).
     CheckConfig(crate::check_config::CheckConfigArgs),
 }

@@ -207,7 +207,12 @@ fn our_client_with_a_python_worker_over_tls() {
         Command::new(env!("CARGO_BIN_EXE_testenv-client"))
             .args(["-b", &addr, "-t", "60"])
             .args(tls_args(&pki, "ci-job"))
-            .args(["--", "sh", "-c", "grep -o '\"env-num\": \"8\"' \"$TE_DATAFILE\""]),
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "grep -o '\"env-num\": \"8\"' \"$TE_DATAFILE\"",
+            ]),
         Duration::from_secs(90),
     );
     assert!(
