@@ -57,11 +57,17 @@ else
 fi
 [ "${#debs[@]}" = "${#PACKAGES[@]}" ] || fail "expected ${#PACKAGES[@]} packages, got: ${debs[*]}"
 
+# Every path the packages ship that this machine does not already have must be gone after purge.
+for deb in "${debs[@]}"; do dpkg-deb --fsys-tarfile "$deb" | tar -t; done | sed 's|^\./|/|; s|/$||' |
+    sort -u | while read -r path; do
+    if [ -n "$path" ] && [ ! -e "$path" ]; then echo "$path"; fi
+done >"$scratch/new-paths"
+[ -s "$scratch/new-paths" ] || fail "the packages ship nothing this machine lacks?"
+
 step "dpkg -i ${debs[*]##*/}"
 dpkg -i "${debs[@]}"
 # A second install of the same version runs the upgrade paths of the maintainer scripts.
 dpkg -i "${debs[@]}" >/dev/null
-for p in "${PACKAGES[@]}"; do dpkg-query -L "$p"; done | sort -u >"$scratch/installed"
 
 step "the binaries from /usr/bin"
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
@@ -101,10 +107,10 @@ fi
 step "the installed broker leases a TE from the installed worker to the installed client"
 # As the service runs it: the tebroker user, the installed config (its lease history goes to
 # /var/lib/tebroker), only the ports moved to free ones.
-runuser -u tebroker -- /usr/bin/tebroker serve --config /etc/tebroker/tebroker.toml \
+setpriv --reuid=tebroker --regid=tebroker --init-groups /usr/bin/tebroker serve --config /etc/tebroker/tebroker.toml \
     -L 127.0.0.1 -p 0 --http 127.0.0.1:0 >"$scratch/broker.out" 2>"$scratch/broker.err" &
 broker_pid=$!
-listening() { grep -q '^tebroker listening on ' "$scratch/broker.out"; }
+listening() { grep -q '^tebroker listening on ' "$scratch/broker.out" 2>/dev/null; }
 wait_for 30 "listening line from tebroker serve" listening
 addr=$(sed -n 's/^tebroker listening on //p' "$scratch/broker.out")
 cat >"$scratch/te1.json" <<'JSON'
@@ -138,11 +144,8 @@ if [ -e /usr/bin/tebroker ]; then fail "dpkg -r left /usr/bin/tebroker"; fi
 dpkg --purge "${PACKAGES[@]}" >/dev/null
 left=()
 while read -r path; do
-    # Directories other packages share (/usr/bin, /lib/systemd/system, ...) stay, of course.
-    [ -e "$path" ] || continue
-    if [ -d "$path" ] && dpkg -S "$path" >/dev/null 2>&1; then continue; fi
-    left+=("$path")
-done <"$scratch/installed"
+    if [ -e "$path" ]; then left+=("$path"); fi
+done <"$scratch/new-paths"
 for path in /etc/tebroker /var/lib/tebroker /var/lib/testenv-worker /etc/testenv; do
     if [ -e "$path" ]; then left+=("$path"); fi
 done
