@@ -93,6 +93,10 @@ grep -qx 'port = 4730' "$scratch/effective" || fail "check-config: $(cat "$scrat
 grep -qx '/etc/tebroker/tebroker.toml' /var/lib/dpkg/info/tebroker.conffiles || fail "no conffile"
 [ "$(stat -c %U /var/lib/tebroker)" = tebroker ] || fail "/var/lib/tebroker not owned by tebroker"
 getent passwd tebroker | grep -q ':/usr/sbin/nologin$' || fail "no system user tebroker"
+wants=/etc/systemd/system/multi-user.target.wants/tebroker.service
+if command -v systemctl >/dev/null; then
+    [ -L "$wants" ] || fail "tebroker.service not enabled on install"
+fi
 
 if command -v systemd-analyze >/dev/null; then
     step "systemd-analyze verify"
@@ -140,6 +144,7 @@ broker_pid=
 step "dpkg -r, then dpkg --purge"
 dpkg -r "${PACKAGES[@]}" >/dev/null
 [ -e /etc/tebroker/tebroker.toml ] || fail "dpkg -r removed the conffile (only purge may)"
+if [ -L "$wants" ]; then fail "dpkg -r left tebroker.service enabled"; fi
 if [ -e /usr/bin/tebroker ]; then fail "dpkg -r left /usr/bin/tebroker"; fi
 dpkg --purge "${PACKAGES[@]}" >/dev/null
 left=()
