@@ -9,8 +9,11 @@ use anyhow::Context;
 use clap::{Command, CommandFactory};
 use clap_complete::Shell;
 
-/// Every installed binary and its command line. A new binary (testenv-agent) is one more entry.
-const BINARIES: &[(&str, fn() -> Command)] = &[
+/// An installed binary's name and its command line.
+type Binary = (&'static str, fn() -> Command);
+
+/// Every installed binary. A new binary (testenv-agent) is one more entry.
+const BINARIES: &[Binary] = &[
     ("tebroker", tebroker::cli::Cli::command),
     ("testenv-client", testenv::client::ClientArgs::command),
     ("testenv-worker", testenv::worker::WorkerArgs::command),
@@ -36,7 +39,7 @@ fn write_all(out: &Path) -> anyhow::Result<Vec<PathBuf>> {
         let mut command = command().name(*name);
         // Subcommand pages and completions need the tree finished (help, version, globals).
         command.build();
-        written.extend(man_pages(&command, *name, &out.join("man"))?);
+        written.extend(man_pages(&command, name, &out.join("man"))?);
         for shell in SHELLS {
             let dir = out.join("completions").join(shell.to_string());
             std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
