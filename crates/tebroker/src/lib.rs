@@ -1,6 +1,8 @@
 //! tebroker as a library: the server, so tests and the demo can run it in-process.
 
 pub mod admin_cli;
+pub mod check_config;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod connection;

@@ -2,31 +2,10 @@
 
 use std::io::Write;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use tebroker::cli::{Cli, Command};
 use tebroker::config::{ServeArgs, Settings};
 use tebroker::server::Server;
-
-#[derive(Parser)]
-#[command(
-    name = "tebroker",
-    version,
-    about = "A Gearman job server that understands the TripleO CI testenv protocol"
-)]
-struct Cli {
-    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    verbose: u8,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the job server.
-    Serve(Box<ServeArgs>),
-    /// Send an admin command (status, workers, leases, stats, ...) and print the answer.
-    Admin(tebroker::admin_cli::AdminArgs),
-}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -35,6 +14,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Admin(args) => std::process::exit(tebroker::admin_cli::run(args)?),
+        Command::CheckConfig(args) => std::process::exit(tebroker::check_config::run(&args)),
     }
 }
 

@@ -1,10 +1,14 @@
 //! The agents over TLS: a tebroker requiring client certificates, a worker and a client that
-//! present theirs (the same `--ssl-cert/--ssl-key/--ssl-ca` options gear's addServer takes).
+//! present theirs (the same `--ssl-cert/--ssl-key/--ssl-ca` options gear's addServer takes), and
+//! the mixed states of docs/migrating.md over TLS: our agents with the gear-based Python ones.
+
+mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{py_script, python};
 use test_support::{Files, KillOnDrop, Pki};
 
 /// A TLS tebroker in this process, on its own runtime thread.
@@ -165,4 +169,89 @@ fn a_waiting_client_reports_its_queue_position_over_tls() {
         assert!(Instant::now() < deadline, "no position line:\n{out}");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// `TE_SSL_*` for the gear-based Python agents (`tests/py/te_common.py`): gear's addServer
+/// takes the same three files.
+fn py_tls_env(pki: &Pki, cn: &str) -> Vec<(&'static str, std::path::PathBuf)> {
+    let Files { cert, key } = pki.issue(cn);
+    vec![
+        ("TE_SSL_CERT", cert),
+        ("TE_SSL_KEY", key),
+        ("TE_SSL_CA", pki.ca()),
+    ]
+}
+
+/// docs/migrating.md, step 2 over TLS: our client, a gear-based worker that has not moved yet,
+/// both presenting client certificates to a tebroker that requires them.
+#[test]
+fn our_client_with_a_python_worker_over_tls() {
+    let pki = Pki::new("migration-ca");
+    let addr = start_tls_broker(&pki);
+    let dir = tempfile::tempdir().unwrap();
+    let datafile = dir.path().join("te.json");
+    std::fs::write(&datafile, r#"{"env-num": "8", "ssh-key": "SECRET"}"#).unwrap();
+    let _worker = KillOnDrop(
+        Command::new(python())
+            .arg("-u")
+            .arg(py_script("te_worker.py"))
+            .args(["-b", &addr, "-n", "py-tls"])
+            .arg(&datafile)
+            .envs(py_tls_env(&pki, "py-worker"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let out = test_support::run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_testenv-client"))
+            .args(["-b", &addr, "-t", "60"])
+            .args(tls_args(&pki, "ci-job"))
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "grep -o '\"env-num\": \"8\"' \"$TE_DATAFILE\"",
+            ]),
+        Duration::from_secs(90),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "\"env-num\": \"8\""
+    );
+}
+
+/// docs/migrating.md, step 3 over TLS: a gear-based client not moved yet leases the TE of our
+/// worker, both with client certificates.
+#[test]
+fn a_python_client_with_our_worker_over_tls() {
+    let pki = Pki::new("migration-ca");
+    let addr = start_tls_broker(&pki);
+    let state = tempfile::tempdir().unwrap();
+    let datafile = state.path().join("te.json");
+    std::fs::write(&datafile, r#"{"env-num": "9", "ssh-key": "SECRET"}"#).unwrap();
+    let _worker = tls_worker(&pki, &addr, state.path(), &datafile);
+    let leased = state.path().join("leased.json");
+    let out = test_support::run_with_timeout(
+        Command::new(python())
+            .arg("-u")
+            .arg(py_script("te_client.py"))
+            .args(["-b", &addr, "-n", "py-tls", "--", "sh", "-c"])
+            .arg(format!("cp \"$TE_DATAFILE\" {}; exit 4", leased.display()))
+            .envs(py_tls_env(&pki, "py-client")),
+        Duration::from_secs(90),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "the command's status; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&leased).unwrap();
+    assert!(text.contains(r#""env-num": "9""#), "{text}");
 }
