@@ -155,6 +155,26 @@ impl Broker {
                 s.callback_hijacks_refused,
                 "Second registrations of a callback_* refused",
             ),
+            gauge(
+                "agents",
+                self.inventory.agents.len(),
+                "testenv-agents whose reports the broker keeps",
+            ),
+            counter(
+                "agent_reports",
+                s.agent_reports,
+                "testenv-agent state reports taken into the inventory",
+            ),
+            counter(
+                "agent_reports_refused",
+                s.agent_reports_refused,
+                "testenv-agent state reports refused as malformed",
+            ),
+            counter(
+                "env_controls",
+                s.env_controls,
+                "drain/undrain/hold/release/rebuild commands carried out",
+            ),
             counter(
                 "leases_ended",
                 self.leases.ended_count(),

@@ -131,10 +131,14 @@ impl LeaseTracker {
         }
     }
 
-    pub fn job_ended(&mut self, id: JobId, handle: &[u8], now: Now) {
-        let Some(r) = self.active.remove(&id) else {
-            return;
-        };
+    /// The lease of job `id` (if it is one) has ended: returns its worker and record.
+    pub fn job_ended(
+        &mut self,
+        id: JobId,
+        handle: &[u8],
+        now: Now,
+    ) -> Option<(ConnId, &EndedLease)> {
+        let r = self.active.remove(&id)?;
         let ended = EndedLease {
             lockenv_handle: show(handle),
             worker_id: r.worker_id,
@@ -148,10 +152,11 @@ impl LeaseTracker {
         if self.history.len() == HISTORY_LEN {
             self.history.pop_front();
         }
-        self.history.push_back(ended.clone());
         if self.unflushed.len() < HISTORY_LEN * 10 {
-            self.unflushed.push(ended);
+            self.unflushed.push(ended.clone());
         }
+        self.history.push_back(ended);
+        self.history.back().map(|e| (r.worker, e))
     }
 
     /// Whether `function` is the callback of a lease held now.

@@ -1,5 +1,6 @@
 //! `tebroker admin`: send one admin command to a broker and print its answer, like gearadmin
-//! but for every command tebroker knows (`leases`, `stats`, `acl ...` included).
+//! but for every command tebroker knows (`leases`, `envs`, `drain TE`, `stats`, `acl ...`
+//! included).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
@@ -13,7 +14,8 @@ pub struct AdminArgs {
     /// The broker, host[:port].
     #[arg(short = 'b', long, default_value = "127.0.0.1:4730")]
     pub broker: String,
-    /// The command and its arguments, e.g. `status`, `leases`, `cancel job H:host:12`.
+    /// The command and its arguments, e.g. `status`, `leases`, `envs`, `drain TE`,
+    /// `cancel job H:host:12`.
     #[arg(required = true, trailing_var_arg = true)]
     pub command: Vec<String>,
 }
@@ -28,6 +30,7 @@ fn is_listing(command: &str) -> bool {
             | ["prioritystatus", ..]
             | ["show", ..]
             | ["leases", ..]
+            | ["envs", ..]
             | ["stats", ..]
             | ["acl", "list", ..]
     )

@@ -30,6 +30,10 @@ impl Broker {
         if !self.may_invoke(conn, &function) {
             return self.reply_error(conn, "PERMISSION_DENIED", "Permission denied by ACL", out);
         }
+        if function == crate::inventory::REPORT_FUNCTION.as_bytes() {
+            let background = !matches!(how, Submit::Foreground(_));
+            return self.consume_report(conn, &data, background, out);
+        }
         if !self.may_hand_out(&function) {
             tracing::debug!(%conn, function = %show(&function), "submit refused: shutting down");
             return self.reply_error(conn, "SHUTTING_DOWN", "server shutting down", out);
@@ -124,7 +128,7 @@ impl Broker {
         let c = self.conns.get(&conn).expect("known connection");
         let mut best: Option<(usize, i64, JobId, Option<u32>)> = None;
         for (name, timeout) in &c.abilities {
-            if !self.may_hand_out(name) {
+            if !self.may_hand_out(name) || !self.may_take(conn, name) {
                 continue;
             }
             let Some((p, seq, id)) = self.functions.get(name).and_then(Function::head) else {
@@ -289,7 +293,7 @@ impl Broker {
                 c.attached.remove(&id);
             }
         }
-        self.leases.job_ended(id, &job.handle, self.now);
+        self.lease_ended(id, &job.handle);
         self.gc_function(&job.function);
     }
 
@@ -305,7 +309,7 @@ impl Broker {
         let (function, handle) = (job.function.clone(), job.handle.clone());
         self.move_job(id, JobState::Queued { seq });
         self.leases.set_outcome(id, "worker lost");
-        self.leases.job_ended(id, &handle, self.now);
+        self.lease_ended(id, &handle);
         self.wake_one(&function, out);
     }
 
@@ -366,6 +370,40 @@ impl Broker {
         let key = Bytes::copy_from_slice(function);
         self.functions.entry(key).or_default().max_queue = sizes;
         self.gc_function(function);
+    }
+
+    /// Queues a background job the broker itself submits (a control command for an agent);
+    /// returns its handle.
+    pub(super) fn enqueue_background(
+        &mut self,
+        function: Bytes,
+        data: Bytes,
+        out: &mut Vec<Action>,
+    ) -> Bytes {
+        let id = self.next_job;
+        self.next_job += 1;
+        let handle = Bytes::from(format!("{}{id}", self.handle_prefix));
+        self.functions.entry(function.clone()).or_default();
+        let seq = self.next_tail_seq();
+        self.add_job(
+            id,
+            Job {
+                handle: handle.clone(),
+                function: function.clone(),
+                unique: Bytes::new(),
+                data,
+                priority: Priority::Normal,
+                background: true,
+                clients: Vec::new(),
+                state: JobState::Queued { seq },
+                numerator: Bytes::new(),
+                denominator: Bytes::new(),
+                retries: 0,
+            },
+        );
+        self.stats.jobs_submitted += 1;
+        self.wake_one(&function, out);
+        handle
     }
 
     /// The sequence number of a job joining the back of its queue.
