@@ -91,6 +91,9 @@ pub(crate) struct Job {
     pub numerator: Bytes,
     pub denominator: Bytes,
     pub retries: u32,
+    /// A lock request's tenant (empty: the shared one); `None` for other jobs, which are not
+    /// queued per tenant.
+    pub tenant: Option<Bytes>,
 }
 
 /// Bytes shown in logs: lossy UTF-8.

@@ -80,6 +80,7 @@ impl Broker {
             }
         }
 
+        let tenant = testenv_proto::is_lockenv(&function).then(|| lock_request_tenant(&data));
         let id = self.next_job;
         self.next_job += 1;
         let handle = Bytes::from(format!("{}{id}", self.handle_prefix));
@@ -107,6 +108,7 @@ impl Broker {
                 numerator: Bytes::new(),
                 denominator: Bytes::new(),
                 retries: 0,
+                tenant,
             },
         );
         if !background {
@@ -152,6 +154,13 @@ impl Broker {
         });
         debug_assert_eq!(self.jobs[&id].state, JobState::Queued { seq });
         debug_assert_eq!(self.jobs[&id].priority as usize, p);
+        let job = &self.jobs[&id];
+        if let Some(tenant) = job.tenant.clone() {
+            let (function, priority) = (job.function.clone(), job.priority);
+            if let Some(f) = self.functions.get_mut(&function) {
+                f.served(priority, &tenant);
+            }
+        }
         self.move_job(
             id,
             JobState::Running {
@@ -275,7 +284,13 @@ impl Broker {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
-        self.leave_state(id, &job.function, job.priority, job.state);
+        self.leave_state(
+            id,
+            &job.function,
+            job.priority,
+            job.tenant.as_ref(),
+            job.state,
+        );
         let f = self
             .functions
             .get_mut(&job.function)
@@ -336,9 +351,8 @@ impl Broker {
         match job.state {
             JobState::Queued { seq } => {
                 let p = job.priority as usize;
-                let queues = f.queues();
-                let ahead: usize = queues[..p].iter().map(BTreeMap::len).sum::<usize>()
-                    + queues[p].range(..seq).count();
+                let ahead: usize = f.queues()[..p].iter().map(BTreeMap::len).sum::<usize>()
+                    + f.ahead_in_priority(job.priority, job.tenant.as_ref(), seq);
                 Some((ahead + 1, total))
             }
             JobState::Scheduled { .. } => Some((total + 1, total)),
@@ -399,6 +413,7 @@ impl Broker {
                 numerator: Bytes::new(),
                 denominator: Bytes::new(),
                 retries: 0,
+                tenant: None,
             },
         );
         self.stats.jobs_submitted += 1;
@@ -416,8 +431,9 @@ impl Broker {
     /// Adds a new job in its initial state (queued or scheduled).
     fn add_job(&mut self, id: JobId, job: Job) {
         let (function, priority, state) = (job.function.clone(), job.priority, job.state);
+        let tenant = job.tenant.clone();
         self.jobs.insert(id, job);
-        self.enter_state(id, &function, priority, state);
+        self.enter_state(id, &function, priority, tenant.as_ref(), state);
     }
 
     /// Moves job `id` to `state`. With [`Broker::add_job`] and [`Broker::remove_job`], the only
@@ -428,16 +444,23 @@ impl Broker {
             return;
         };
         let old = std::mem::replace(&mut job.state, state);
-        let (function, priority) = (job.function.clone(), job.priority);
-        self.leave_state(id, &function, priority, old);
-        self.enter_state(id, &function, priority, state);
+        let (function, priority, tenant) = (job.function.clone(), job.priority, job.tenant.clone());
+        self.leave_state(id, &function, priority, tenant.as_ref(), old);
+        self.enter_state(id, &function, priority, tenant.as_ref(), state);
     }
 
-    fn enter_state(&mut self, id: JobId, function: &[u8], priority: Priority, state: JobState) {
+    fn enter_state(
+        &mut self,
+        id: JobId,
+        function: &[u8],
+        priority: Priority,
+        tenant: Option<&Bytes>,
+        state: JobState,
+    ) {
         self.functions
             .get_mut(function)
             .expect("function of job")
-            .enter(id, priority, state);
+            .enter(id, priority, tenant, state);
         match state {
             JobState::Queued { .. } => {}
             JobState::Scheduled { at } => {
@@ -454,11 +477,18 @@ impl Broker {
         }
     }
 
-    fn leave_state(&mut self, id: JobId, function: &[u8], priority: Priority, state: JobState) {
+    fn leave_state(
+        &mut self,
+        id: JobId,
+        function: &[u8],
+        priority: Priority,
+        tenant: Option<&Bytes>,
+        state: JobState,
+    ) {
         self.functions
             .get_mut(function)
             .expect("function of job")
-            .leave(priority, state);
+            .leave(priority, tenant, state);
         match state {
             JobState::Queued { .. } => {}
             JobState::Scheduled { at } => {
@@ -488,4 +518,11 @@ fn forward_to_clients(job: &Job, p: &Packet, out: &mut Vec<Action>) {
             },
         ));
     }
+}
+
+/// The tenant a lock request names (empty: the shared tenant, also for a malformed request).
+fn lock_request_tenant(data: &[u8]) -> Bytes {
+    testenv_proto::LockRequest::parse(data)
+        .map(|r| Bytes::from(r.tenant.trim().to_string()))
+        .unwrap_or_default()
 }
