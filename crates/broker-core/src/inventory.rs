@@ -207,10 +207,15 @@ impl Inventory {
     }
 
     pub fn lease_ended(&mut self, te: &str, outcome: &'static str) {
-        if !self.outcomes.contains_key(te) && self.outcomes.len() >= MAX_OUTCOME_TES {
-            self.outcomes.shift_remove_index(0);
-        }
-        let kept = self.outcomes.entry(te.to_string()).or_default();
+        let kept = match self.outcomes.get_mut(te) {
+            Some(kept) => kept,
+            None => {
+                if self.outcomes.len() >= MAX_OUTCOME_TES {
+                    self.outcomes.shift_remove_index(0);
+                }
+                self.outcomes.entry(te.to_string()).or_default()
+            }
+        };
         if kept.len() == OUTCOMES_KEPT {
             kept.pop_front();
         }

@@ -141,6 +141,19 @@ fn a_worker_without_a_client_id_is_named_by_its_connection_and_clients_are_not_t
         .map(|e| e.name)
         .collect();
     assert_eq!(names, vec!["conn-9".to_string()]);
+    // Its lease outcomes are its own too.
+    sim.submit(
+        c,
+        T::SubmitJob,
+        "lockenv",
+        "",
+        &lock_request("callback_1", "j"),
+    );
+    let (handle, ..) = sim.grab(w).unwrap();
+    sim.send(w, T::WorkFail, &[&handle]);
+    let envs = sim.broker.envs(sim.now);
+    assert_eq!(envs[0].last_outcomes, vec!["failed"]);
+    assert_eq!(envs[0].failure_rate, Some(1.0));
 }
 
 #[test]

@@ -75,7 +75,8 @@ fn plain_te_name(id: ConnId, c: &Conn) -> Option<String> {
     lockenv.then(|| conn_te_name(id, c))
 }
 
-/// A worker connection's TE name: its client id, or `conn-N` without one.
+/// A worker connection's TE name: its client id, or `conn-N` without one (as in
+/// [`Broker::lease_ended`]).
 fn conn_te_name(id: ConnId, c: &Conn) -> String {
     if c.client_id.is_empty() || &c.client_id[..] == b"-" {
         format!("conn-{id}")
@@ -136,7 +137,12 @@ impl Broker {
         let Some((worker, ended)) = self.leases.job_ended(id, handle, self.now) else {
             return;
         };
-        self.inventory.lease_ended(&ended.worker_id, ended.outcome);
+        if ended.worker_id.is_empty() || ended.worker_id == "-" {
+            let name = format!("conn-{worker}");
+            self.inventory.lease_ended(&name, ended.outcome);
+        } else {
+            self.inventory.lease_ended(&ended.worker_id, ended.outcome);
+        }
         if let Some(c) = self.conns.get_mut(&worker) {
             c.te_since = self.now.wall;
         }
