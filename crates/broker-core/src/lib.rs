@@ -25,6 +25,6 @@ pub use inventory::{
 };
 pub use schedule::next_cron_match;
 pub use security::{Security, CALLBACK_PREFIX};
-pub use snapshot::{ConnectionInfo, FunctionStatus, Metric};
+pub use snapshot::{ConnectionInfo, FunctionStatus, Metric, WaitingRequest};
 pub use testenv::{EndedLease, Lease, HISTORY_LEN};
 pub use types::{Action, ConnId, Millis, Now};

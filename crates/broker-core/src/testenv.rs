@@ -9,7 +9,9 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::types::{show, ConnId, Job, JobId, Now};
+use bytes::Bytes;
+
+use crate::types::{show, ConnId, Job, JobId, LeaseRequest, Now};
 
 /// The function testenv-workers register; a prefix, since deployments add suffixes for pools.
 pub const LOCKENV_PREFIX: &[u8] = testenv_proto::LOCKENV.as_bytes();
@@ -63,20 +65,13 @@ pub struct EndedLease {
     pub outcome: &'static str,
 }
 
-/// The non-secret fields of a `lockenv` request.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(crate) struct LeaseRequest {
-    pub callback: String,
-    pub job_identifier: String,
-    pub timeout_secs: Option<u64>,
-}
-
 /// Reads a lockenv request's non-secret fields; a missing or malformed field is left empty.
-/// The one place that knows the request's JSON.
+/// The one place that knows the request's JSON; read once, when the request is submitted.
 pub(crate) fn lease_request(data: &[u8]) -> LeaseRequest {
     let request = testenv_proto::LockRequest::parse(data).unwrap_or_default();
     LeaseRequest {
         timeout_secs: request.timeout_secs(),
+        tenant: Bytes::from(request.tenant.trim().to_string()),
         callback: request.callback_name,
         job_identifier: request.job_identifier,
     }
@@ -119,7 +114,11 @@ impl LeaseTracker {
                 worker_id,
                 outcome: "ended",
                 since: now,
-                request: lease_request(&job.data),
+                request: job
+                    .lock
+                    .as_deref()
+                    .cloned()
+                    .unwrap_or_else(|| lease_request(&job.data)),
             },
         );
     }

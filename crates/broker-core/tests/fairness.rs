@@ -201,6 +201,30 @@ fn a_busy_tenant_does_not_starve_another() {
     }
     pool.submit(2, 1);
     pool.submit(0, 1);
+    pool.sim.advance(1_500);
+    pool.submit(3, 0);
+    let queue = pool.sim.broker.waiting_requests(pool.sim.now);
+    let seen: Vec<(&str, &str, usize, u64)> = queue
+        .iter()
+        .map(|w| (w.tenant.as_str(), w.priority, w.position, w.waited_ms))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("proj-c", "high", 1, 0),
+            ("proj-a", "normal", 2, 1_500),
+            ("proj-b", "normal", 3, 1_500),
+            ("", "normal", 4, 1_500),
+            ("proj-a", "normal", 5, 1_500),
+            ("proj-a", "normal", 6, 1_500),
+            ("proj-a", "normal", 7, 1_500),
+            ("proj-a", "normal", 8, 1_500),
+        ]
+    );
+    assert!(queue
+        .iter()
+        .all(|w| w.function == "lockenv" && w.job_identifier.starts_with("job-")));
+    assert_eq!(pool.grab(), Some((0, 3)));
     let served: Vec<usize> = std::iter::from_fn(|| pool.grab().map(|(_, t)| t)).collect();
     assert_eq!(served, vec![1, 2, 0, 1, 1, 1, 1]);
 }

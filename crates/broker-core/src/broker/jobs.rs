@@ -80,7 +80,8 @@ impl Broker {
             }
         }
 
-        let tenant = testenv_proto::is_lockenv(&function).then(|| lock_request_tenant(&data));
+        let lock = testenv_proto::is_lockenv(&function)
+            .then(|| Box::new(crate::testenv::lease_request(&data)));
         let id = self.next_job;
         self.next_job += 1;
         let handle = Bytes::from(format!("{}{id}", self.handle_prefix));
@@ -108,7 +109,8 @@ impl Broker {
                 numerator: Bytes::new(),
                 denominator: Bytes::new(),
                 retries: 0,
-                tenant,
+                submitted: self.now,
+                lock,
             },
         );
         if !background {
@@ -155,7 +157,7 @@ impl Broker {
         debug_assert_eq!(self.jobs[&id].state, JobState::Queued { seq });
         debug_assert_eq!(self.jobs[&id].priority as usize, p);
         let job = &self.jobs[&id];
-        if let Some(tenant) = job.tenant.clone() {
+        if let Some(tenant) = job.tenant().cloned() {
             let (function, priority) = (job.function.clone(), job.priority);
             if let Some(f) = self.functions.get_mut(&function) {
                 f.served(priority, &tenant);
@@ -284,13 +286,7 @@ impl Broker {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
-        self.leave_state(
-            id,
-            &job.function,
-            job.priority,
-            job.tenant.as_ref(),
-            job.state,
-        );
+        self.leave_state(id, &job.function, job.priority, job.tenant(), job.state);
         let f = self
             .functions
             .get_mut(&job.function)
@@ -352,7 +348,7 @@ impl Broker {
             JobState::Queued { seq } => {
                 let p = job.priority as usize;
                 let ahead: usize = f.queues()[..p].iter().map(BTreeMap::len).sum::<usize>()
-                    + f.ahead_in_priority(job.priority, job.tenant.as_ref(), seq);
+                    + f.ahead_in_priority(job.priority, job.tenant(), seq);
                 Some((ahead + 1, total))
             }
             JobState::Scheduled { .. } => Some((total + 1, total)),
@@ -413,7 +409,8 @@ impl Broker {
                 numerator: Bytes::new(),
                 denominator: Bytes::new(),
                 retries: 0,
-                tenant: None,
+                submitted: self.now,
+                lock: None,
             },
         );
         self.stats.jobs_submitted += 1;
@@ -431,7 +428,7 @@ impl Broker {
     /// Adds a new job in its initial state (queued or scheduled).
     fn add_job(&mut self, id: JobId, job: Job) {
         let (function, priority, state) = (job.function.clone(), job.priority, job.state);
-        let tenant = job.tenant.clone();
+        let tenant = job.tenant().cloned();
         self.jobs.insert(id, job);
         self.enter_state(id, &function, priority, tenant.as_ref(), state);
     }
@@ -444,7 +441,8 @@ impl Broker {
             return;
         };
         let old = std::mem::replace(&mut job.state, state);
-        let (function, priority, tenant) = (job.function.clone(), job.priority, job.tenant.clone());
+        let (function, priority, tenant) =
+            (job.function.clone(), job.priority, job.tenant().cloned());
         self.leave_state(id, &function, priority, tenant.as_ref(), old);
         self.enter_state(id, &function, priority, tenant.as_ref(), state);
     }
@@ -518,11 +516,4 @@ fn forward_to_clients(job: &Job, p: &Packet, out: &mut Vec<Action>) {
             },
         ));
     }
-}
-
-/// The tenant a lock request names (empty: the shared tenant, also for a malformed request).
-fn lock_request_tenant(data: &[u8]) -> Bytes {
-    testenv_proto::LockRequest::parse(data)
-        .map(|r| Bytes::from(r.tenant.trim().to_string()))
-        .unwrap_or_default()
 }
