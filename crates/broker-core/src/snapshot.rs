@@ -226,6 +226,7 @@ impl Broker {
                     callback: r.request.callback.clone(),
                     job_identifier: r.request.job_identifier.clone(),
                     timeout_secs: r.request.timeout_secs,
+                    tenant: show(&r.request.tenant),
                     held_ms: now.mono.saturating_sub(r.since.mono),
                     callback_state,
                 })

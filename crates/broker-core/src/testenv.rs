@@ -29,6 +29,8 @@ pub struct Lease {
     pub callback: String,
     pub job_identifier: String,
     pub timeout_secs: Option<u64>,
+    /// The lock request's tenant (empty: the shared one); not in the admin line.
+    pub tenant: String,
     pub held_ms: u64,
     /// `queued`, `running` (the holder's command runs) or `gone`.
     pub callback_state: &'static str,
@@ -60,6 +62,10 @@ pub struct EndedLease {
     /// if the wall clock stepped back meanwhile.
     pub started_ms: u64,
     pub ended_ms: u64,
+    /// How long the request waited for a TE before this lease began (monotonic).
+    pub waited_ms: u64,
+    /// The lock request's tenant (empty: the shared one).
+    pub tenant: String,
     /// `released` (lockenv completed), `failed` (lockenv failed), `worker lost` (the worker's
     /// connection dropped), `timed out` (CAN_DO_TIMEOUT) or `ended`.
     pub outcome: &'static str,
@@ -84,6 +90,7 @@ pub(crate) struct LeaseRecord {
     pub since: Now,
     pub request: LeaseRequest,
     outcome: &'static str,
+    waited_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -114,6 +121,7 @@ impl LeaseTracker {
                 worker_id,
                 outcome: "ended",
                 since: now,
+                waited_ms: now.mono.saturating_sub(job.submitted.mono),
                 request: job
                     .lock
                     .as_deref()
@@ -145,6 +153,8 @@ impl LeaseTracker {
             job_identifier: r.request.job_identifier,
             started_ms: r.since.wall,
             ended_ms: now.wall.max(r.since.wall),
+            waited_ms: r.waited_ms,
+            tenant: show(&r.request.tenant),
             outcome: r.outcome,
         };
         self.ended += 1;

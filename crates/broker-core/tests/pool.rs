@@ -439,3 +439,25 @@ fn with_acls_te_control_needs_permission() {
     // Reading the inventory stays open, as `status` does.
     assert!(sim.admin(anon, "envs").starts_with("te1\tready"));
 }
+
+#[test]
+fn the_history_keeps_how_long_a_request_waited_and_its_tenant() {
+    let mut sim = Sim::new();
+    let client = sim.conn(1);
+    sim.submit(
+        client,
+        T::SubmitJob,
+        "lockenv",
+        "",
+        r#"{"callback_name":"callback_1","job_identifier":"j1","tenant":" proj-a "}"#,
+    );
+    sim.advance(2_500);
+    let w = plain_worker(&mut sim, 2, "te1");
+    assert_eq!(sim.types(w), vec![T::Noop]);
+    let (handle, ..) = sim.grab(w).unwrap();
+    assert_eq!(sim.broker.leases(sim.now)[0].tenant, "proj-a");
+    sim.advance(1_000);
+    sim.send(w, T::WorkComplete, &[&handle, b""]);
+    let ended = &sim.broker.lease_history()[0];
+    assert_eq!((ended.waited_ms, ended.tenant.as_str()), (2_500, "proj-a"));
+}
