@@ -9,7 +9,9 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::types::{show, ConnId, Job, JobId, Now};
+use bytes::Bytes;
+
+use crate::types::{show, ConnId, Job, JobId, LeaseRequest, Now};
 
 /// The function testenv-workers register; a prefix, since deployments add suffixes for pools.
 pub const LOCKENV_PREFIX: &[u8] = testenv_proto::LOCKENV.as_bytes();
@@ -27,6 +29,8 @@ pub struct Lease {
     pub callback: String,
     pub job_identifier: String,
     pub timeout_secs: Option<u64>,
+    /// The lock request's tenant (empty: the shared one); not in the admin line.
+    pub tenant: String,
     pub held_ms: u64,
     /// `queued`, `running` (the holder's command runs) or `gone`.
     pub callback_state: &'static str,
@@ -58,25 +62,22 @@ pub struct EndedLease {
     /// if the wall clock stepped back meanwhile.
     pub started_ms: u64,
     pub ended_ms: u64,
+    /// How long the request waited for a TE before this lease began (monotonic).
+    pub waited_ms: u64,
+    /// The lock request's tenant (empty: the shared one).
+    pub tenant: String,
     /// `released` (lockenv completed), `failed` (lockenv failed), `worker lost` (the worker's
     /// connection dropped), `timed out` (CAN_DO_TIMEOUT) or `ended`.
     pub outcome: &'static str,
 }
 
-/// The non-secret fields of a `lockenv` request.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(crate) struct LeaseRequest {
-    pub callback: String,
-    pub job_identifier: String,
-    pub timeout_secs: Option<u64>,
-}
-
 /// Reads a lockenv request's non-secret fields; a missing or malformed field is left empty.
-/// The one place that knows the request's JSON.
+/// The one place that knows the request's JSON; read once, when the request is submitted.
 pub(crate) fn lease_request(data: &[u8]) -> LeaseRequest {
     let request = testenv_proto::LockRequest::parse(data).unwrap_or_default();
     LeaseRequest {
         timeout_secs: request.timeout_secs(),
+        tenant: Bytes::from(request.tenant.trim().to_string()),
         callback: request.callback_name,
         job_identifier: request.job_identifier,
     }
@@ -89,6 +90,7 @@ pub(crate) struct LeaseRecord {
     pub since: Now,
     pub request: LeaseRequest,
     outcome: &'static str,
+    waited_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -119,7 +121,12 @@ impl LeaseTracker {
                 worker_id,
                 outcome: "ended",
                 since: now,
-                request: lease_request(&job.data),
+                waited_ms: now.mono.saturating_sub(job.submitted.mono),
+                request: job
+                    .lock
+                    .as_deref()
+                    .cloned()
+                    .unwrap_or_else(|| lease_request(&job.data)),
             },
         );
     }
@@ -131,10 +138,14 @@ impl LeaseTracker {
         }
     }
 
-    pub fn job_ended(&mut self, id: JobId, handle: &[u8], now: Now) {
-        let Some(r) = self.active.remove(&id) else {
-            return;
-        };
+    /// The lease of job `id` (if it is one) has ended: returns its worker and record.
+    pub fn job_ended(
+        &mut self,
+        id: JobId,
+        handle: &[u8],
+        now: Now,
+    ) -> Option<(ConnId, &EndedLease)> {
+        let r = self.active.remove(&id)?;
         let ended = EndedLease {
             lockenv_handle: show(handle),
             worker_id: r.worker_id,
@@ -142,16 +153,19 @@ impl LeaseTracker {
             job_identifier: r.request.job_identifier,
             started_ms: r.since.wall,
             ended_ms: now.wall.max(r.since.wall),
+            waited_ms: r.waited_ms,
+            tenant: show(&r.request.tenant),
             outcome: r.outcome,
         };
         self.ended += 1;
         if self.history.len() == HISTORY_LEN {
             self.history.pop_front();
         }
-        self.history.push_back(ended.clone());
         if self.unflushed.len() < HISTORY_LEN * 10 {
-            self.unflushed.push(ended);
+            self.unflushed.push(ended.clone());
         }
+        self.history.push_back(ended);
+        self.history.back().map(|e| (r.worker, e))
     }
 
     /// Whether `function` is the callback of a lease held now.

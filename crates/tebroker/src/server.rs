@@ -360,7 +360,7 @@ impl Server {
         let mut broker = Broker::new(broker_core::BrokerConfig {
             handle_host: settings.handle_host.clone(),
             pid: std::process::id(),
-            version: format!("{} (tebroker)", env!("CARGO_PKG_VERSION")),
+            version: format!("tebroker {}", env!("CARGO_PKG_VERSION")),
             max_functions_per_conn: settings.max_functions_per_conn,
         });
         broker.set_security(crate::reload::security(&settings, acl));
