@@ -37,6 +37,7 @@ pub fn is_listing(command: &str) -> bool {
             | ["prioritystatus", ..]
             | ["show", ..]
             | ["leases", ..]
+            | ["envs", ..]
             | ["stats", ..]
             | ["acl", "list", ..]
     )

@@ -1,11 +1,6 @@
 //! `tebroker admin`: send one admin command to a broker and print its answer, like gearadmin
-<<<<<<< HEAD
-//! but for every command tebroker knows (`leases`, `stats`, `acl ...` included), over TCP or
-//! TLS (gearman_client::admin does the talking).
-=======
 //! but for every command tebroker knows (`leases`, `envs`, `drain TE`, `stats`, `acl ...`
-//! included).
->>>>>>> h-inventory
+//! included), over TCP or TLS (gearman_client::admin does the talking).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -19,7 +14,6 @@ pub struct AdminArgs {
     /// The broker, host[:port].
     #[arg(short = 'b', long, default_value = "127.0.0.1:4730")]
     pub broker: String,
-<<<<<<< HEAD
     /// CA bundle (PEM) the broker's certificate must chain to; setting it turns TLS on.
     #[arg(long)]
     pub ssl_ca: Option<PathBuf>,
@@ -32,34 +26,12 @@ pub struct AdminArgs {
     /// Seconds to wait for the whole answer.
     #[arg(long, default_value = "30")]
     pub timeout: u64,
-    /// The command and its arguments, e.g. `status`, `leases`, `cancel job H:host:12`.
-=======
     /// The command and its arguments, e.g. `status`, `leases`, `envs`, `drain TE`,
     /// `cancel job H:host:12`.
->>>>>>> h-inventory
     #[arg(required = true, trailing_var_arg = true)]
     pub command: Vec<String>,
 }
 
-<<<<<<< HEAD
-=======
-/// Commands whose answer is a list ending with a line holding only `.`.
-fn is_listing(command: &str) -> bool {
-    let words: Vec<&str> = command.split_whitespace().collect();
-    matches!(
-        words.as_slice(),
-        ["status", ..]
-            | ["workers", ..]
-            | ["prioritystatus", ..]
-            | ["show", ..]
-            | ["leases", ..]
-            | ["envs", ..]
-            | ["stats", ..]
-            | ["acl", "list", ..]
-    )
-}
-
->>>>>>> h-inventory
 /// Runs the command; returns the process exit status (1 if the broker answered `ERR`).
 pub fn run(args: AdminArgs) -> anyhow::Result<i32> {
     let mut server: gearman_client::ServerAddr = args.broker.parse()?;
