@@ -12,5 +12,6 @@ pub mod outbox;
 pub mod panic;
 pub mod reload;
 pub mod server;
+pub mod server_store;
 pub mod timer;
 pub mod tls;

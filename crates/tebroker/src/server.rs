@@ -50,6 +50,8 @@ pub struct Shared {
     pub(crate) edge: Arc<EdgeCounters>,
     pub(crate) timer: crate::timer::Timer,
     history: HistoryWriter,
+    /// The durable store (`None`: `--no-store`).
+    pub(crate) store: Option<Arc<crate::server_store::StoreLink>>,
     pub(crate) reload: crate::reload::Reloadable,
     clock: crate::clock::Clock,
 }
@@ -130,8 +132,20 @@ impl Shared {
             o.push();
         }
         if !ended.is_empty() {
-            self.history.append(ended);
+            self.record_ended(ended);
         }
+    }
+
+    fn record_ended(&self, ended: Vec<broker_core::EndedLease>) {
+        if let Some(store) = &self.store {
+            store.leases_ended(&ended);
+        }
+        self.history.append(ended);
+    }
+
+    /// The durable store, when there is one.
+    pub fn store(&self) -> Option<&Arc<crate::server_store::StoreLink>> {
+        self.store.as_ref()
     }
 
     fn deliver(&self, state: &mut State, action: Action, woken: &mut Vec<Arc<Outbox>>) {
@@ -286,7 +300,7 @@ impl Shared {
     fn flush_history(&self) {
         let ended = self.lock().broker.take_new_history();
         if !ended.is_empty() {
-            self.history.append(ended);
+            self.record_ended(ended);
         }
         self.history.finish();
     }
@@ -301,6 +315,21 @@ impl Shared {
 
     pub(crate) fn with_broker<R>(&self, f: impl FnOnce(&mut Broker) -> R) -> R {
         f(&mut self.lock().broker)
+    }
+}
+
+/// Records TE state changes: compares the inventory with the last copy every
+/// [`crate::server_store::ENV_SCAN_EVERY`] (the copy is made under the lock, the comparison
+/// outside it).
+async fn scan_envs(shared: Arc<Shared>, link: Arc<crate::server_store::StoreLink>) {
+    loop {
+        if let Ok(envs) = shared
+            .inspect_within(crate::http::CORE_WAIT, |b, now| b.envs(now))
+            .await
+        {
+            link.envs_seen(&envs);
+        }
+        tokio::time::sleep(crate::server_store::ENV_SCAN_EVERY).await;
     }
 }
 
@@ -357,6 +386,13 @@ impl Server {
         let edge = Arc::new(EdgeCounters::default());
         let history = HistoryWriter::start(settings.history_file.clone(), edge.clone())?;
         let reload = crate::reload::Reloadable::new(&settings, acl.as_ref());
+        let store = settings.store.clone().map(|db| {
+            Arc::new(crate::server_store::StoreLink::start(
+                db,
+                format!("{}:{}", settings.handle_host, settings.port),
+                settings.history_days,
+            ))
+        });
         let mut broker = Broker::new(broker_core::BrokerConfig {
             handle_host: settings.handle_host.clone(),
             pid: std::process::id(),
@@ -378,6 +414,7 @@ impl Server {
             edge,
             timer: crate::timer::Timer::default(),
             history,
+            store,
             reload,
             clock: crate::clock::Clock::start(),
         });
@@ -404,6 +441,15 @@ impl Server {
     pub async fn run(self) -> anyhow::Result<()> {
         let shared = self.shared.clone();
         let timer = tokio::spawn(crate::timer::run(shared.clone()));
+        let store_tasks = shared.store.clone().map(|link| {
+            (
+                tokio::spawn(crate::server_store::retention(
+                    link.clone(),
+                    shared.stop.clone(),
+                )),
+                tokio::spawn(scan_envs(shared.clone(), link)),
+            )
+        });
         loop {
             tokio::select! {
                 _ = shared.stop_accepting.cancelled() => break,
@@ -456,6 +502,21 @@ impl Server {
         }
         timer.abort();
         shared.flush_history();
+        if let Some((retention, scan)) = store_tasks {
+            retention.abort();
+            scan.abort();
+        }
+        if let Some(link) = shared.store.clone() {
+            let flushed = tokio::task::spawn_blocking(move || {
+                let done = link.flush(Duration::from_secs(5));
+                link.close_reader();
+                done
+            })
+            .await;
+            if !matches!(flushed, Ok(true)) {
+                tracing::warn!("the store did not take every record before shutdown");
+            }
+        }
         tracing::info!("stopped");
         Ok(())
     }

@@ -1,0 +1,184 @@
+//! The broker's link to its durable store: ended leases and their waits, and TE state changes,
+//! handed to a [`StoreWriter`] (a bounded queue, never blocking the core); reads for the API on
+//! a connection of their own, always off the runtime's threads; retention.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use broker_core::{EndedLease, EnvInfo};
+use rustc_hash::FxHashMap;
+use tebroker_store::{
+    Database, EnvState, EnvStateChange, LeaseRecord, Millis, Outcome, Priority, Store, StoreError,
+    StoreWriter, WaitEnd, WaitRecord, WriterConfig, WriterStats,
+};
+
+/// How often the inventory is compared with the last one to record TE state changes.
+pub const ENV_SCAN_EVERY: Duration = Duration::from_secs(2);
+/// How often retention runs.
+pub const PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// Grants the estimated wait is the median of.
+pub const ESTIMATE_SAMPLES: u32 = 50;
+
+pub struct StoreLink {
+    database: Database,
+    /// The `broker` column: which broker recorded a lease (several may share PostgreSQL).
+    broker: String,
+    writer: StoreWriter,
+    /// The API's connection, opened on first use and again after an error.
+    reader: Mutex<Option<Box<dyn Store>>>,
+    pub history_days: u32,
+    /// Each TE's last recorded (state, holder), by `agent/name`.
+    last_envs: Mutex<FxHashMap<String, (String, Option<String>)>>,
+}
+
+impl StoreLink {
+    pub fn start(database: Database, broker: String, history_days: u32) -> StoreLink {
+        tracing::info!(store = %database, history_days, "recording history to the store");
+        let open_db = database.clone();
+        let writer = StoreWriter::start(Box::new(move || open_db.open()), WriterConfig::default());
+        StoreLink {
+            database,
+            broker,
+            writer,
+            reader: Mutex::new(None),
+            history_days,
+            last_envs: Mutex::new(FxHashMap::default()),
+        }
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.database
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        self.writer.stats()
+    }
+
+    /// Queues ended leases and the waits that preceded them; never blocks.
+    pub fn leases_ended(&self, ended: &[EndedLease]) {
+        for l in ended {
+            let started = millis(l.started_ms);
+            self.writer.record(LeaseRecord {
+                broker: self.broker.clone(),
+                lockenv_handle: l.lockenv_handle.clone(),
+                env: l.worker_id.clone(),
+                worker_id: l.worker_id.clone(),
+                callback: l.callback.clone(),
+                job_identifier: l.job_identifier.clone(),
+                tenant: l.tenant.clone(),
+                priority: Priority::Normal,
+                started_ms: started,
+                ended_ms: millis(l.ended_ms),
+                outcome: Outcome::from_text(l.outcome),
+            });
+            self.writer.record(WaitRecord {
+                job_identifier: l.job_identifier.clone(),
+                tenant: l.tenant.clone(),
+                priority: Priority::Normal,
+                function: testenv_proto::LOCKENV.to_string(),
+                queued_ms: started.saturating_sub(millis(l.waited_ms)),
+                end: WaitEnd::Granted {
+                    at_ms: started,
+                    env: l.worker_id.clone(),
+                },
+            });
+        }
+    }
+
+    /// Records a state change for every TE whose state or holder differs from the last scan.
+    pub fn envs_seen(&self, envs: &[EnvInfo]) {
+        let mut last = self.last_envs.lock().unwrap_or_else(|e| e.into_inner());
+        for e in envs {
+            let key = format!("{}/{}", e.agent.as_deref().unwrap_or_default(), e.name);
+            let now = (e.state.as_str().to_string(), e.holder.clone());
+            if last.get(&key) == Some(&now) {
+                continue;
+            }
+            self.writer.record(EnvStateChange {
+                env: e.name.clone(),
+                agent: e.agent.clone().unwrap_or_else(|| e.host.clone()),
+                labels: e.labels.clone(),
+                state: EnvState::from_text(e.state.as_str()),
+                since_ms: millis(e.since_ms),
+                detail: e.detail.clone().unwrap_or_default(),
+                holder: e.holder.clone(),
+            });
+            last.insert(key, now);
+        }
+        // TEs the broker forgot are no longer compared; they keep their last stored state.
+        if last.len() > envs.len() {
+            let seen: std::collections::HashSet<String> = envs
+                .iter()
+                .map(|e| format!("{}/{}", e.agent.as_deref().unwrap_or_default(), e.name))
+                .collect();
+            last.retain(|k, _| seen.contains(k));
+        }
+    }
+
+    /// Runs `f` on the reading connection on a blocking thread (the `postgres` client must
+    /// not run on a runtime thread, and a slow query must not hold one up).
+    pub async fn read<R: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut dyn Store) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let link = self.clone();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut reader = link.reader.lock().unwrap_or_else(|e| e.into_inner());
+            if reader.is_none() {
+                *reader = Some(link.database.open()?);
+            }
+            let store = reader.as_mut().expect("opened above");
+            let r = f(store.as_mut());
+            if r.is_err() {
+                // A broken connection is reopened on the next read.
+                *reader = None;
+            }
+            r
+        })
+        .await;
+        joined.unwrap_or_else(|e| {
+            Err(StoreError::Io {
+                path: "store reader".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        })
+    }
+
+    /// Waits up to `within` for what was recorded so far to be written (shutdown, tests).
+    pub fn flush(&self, within: Duration) -> bool {
+        self.writer.flush(within)
+    }
+
+    /// Closes the reading connection; call from a blocking context.
+    pub fn close_reader(&self) {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+fn millis(ms: u64) -> Millis {
+    Millis::try_from(ms).unwrap_or(Millis::MAX)
+}
+
+/// Purges what is older than `--history-days`, at start and every [`PURGE_EVERY`].
+pub async fn retention(link: Arc<StoreLink>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        let days = link.history_days;
+        let r = link
+            .read(move |s| s.purge_older_than(days, tebroker_store::now_ms()))
+            .await;
+        match r {
+            Ok(n) => tracing::info!(
+                leases = n.leases,
+                env_states = n.env_states,
+                waits = n.waits,
+                days,
+                "store retention: purged"
+            ),
+            Err(e) => tracing::warn!(error = %e, "store retention failed; retrying later"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+    }
+}
