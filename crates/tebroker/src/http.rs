@@ -75,6 +75,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/api/metrics",
             get(|State(s): State<Arc<Shared>>| async move { json(&s, |b, _| b.metrics()).await }),
         )
+        .merge(crate::http_api::routes())
         .with_state(shared)
 }
 

@@ -8,6 +8,7 @@ pub mod edge;
 pub mod fault;
 pub mod history;
 pub mod http;
+pub mod http_api;
 pub mod outbox;
 pub mod panic;
 pub mod reload;

@@ -52,6 +52,8 @@ pub struct Shared {
     history: HistoryWriter,
     /// The durable store (`None`: `--no-store`).
     pub(crate) store: Option<Arc<crate::server_store::StoreLink>>,
+    /// The bearer token API control requires (`--api-token-file`).
+    api_token: Option<Vec<u8>>,
     pub(crate) reload: crate::reload::Reloadable,
     clock: crate::clock::Clock,
 }
@@ -141,6 +143,22 @@ impl Shared {
             store.leases_ended(&ended);
         }
         self.history.append(ended);
+    }
+
+    pub(crate) fn api_token(&self) -> Option<&[u8]> {
+        self.api_token.as_deref()
+    }
+
+    /// Carries out an operator's control command on TE `env` (see
+    /// [`Broker::control_env`]).
+    pub fn control_env(
+        &self,
+        op: testenv_proto::agent::ControlOp,
+        env: &str,
+        hold_secs: Option<u64>,
+        requested_by: &str,
+    ) -> Result<broker_core::ControlTarget, broker_core::ControlError> {
+        self.apply(|b, out| b.control_env(op, env, hold_secs, requested_by, out))
     }
 
     /// The durable store, when there is one.
@@ -333,6 +351,19 @@ async fn scan_envs(shared: Arc<Shared>, link: Arc<crate::server_store::StoreLink
     }
 }
 
+/// The token file's first line; an empty one is refused (it would let anyone in).
+fn read_token(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the API token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the API token in {} is shorter than 16 characters",
+        path.display()
+    );
+    Ok(token.as_bytes().to_vec())
+}
+
 /// Why the broker core could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CoreUnavailable {
@@ -386,6 +417,10 @@ impl Server {
         let edge = Arc::new(EdgeCounters::default());
         let history = HistoryWriter::start(settings.history_file.clone(), edge.clone())?;
         let reload = crate::reload::Reloadable::new(&settings, acl.as_ref());
+        let api_token = match &settings.api_token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
         let store = settings.store.clone().map(|db| {
             Arc::new(crate::server_store::StoreLink::start(
                 db,
@@ -415,6 +450,7 @@ impl Server {
             timer: crate::timer::Timer::default(),
             history,
             store,
+            api_token,
             reload,
             clock: crate::clock::Clock::start(),
         });
