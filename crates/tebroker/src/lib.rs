@@ -9,6 +9,7 @@ pub mod fault;
 pub mod history;
 pub mod http;
 pub mod http_api;
+pub mod http_cli;
 pub mod outbox;
 pub mod panic;
 pub mod reload;

@@ -16,6 +16,8 @@ struct Cli {
     /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    #[command(flatten)]
+    api: tebroker::http_cli::ApiArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,6 +28,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Send an admin command (status, workers, leases, stats, ...) and print the answer.
     Admin(tebroker::admin_cli::AdminArgs),
+    #[command(flatten)]
+    Api(tebroker::http_cli::ApiCommand),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +39,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Admin(args) => std::process::exit(tebroker::admin_cli::run(args)?),
+        Command::Api(command) => std::process::exit(tebroker::http_cli::run(cli.api, command)?),
     }
 }
 

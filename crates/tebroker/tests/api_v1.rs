@@ -225,3 +225,104 @@ fn without_a_token_file_control_is_refused_and_without_a_store_history_says_so()
     assert!(body.contains("no_store"));
     assert_eq!(get_json(http, "/api/v1/queue"), serde_json::json!([]));
 }
+
+/// `tebroker ARGS... --url URL`; returns (exit code, stdout, stderr).
+fn cli(http: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let out = test_support::run_with_timeout(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tebroker"))
+            .args(args)
+            .args(["--url", &format!("http://{http}")])
+            .env_remove("TEBROKER_URL")
+            .env_remove("TEBROKER_TOKEN_FILE"),
+        Duration::from_secs(60),
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
+    use gearman_proto::PacketType as T;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path());
+    let http = broker.http.unwrap();
+    lease_once(broker.port, "testenv-worker-cli", "job-cli-1");
+    // A plain testenv-worker that stays: registered for lockenv, waiting for work.
+    let mut te = harness::Conn::connect(broker.port);
+    te.req(T::SetClientId, &["testenv-worker-cli"]);
+    te.req(T::CanDo, &["lockenv"]);
+    te.req(T::PreSleep, &[] as &[&str]);
+
+    let ready = test_support::wait_until("the TE ready in `tebroker envs`", || {
+        let (code, out, err) = cli(http, &["envs"]);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .find(|l| l.starts_with("testenv-worker-cli ") && l.contains(" ready "))
+            .map(str::to_string)
+    });
+    assert!(ready.contains("released"), "its last outcome: {ready}");
+    let (code, out, _) = cli(http, &["envs"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("TE "), "a table with a header: {out}");
+
+    let token = dir.path().join("token");
+    let (code, _, err) = cli(http, &["drain", "testenv-worker-cli"]);
+    assert_eq!(code, 1, "refused without a token");
+    assert!(err.contains("401") && err.contains("unauthorized"), "{err}");
+    let (code, out, err) = cli(
+        http,
+        &[
+            "drain",
+            "testenv-worker-cli",
+            "--token-file",
+            harness::path(&token),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("drain testenv-worker-cli: done by the broker"),
+        "{out}"
+    );
+    test_support::wait_until("the TE drained in `tebroker envs --json`", || {
+        let (_, out, _) = cli(http, &["envs", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "testenv-worker-cli" && e["state"] == "drained")
+            .then_some(())
+    });
+    let (code, _, err) = cli(
+        http,
+        &[
+            "undrain",
+            "testenv-worker-cli",
+            "--token-file",
+            harness::path(&token),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    test_support::wait_until("the TE ready again", || {
+        let (_, out, _) = cli(http, &["envs"]);
+        out.lines()
+            .any(|l| l.starts_with("testenv-worker-cli ") && l.contains(" ready "))
+            .then_some(())
+    });
+
+    let (code, out, err) = cli(http, &["history", "--env", "testenv-worker-cli"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("job-cli-1") && out.contains("released"),
+        "{out}"
+    );
+    let (code, _, err) = cli(http, &["history", "--outcome", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("400"), "{err}");
+    let (code, out, _) = cli(http, &["queue"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("POS"), "{out}");
+    drop(te);
+}
