@@ -9,6 +9,7 @@
 //! | `GET /api/v1/workers` | connections and what they registered |
 //! | `GET /api/v1/history?env=&job=&since=&until=&outcome=&limit=&cursor=` | ended leases, newest first; `next` is the cursor of the following page |
 //! | `GET /api/v1/stats` | the store writer's counters |
+//! | `GET /api/v1/charts?hours=` | the dashboard's series: queue length and mean wait per 15 minutes, leases per hour by outcome |
 //! | `POST /api/v1/envs/{name}/{drain,undrain,hold,release,rebuild}` | control (bearer token from `--api-token-file`); `hold` takes `?secs=` |
 //!
 //! Read-only endpoints are open; errors are `{"error": CODE, "message": TEXT}` with the status.
@@ -39,6 +40,7 @@ pub fn routes() -> Router<Arc<Shared>> {
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/history", get(history))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/charts", get(charts))
         .route("/api/v1/{*rest}", get(not_found).post(not_found))
 }
 
@@ -395,4 +397,127 @@ async fn control(
             Err(ApiError::new(status, code, text))
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChartParams {
+    hours: Option<u32>,
+}
+
+/// Buckets of the wait series.
+const WAIT_BUCKET_MS: i64 = 15 * 60 * 1000;
+const HOUR_MS: i64 = 3_600_000;
+/// Most leases and waits a chart reads.
+const CHART_ROWS: u32 = 50_000;
+
+#[derive(Debug, Serialize, PartialEq)]
+struct WaitPoint {
+    at_ms: i64,
+    /// Requests waiting at `at_ms`.
+    queued: usize,
+    /// Mean wait of the requests granted in the bucket ending at `at_ms`; `None` if none.
+    mean_wait_ms: Option<i64>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+struct HourPoint {
+    start_ms: i64,
+    /// Leases that ended in the hour, by outcome.
+    outcomes: std::collections::BTreeMap<String, u64>,
+}
+
+fn wait_series(waits: &[tebroker_store::WaitRecord], from: i64, to: i64) -> Vec<WaitPoint> {
+    let mut out = Vec::new();
+    let mut t = from;
+    while t <= to {
+        let end = t.saturating_add(WAIT_BUCKET_MS);
+        let queued = waits
+            .iter()
+            .filter(|w| w.queued_ms <= end && w.end.at_ms() > end)
+            .count();
+        let granted: Vec<i64> = waits
+            .iter()
+            .filter(|w| {
+                matches!(w.end, tebroker_store::WaitEnd::Granted { .. })
+                    && w.end.at_ms() > t
+                    && w.end.at_ms() <= end
+            })
+            .map(|w| w.waited_ms())
+            .collect();
+        let mean =
+            (!granted.is_empty()).then(|| granted.iter().sum::<i64>() / granted.len() as i64);
+        out.push(WaitPoint {
+            at_ms: end,
+            queued,
+            mean_wait_ms: mean,
+        });
+        t = end;
+    }
+    out
+}
+
+fn hour_series(leases: &[tebroker_store::StoredLease], from: i64, to: i64) -> Vec<HourPoint> {
+    let mut out: Vec<HourPoint> = Vec::new();
+    let mut t = from;
+    while t < to {
+        out.push(HourPoint {
+            start_ms: t,
+            outcomes: Default::default(),
+        });
+        t = t.saturating_add(HOUR_MS);
+    }
+    for l in leases {
+        let i = (l.lease.ended_ms - from).div_euclid(HOUR_MS);
+        if let Some(p) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
+            *p.outcomes
+                .entry(l.lease.outcome.as_str().to_string())
+                .or_default() += 1;
+        }
+    }
+    out
+}
+
+async fn charts(
+    State(shared): State<Arc<Shared>>,
+    params: Result<Query<ChartParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let hours = p.hours.unwrap_or(12).clamp(1, 7 * 24);
+    let store = shared.store().ok_or_else(ApiError::no_store)?;
+    let now = tebroker_store::now_ms();
+    let since = now.saturating_sub(i64::from(hours) * HOUR_MS);
+    let (waits, leases) = store
+        .read(move |s| {
+            let waits = s.waits(&WaitQuery {
+                function: None,
+                since: Some(since),
+                granted_only: false,
+                limit: CHART_ROWS,
+            })?;
+            let mut leases = Vec::new();
+            let mut q = HistoryQuery {
+                since: Some(since),
+                limit: tebroker_store::MAX_PAGE,
+                ..HistoryQuery::default()
+            };
+            loop {
+                let page = s.history(&q)?;
+                leases.extend(page.leases);
+                match page.next {
+                    Some(c) if leases.len() < CHART_ROWS as usize => q.after = Some(c),
+                    _ => break,
+                }
+            }
+            Ok((waits, leases))
+        })
+        .await
+        .map_err(ApiError::store)?;
+    let hour_start = since - since.rem_euclid(HOUR_MS);
+    let bucket_start = since - since.rem_euclid(WAIT_BUCKET_MS);
+    ok(serde_json::json!({
+        "now_ms": now,
+        "hours": hours,
+        "waits": wait_series(&waits, bucket_start, now.saturating_sub(WAIT_BUCKET_MS)),
+        "leases_per_hour": hour_series(&leases, hour_start, now),
+    }))
 }
