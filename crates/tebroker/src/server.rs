@@ -52,6 +52,8 @@ pub struct Shared {
     history: HistoryWriter,
     /// The durable store (`None`: `--no-store`).
     pub(crate) store: Option<Arc<crate::server_store::StoreLink>>,
+    /// Wait and lease-duration histograms.
+    pub(crate) lease_metrics: crate::http::LeaseHistograms,
     /// The bearer token API control requires (`--api-token-file`).
     api_token: Option<Vec<u8>>,
     pub(crate) reload: crate::reload::Reloadable,
@@ -139,6 +141,7 @@ impl Shared {
     }
 
     fn record_ended(&self, ended: Vec<broker_core::EndedLease>) {
+        self.lease_metrics.observe(&ended);
         if let Some(store) = &self.store {
             store.leases_ended(&ended);
         }
@@ -435,6 +438,9 @@ impl Server {
             max_functions_per_conn: settings.max_functions_per_conn,
         });
         broker.set_security(crate::reload::security(&settings, acl));
+        if let Some(link) = &store {
+            let _ = edge.store.set(link.clone());
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 broker,
@@ -451,6 +457,7 @@ impl Server {
             history,
             store,
             api_token,
+            lease_metrics: crate::http::LeaseHistograms::default(),
             reload,
             clock: crate::clock::Clock::start(),
         });

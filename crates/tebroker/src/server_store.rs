@@ -31,6 +31,12 @@ pub struct StoreLink {
     last_envs: Mutex<FxHashMap<String, (String, Option<String>)>>,
 }
 
+impl std::fmt::Debug for StoreLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreLink({})", self.database)
+    }
+}
+
 impl StoreLink {
     pub fn start(database: Database, broker: String, history_days: u32) -> StoreLink {
         tracing::info!(store = %database, history_days, "recording history to the store");

@@ -193,6 +193,35 @@ fn history_and_inventory_survive_a_restart_and_control_needs_the_token() {
         assert!(!body.contains(SECRET), "{path} leaks TE data: {body}");
     }
 
+    // Metrics: histograms of waits and lease durations, TEs by state, the store's counters.
+    let metrics = test_support::wait_until("the store's counters in /metrics", || {
+        let (_, m) = request(http, "GET", "/metrics", None);
+        m.contains("tebroker_store_written_total ").then_some(m)
+    });
+    for line in [
+        "tebroker_lease_wait_seconds_count 3",
+        "tebroker_lease_duration_seconds_count 3",
+        "tebroker_store_dropped_total 0",
+        "tebroker_store_errors_total 0",
+        "tebroker_store_up 1",
+        "# TYPE tebroker_lease_wait_seconds histogram",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("tebroker_envs{state=\"gone\"} 2"),
+        "{metrics}"
+    );
+    let stats = get_json(http, "/api/v1/stats");
+    assert_eq!(stats["dropped"], 0);
+    assert!(
+        stats["written"].as_u64().unwrap() >= 6,
+        "3 leases and 3 waits: {stats}"
+    );
+
     broker.signal(libc::SIGTERM);
     broker.wait_exit(Duration::from_secs(30));
     assert!(!broker.log_text().contains(SECRET));
