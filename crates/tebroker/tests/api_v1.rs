@@ -355,3 +355,44 @@ fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
     assert!(out.starts_with("POS"), "{out}");
     drop(te);
 }
+
+/// Two brokers on one PostgreSQL database (a real throwaway cluster): each sees the other's
+/// leases in its history and the other's TEs in its inventory.
+#[test]
+fn two_brokers_share_history_and_inventory_through_postgresql() {
+    let Some(pg) = test_support::postgres::PgCluster::start_or_skip(
+        "two_brokers_share_history_and_inventory_through_postgresql",
+    ) else {
+        return;
+    };
+    let url = pg.url();
+    let start_pg = || Server::tebroker_with(&["--http", "127.0.0.1:0", "--database", &url]);
+    let a = start_pg();
+    let b = start_pg();
+    lease_once(a.port, "testenv-worker-on-a", "job-a");
+    lease_once(b.port, "testenv-worker-on-b", "job-b");
+    for broker in [&a, &b] {
+        let http = broker.http.unwrap();
+        let page = history_has(http, "", 2);
+        let jobs: Vec<&str> = page["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["job_identifier"].as_str().unwrap())
+            .collect();
+        assert!(jobs.contains(&"job-a") && jobs.contains(&"job-b"), "{page}");
+        test_support::wait_until("both TEs in the inventory", || {
+            let envs = get_json(http, "/api/v1/envs");
+            let names: Vec<String> = envs
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["name"].as_str().unwrap().to_string())
+                .collect();
+            (names.contains(&"testenv-worker-on-a".to_string())
+                && names.contains(&"testenv-worker-on-b".to_string()))
+            .then_some(())
+        });
+    }
+    drop((a, b));
+}
