@@ -28,7 +28,6 @@ use testenv_proto::agent::ControlOp;
 
 use crate::http::CORE_WAIT;
 use crate::server::Shared;
-use crate::server_store::ESTIMATE_SAMPLES;
 
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
@@ -224,31 +223,9 @@ async fn workers(State(shared): State<Arc<Shared>>) -> ApiResult {
 struct QueuedRequest {
     #[serde(flatten)]
     request: broker_core::WaitingRequest,
-    /// Position × the mean time between recent grants; `None` without history.
+    /// Position × the mean time between recent grants (rounded up to seconds); `None` without
+    /// history.
     estimated_wait_ms: Option<u64>,
-}
-
-/// The mean time between the last grants, from the store's waits.
-pub async fn grant_interval_ms(shared: &Arc<Shared>) -> Option<u64> {
-    let store = shared.store()?;
-    let waits = store
-        .read(|s| {
-            s.waits(&WaitQuery {
-                function: None,
-                since: None,
-                granted_only: true,
-                limit: ESTIMATE_SAMPLES,
-            })
-        })
-        .await
-        .ok()?;
-    let times: Vec<i64> = waits.iter().map(|w| w.end.at_ms()).collect();
-    let (newest, oldest) = (times.iter().max()?, times.iter().min()?);
-    let gaps = u64::try_from(times.len().checked_sub(1)?).ok()?;
-    if gaps == 0 {
-        return None;
-    }
-    Some(u64::try_from(newest.checked_sub(*oldest)?).ok()? / gaps)
 }
 
 async fn queue(State(shared): State<Arc<Shared>>) -> ApiResult {
@@ -256,15 +233,13 @@ async fn queue(State(shared): State<Arc<Shared>>) -> ApiResult {
         .inspect_within(CORE_WAIT, |b, now| b.waiting_requests(now))
         .await
         .map_err(ApiError::core)?;
-    let interval = if waiting.is_empty() {
-        None
-    } else {
-        grant_interval_ms(&shared).await
-    };
+    let store = shared.store();
     ok(waiting
         .into_iter()
         .map(|request| QueuedRequest {
-            estimated_wait_ms: interval.map(|i| i.saturating_mul(request.position as u64)),
+            estimated_wait_ms: store
+                .and_then(|s| s.estimate_secs(request.position as u64))
+                .map(|secs| secs.saturating_mul(1000)),
             request,
         })
         .collect::<Vec<_>>())

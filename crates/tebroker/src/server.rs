@@ -111,6 +111,7 @@ impl Shared {
                         self.edge.copy_into(b.stats_mut());
                         b.admin(id, &line, now, &mut actions);
                         self.edge.annotate_stats(&line, id, &mut actions);
+                        self.annotate_position(&line, id, &mut actions);
                     }
                 }
                 Frame::Malformed { reason, .. } => b.malformed(id, &reason, &mut actions),
@@ -146,6 +147,31 @@ impl Shared {
             store.leases_ended(&ended);
         }
         self.history.append(ended);
+    }
+
+    /// Adds the estimated wait in seconds to tebroker's `position` answer: `OK N TOTAL` becomes
+    /// `OK N TOTAL EST_SECS` when the store has recent grants (older clients read the first
+    /// two numbers only).
+    fn annotate_position(&self, line: &str, conn: ConnId, actions: &mut [Action]) {
+        let Some(store) = &self.store else { return };
+        if line.split_whitespace().next() != Some("position") {
+            return;
+        }
+        for action in actions.iter_mut().rev() {
+            let Action::Text(c, text) = action else {
+                continue;
+            };
+            if *c != conn {
+                continue;
+            }
+            let words: Vec<&str> = text.split_whitespace().collect();
+            if let ["OK", n, _total] = words.as_slice() {
+                if let Some(est) = n.parse().ok().and_then(|n| store.estimate_secs(n)) {
+                    *text = format!("{} {est}\n", text.trim_end());
+                }
+            }
+            return;
+        }
     }
 
     pub(crate) fn api_token(&self) -> Option<&[u8]> {
@@ -350,6 +376,7 @@ async fn scan_envs(shared: Arc<Shared>, link: Arc<crate::server_store::StoreLink
         {
             link.envs_seen(&envs);
         }
+        link.refresh_grant_interval().await;
         tokio::time::sleep(crate::server_store::ENV_SCAN_EVERY).await;
     }
 }

@@ -27,6 +27,9 @@ pub struct StoreLink {
     /// The API's connection, opened on first use and again after an error.
     reader: Mutex<Option<Box<dyn Store>>>,
     pub history_days: u32,
+    /// The mean time between recent grants (ms; 0: unknown), refreshed by the scan task so the
+    /// `position` answer can add an estimate without a query under the broker lock.
+    grant_interval_ms: std::sync::atomic::AtomicU64,
     /// Each TE's last recorded (state, holder), by `agent/name`.
     last_envs: Mutex<FxHashMap<String, (String, Option<String>)>>,
 }
@@ -48,6 +51,7 @@ impl StoreLink {
             writer,
             reader: Mutex::new(None),
             history_days,
+            grant_interval_ms: Default::default(),
             last_envs: Mutex::new(FxHashMap::default()),
         }
     }
@@ -150,6 +154,33 @@ impl StoreLink {
         })
     }
 
+    /// The estimated wait, in seconds, of the request at `position` (1-based) in the queue.
+    pub fn estimate_secs(&self, position: u64) -> Option<u64> {
+        let interval = self
+            .grant_interval_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (interval > 0 && position > 0).then(|| interval.saturating_mul(position).div_ceil(1000))
+    }
+
+    /// Reads the mean time between the last grants from the store.
+    pub async fn refresh_grant_interval(self: &Arc<Self>) {
+        let waits = self
+            .read(|s| {
+                s.waits(&tebroker_store::WaitQuery {
+                    function: None,
+                    since: None,
+                    granted_only: true,
+                    limit: ESTIMATE_SAMPLES,
+                })
+            })
+            .await;
+        if let Ok(waits) = waits {
+            let interval = mean_gap_ms(&waits).unwrap_or(0);
+            self.grant_interval_ms
+                .store(interval, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     /// Waits up to `within` for what was recorded so far to be written (shutdown, tests).
     pub fn flush(&self, within: Duration) -> bool {
         self.writer.flush(within)
@@ -159,6 +190,18 @@ impl StoreLink {
     pub fn close_reader(&self) {
         self.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
+}
+
+/// The mean time between the grants of `waits`; `None` with fewer than two.
+pub fn mean_gap_ms(waits: &[WaitRecord]) -> Option<u64> {
+    let times = waits.iter().map(|w| w.end.at_ms());
+    let newest = times.clone().max()?;
+    let oldest = times.min()?;
+    let gaps = u64::try_from(waits.len().checked_sub(1)?).ok()?;
+    if gaps == 0 {
+        return None;
+    }
+    Some(u64::try_from(newest.checked_sub(oldest)?).ok()? / gaps)
 }
 
 fn millis(ms: u64) -> Millis {

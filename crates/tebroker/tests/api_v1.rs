@@ -396,3 +396,44 @@ fn two_brokers_share_history_and_inventory_through_postgresql() {
     }
     drop((a, b));
 }
+
+/// With recent grants in the store, a waiting lock request gets an estimate: in the API's queue
+/// and as a third number of tebroker's `position` answer (`OK N TOTAL EST_SECS`).
+#[test]
+fn a_waiting_request_gets_an_estimated_wait() {
+    use gearman_proto::PacketType as T;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path());
+    let http = broker.http.unwrap();
+    for job in ["est-1", "est-2", "est-3"] {
+        lease_once(broker.port, "testenv-worker-est", job);
+    }
+    // No TE serves lockenv now: this request waits.
+    let mut client = harness::Conn::connect(broker.port);
+    client.req(
+        T::SubmitJob,
+        &[
+            "lockenv",
+            "",
+            r#"{"callback_name": "callback_w", "job_identifier": "est-wait"}"#,
+        ],
+    );
+    let created = client.expect(T::JobCreated);
+    let handle = String::from_utf8_lossy(created.arg(0)).into_owned();
+    let queued = test_support::wait_until("an estimate in /api/v1/queue", || {
+        let q = get_json(http, "/api/v1/queue");
+        q[0]["estimated_wait_ms"].as_u64().map(|_| q)
+    });
+    assert_eq!(queued[0]["job_identifier"], "est-wait");
+    assert_eq!(queued[0]["position"], 1);
+    let answer = broker.admin_line(&format!("position {handle}"));
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(words.len(), 4, "OK N TOTAL EST_SECS: {answer:?}");
+    assert_eq!(&words[..3], ["OK", "1", "1"], "{answer:?}");
+    let est: u64 = words[3].parse().unwrap();
+    assert_eq!(
+        est * 1000,
+        queued[0]["estimated_wait_ms"].as_u64().unwrap(),
+        "the same estimate"
+    );
+}
