@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::addr::ServerAddr;
-use crate::connection::{arg, Backoff, Connection, DEFAULT_CONNECT_TIMEOUT};
+use crate::connection::{
+    arg, Backoff, Connection, Liveness, ProbeDue, Prober, DEFAULT_CONNECT_TIMEOUT,
+};
 use crate::error::{Error, Result};
 
 /// Queue priority of a submitted job.
@@ -230,6 +232,9 @@ pub struct ClientOptions {
     /// Send `OPTION_REQ exceptions` so that WORK_EXCEPTION reaches us (gearmand drops it
     /// otherwise).
     pub exceptions: bool,
+    /// How a connection notices a dead server; its jobs then fail with
+    /// [`Error::Disconnected`].
+    pub liveness: Liveness,
 }
 
 impl Default for ClientOptions {
@@ -238,6 +243,7 @@ impl Default for ClientOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             response_timeout: Duration::from_secs(30),
             exceptions: true,
+            liveness: Liveness::default(),
         }
     }
 }
@@ -301,16 +307,19 @@ impl Client {
 
     /// Waits until some server accepts a connection, retrying with backoff up to `timeout`.
     pub async fn wait_for_server(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let backoff = Backoff {
-            initial: Duration::from_millis(20),
-            max: Duration::from_millis(500),
-        };
+        let deadline = Instant::now().checked_add(timeout);
+        let backoff = Backoff::STARTUP;
         let mut delay = backoff.initial;
         loop {
             match self.connection().await {
                 Ok(_) => return Ok(()),
-                Err(e) if Instant::now() + delay >= deadline => return Err(e),
+                Err(e)
+                    if deadline.is_some_and(|d| {
+                        Instant::now().checked_add(delay).is_none_or(|t| t >= d)
+                    }) =>
+                {
+                    return Err(e)
+                }
                 Err(e) => debug!(error = %e, "no server yet"),
             }
             tokio::time::sleep(delay).await;
@@ -430,10 +439,15 @@ impl Client {
                     server: conn.server,
                     reason: "connection task ended".into(),
                 }),
-                Err(_) => Err(Error::Timeout {
-                    what: format!("{what} from {}", conn.server),
-                    after,
-                }),
+                Err(_) => {
+                    // A server that does not answer is no better than a dead one: the next
+                    // request goes to the next server of the list.
+                    self.forget(&conn).await;
+                    Err(Error::Timeout {
+                        what: format!("{what} from {}", conn.server),
+                        after,
+                    })
+                }
             };
         }
     }
@@ -446,6 +460,7 @@ impl Client {
             .is_some_and(|c| c.tx.same_channel(&dead.tx))
         {
             st.conn = None;
+            st.next = (st.next + 1) % self.inner.servers.len().max(1);
         }
     }
 
@@ -459,6 +474,7 @@ impl Client {
             }
             debug!(server = %c.server, "connection gone; failing over");
             st.conn = None;
+            st.next = (st.next + 1) % self.inner.servers.len().max(1);
         }
         let servers = &self.inner.servers;
         if servers.is_empty() {
@@ -470,10 +486,14 @@ impl Client {
         for i in 0..servers.len() {
             let idx = (st.next + i) % servers.len();
             let server = &servers[idx];
-            match Connection::connect(server, self.inner.opts.connect_timeout).await {
+            let opts = &self.inner.opts;
+            match Connection::connect_with(server, opts.connect_timeout, opts.liveness.keepalive)
+                .await
+            {
                 Ok(conn) => {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    tokio::spawn(run_connection(conn, rx, self.inner.opts.exceptions));
+                    let prober = Prober::new(&opts.liveness);
+                    tokio::spawn(run_connection(conn, rx, opts.exceptions, prober));
                     let handle = ConnHandle {
                         tx,
                         server: server.to_string(),
@@ -529,6 +549,8 @@ enum Pending {
     /// OPTION_REQ; some servers (geard) never answer it, so it is dropped when a later reply
     /// overtakes it.
     Option,
+    /// A liveness probe (ECHO_REQ); dropped like `Option` by servers that ignore it.
+    Probe,
 }
 
 impl Pending {
@@ -539,7 +561,13 @@ impl Pending {
             Pending::StatusUnique(_) => PacketType::StatusResUnique,
             Pending::Echo(_) => PacketType::EchoRes,
             Pending::Option => PacketType::OptionRes,
+            Pending::Probe => PacketType::EchoRes,
         }
+    }
+
+    /// Whether the server may never answer this (so it must not hold a connection open).
+    fn optional(&self) -> bool {
+        matches!(self, Pending::Option | Pending::Probe)
     }
 
     fn fail(self, err: Error) {
@@ -548,7 +576,7 @@ impl Pending {
             Pending::Submit { reply, .. } => drop(reply.send(Err(err))),
             Pending::Status(r) | Pending::StatusUnique(r) => drop(r.send(Err(err))),
             Pending::Echo(r) => drop(r.send(Err(err))),
-            Pending::Option => {}
+            Pending::Option | Pending::Probe => {}
         }
     }
 }
@@ -565,6 +593,7 @@ async fn run_connection(
     mut conn: Connection,
     mut rx: mpsc::UnboundedReceiver<Request>,
     exceptions: bool,
+    mut prober: Prober,
 ) {
     let mut task = ConnTask {
         server: conn.server().to_string(),
@@ -572,6 +601,15 @@ async fn run_connection(
         jobs: HashMap::new(),
     };
     let mut reason = String::from("client closed");
+    if prober.enabled() {
+        match conn.send(Prober::probe_packet()).await {
+            Ok(()) => {
+                prober.sent();
+                task.pending.push_back(Pending::Probe);
+            }
+            Err(e) => reason = e.to_string(),
+        }
+    }
     if exceptions {
         match conn
             .send(Packet::req(
@@ -591,10 +629,11 @@ async fn run_connection(
                 txs.retain(|t| !t.is_closed());
                 !txs.is_empty()
             });
-            if task.jobs.is_empty() && task.pending.iter().all(|p| matches!(p, Pending::Option)) {
+            if task.jobs.is_empty() && task.pending.iter().all(Pending::optional) {
                 break;
             }
         }
+        let probe_at = prober.deadline();
         tokio::select! {
             req = rx.recv(), if requests_open => match req {
                 None => requests_open = false,
@@ -617,8 +656,26 @@ async fn run_connection(
                     task.pending.push_back(pending);
                 }
             },
+            _ = sleep_until_some(probe_at) => match prober.due() {
+                Some(ProbeDue::Send) => {
+                    if let Err(e) = conn.send(Prober::probe_packet()).await {
+                        reason = e.to_string();
+                        break;
+                    }
+                    prober.sent();
+                    task.pending.push_back(Pending::Probe);
+                }
+                Some(ProbeDue::Dead) => {
+                    reason = prober.dead_reason();
+                    break;
+                }
+                None => {}
+            },
             res = conn.recv() => match res {
-                Ok(Some(p)) => task.handle(p),
+                Ok(Some(p)) => {
+                    prober.heard(p.ptype);
+                    task.handle(p)
+                }
                 Ok(None) => {
                     reason = "server closed the connection".into();
                     break;
@@ -647,6 +704,14 @@ async fn run_connection(
     }
 }
 
+/// Sleeps until `at`, or for ever.
+pub(crate) async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn parse_num(b: &[u8]) -> u64 {
     std::str::from_utf8(b)
         .ok()
@@ -661,10 +726,12 @@ fn parse_flag(b: &[u8]) -> bool {
 impl ConnTask {
     /// Removes and returns the pending request that a reply of type `ptype` answers.
     fn take_pending(&mut self, ptype: PacketType) -> Option<Pending> {
-        while matches!(self.pending.front(), Some(Pending::Option))
-            && ptype != PacketType::OptionRes
+        while self
+            .pending
+            .front()
+            .is_some_and(|p| p.optional() && p.reply_type() != ptype)
         {
-            debug!(server = %self.server, "server did not answer OPTION_REQ");
+            debug!(server = %self.server, "server did not answer OPTION_REQ or ECHO_REQ");
             self.pending.pop_front();
         }
         let pos = self.pending.iter().position(|p| p.reply_type() == ptype);
@@ -721,8 +788,8 @@ impl ConnTask {
                 let text = String::from_utf8_lossy(p.arg(1)).into_owned();
                 debug!(server = %self.server, %code, %text, "ERROR from server");
                 match self.pending.pop_front() {
-                    Some(Pending::Option) => {
-                        debug!(server = %self.server, "server refused OPTION_REQ exceptions");
+                    Some(p) if p.optional() => {
+                        debug!(server = %self.server, "server refused OPTION_REQ or ECHO_REQ");
                     }
                     Some(pending) => pending.fail(Error::Server {
                         server: self.server.clone(),

@@ -8,9 +8,15 @@
 //!   reconnects and re-registers after a server restart, can pause/resume and stop gracefully.
 //! * [`parse_servers`] / [`ServerAddr`]: `host[:port],[v6]:port` lists, port 4730 by default.
 //! * [`Connection`]: a raw packet connection, for tests that speak the protocol directly.
+//! * [`admin::query`]: one admin text command (`status`, `leases`, `position H`, ...) over TCP or
+//!   TLS.
+//! * [`tls::read_certs`] / [`tls::read_private_key`]: PEM loading, shared with servers.
 //!
 //! Every socket has TCP_NODELAY set: Gearman is request/response, and Nagle plus delayed ACKs
-//! costs ~40 ms per round trip otherwise.
+//! costs ~40 ms per round trip otherwise. Every client and worker connection watches its
+//! server ([`Liveness`]): TCP keepalive (30 s idle, 3 probes 10 s apart) for a vanished host or
+//! network, and an ECHO_REQ after 30 s of silence that must be answered within 10 s for a hung
+//! server. A dead connection fails its jobs ([`Error::Disconnected`]); a worker reconnects.
 //!
 //! # Example
 //!
@@ -50,16 +56,19 @@
 //! ```
 
 pub mod addr;
+pub mod admin;
 pub mod client;
 pub mod connection;
 pub mod error;
 pub mod job;
-mod tls;
+pub mod tls;
 pub mod worker;
 
 pub use addr::{parse_servers, AddrError, ServerAddr, TlsConfig, DEFAULT_PORT};
 pub use client::{Client, ClientOptions, ForegroundJob, JobEvent, JobRequest, JobStatus, Priority};
-pub use connection::{wait_for_server, Backoff, BoxTransport, Connection, Transport};
+pub use connection::{
+    wait_for_server, Backoff, BoxTransport, Connection, Keepalive, Liveness, Transport,
+};
 pub use error::{Error, Result};
 pub use job::Job;
 pub use worker::{Worker, WorkerOptions};

@@ -4,11 +4,14 @@
 //! `ssl_ca` is required (the server certificate must chain to it, and must name the host we
 //! connect to); `ssl_cert` + `ssl_key` are the client certificate, needed when the server
 //! requires one (tebroker or geard with `--ssl-ca`).
+//!
+//! [`read_certs`] and [`read_private_key`] are public so that servers load their PEM files the
+//! same way.
 
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 
 use crate::addr::{ServerAddr, TlsConfig};
@@ -21,23 +24,28 @@ fn config_err(server: &ServerAddr, reason: impl Into<String>) -> Error {
     }
 }
 
-fn read(server: &ServerAddr, path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path)
-        .map_err(|e| config_err(server, format!("cannot read {}: {e}", path.display())))
+/// The certificates of a PEM file (at least one), with a message naming the file on failure.
+pub fn read_certs(path: &Path) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| format!("invalid PEM in {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", path.display()));
+    }
+    Ok(certs)
+}
+
+/// The first private key (PKCS#8, PKCS#1 or SEC1) of a PEM file.
+pub fn read_private_key(path: &Path) -> std::result::Result<PrivateKeyDer<'static>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| format!("invalid PEM in {}: {e}", path.display()))?
+        .ok_or_else(|| format!("no private key in {}", path.display()))
 }
 
 fn certs(server: &ServerAddr, path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let pem = read(server, path)?;
-    let certs = rustls_pemfile::certs(&mut &pem[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| config_err(server, format!("invalid PEM in {}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(config_err(
-            server,
-            format!("no certificate in {}", path.display()),
-        ));
-    }
-    Ok(certs)
+    read_certs(path).map_err(|reason| config_err(server, reason))
 }
 
 /// The rustls client configuration for `tls` (read from disk on each connect, so renewed
@@ -67,12 +75,7 @@ pub(crate) fn client_config(
     let config = match (&tls.ssl_cert, &tls.ssl_key) {
         (Some(cert), Some(key)) => {
             let chain = certs(server, cert)?;
-            let key = rustls_pemfile::private_key(&mut &read(server, key)?[..])
-                .ok()
-                .flatten()
-                .ok_or_else(|| {
-                    config_err(server, format!("no private key in {}", key.display()))
-                })?;
+            let key = read_private_key(key).map_err(|reason| config_err(server, reason))?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| config_err(server, format!("client certificate and key: {e}")))?

@@ -20,7 +20,10 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::addr::ServerAddr;
-use crate::connection::{arg, Backoff, Connection, DEFAULT_CONNECT_TIMEOUT};
+use crate::client::sleep_until_some;
+use crate::connection::{
+    arg, Backoff, Connection, Liveness, ProbeDue, Prober, DEFAULT_CONNECT_TIMEOUT,
+};
 use crate::error::{Error, Result};
 use crate::job::{Job, Outgoing};
 
@@ -33,6 +36,9 @@ pub struct WorkerOptions {
     pub backoff: Backoff,
     /// Timeout of one TCP connect attempt.
     pub connect_timeout: Duration,
+    /// How a connection notices a dead server; the link then reconnects (jobs taken on it can
+    /// no longer be answered).
+    pub liveness: Liveness,
 }
 
 impl Default for WorkerOptions {
@@ -41,6 +47,7 @@ impl Default for WorkerOptions {
             client_id: None,
             backoff: Backoff::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            liveness: Liveness::default(),
         }
     }
 }
@@ -381,6 +388,7 @@ struct Session {
     /// Jobs handed out from this connection and not answered yet.
     in_flight: HashSet<Bytes>,
     out_tx: mpsc::UnboundedSender<Outgoing>,
+    prober: Prober,
 }
 
 impl Link {
@@ -389,7 +397,7 @@ impl Link {
         while !self.draining {
             let server = self.server.clone();
             let connected = tokio::select! {
-                r = Connection::connect(&server, self.opts.connect_timeout) => r,
+                r = Connection::connect_with(&server, self.opts.connect_timeout, self.opts.liveness.keepalive) => r,
                 _ = self.until_shutdown() => return,
             };
             match connected {
@@ -410,6 +418,7 @@ impl Link {
                         sent: BTreeMap::new(),
                         in_flight: HashSet::new(),
                         out_tx,
+                        prober: Prober::new(&self.opts.liveness),
                     };
                     match self.serve(session, out_rx).await {
                         Ok(()) => return,
@@ -455,6 +464,11 @@ impl Link {
         mut s: Session,
         mut out_rx: mpsc::UnboundedReceiver<Outgoing>,
     ) -> Result<()> {
+        // The first packet, so that the server's first answer tells whether it echoes.
+        if s.prober.enabled() {
+            s.send(Prober::probe_packet()).await?;
+            s.prober.sent();
+        }
         let client_id = self.shared.lock().client_id.clone();
         if let Some(id) = client_id {
             s.send(Packet::req(PacketType::SetClientId, [Bytes::from(id)]))
@@ -468,7 +482,20 @@ impl Link {
                 debug!(server = %s.server, "worker connection closes");
                 return Ok(());
             }
+            let probe_at = s.prober.deadline();
             tokio::select! {
+                _ = sleep_until_some(probe_at) => match s.prober.due() {
+                    Some(ProbeDue::Send) => {
+                        s.send(Prober::probe_packet()).await?;
+                        s.prober.sent();
+                    }
+                    Some(ProbeDue::Dead) => {
+                        let reason = s.prober.dead_reason();
+                        warn!(server = %s.server, %reason, "worker connection dead; reconnecting");
+                        return Err(Error::Disconnected { server: s.server.clone(), reason });
+                    }
+                    None => {}
+                },
                 c = self.ctl.recv(), if !self.draining => match c {
                     None | Some(Control::Shutdown) => self.begin_shutdown(),
                     Some(Control::Sync) => self.sync(&mut s).await?,
@@ -503,7 +530,10 @@ impl Link {
                     }
                 }
                 r = s.conn.recv() => match r? {
-                    Some(p) => self.handle(&mut s, p).await?,
+                    Some(p) => {
+                        s.prober.heard(p.ptype);
+                        self.handle(&mut s, p).await?
+                    }
                     None => {
                         return Err(Error::Disconnected {
                             server: s.server.clone(),
@@ -613,6 +643,8 @@ impl Link {
                         .await?;
                 }
             }
+            // Liveness probe answers; receiving them was the point.
+            PacketType::EchoRes => {}
             other => debug!(server = %s.server, ptype = %other, "unexpected packet ignored"),
         }
         Ok(())

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use gearman_client::ServerAddr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The servers the bench knows.
@@ -273,28 +272,14 @@ pub fn proc_cpu_secs(path: &str) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
-/// Sends one admin text command and returns its output up to the terminating `.` line.
-pub async fn admin(addr: SocketAddr, command: &str, timeout: Duration) -> anyhow::Result<String> {
-    tokio::time::timeout(timeout, async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.set_nodelay(true)?;
-        s.write_all(format!("{command}\n").as_bytes()).await?;
-        let mut buf = Vec::with_capacity(64 * 1024);
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            let n = s.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf == b".\n" || buf.ends_with(b"\n.\n") {
-                break;
-            }
-        }
-        anyhow::Ok(String::from_utf8_lossy(&buf).into_owned())
-    })
-    .await
-    .context("admin command timed out")?
+/// Sends one admin text command and returns its answer's lines (without the closing `.`).
+pub async fn admin(
+    addr: SocketAddr,
+    command: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let server = gearman_client::ServerAddr::new(addr.ip().to_string(), addr.port());
+    Ok(gearman_client::admin::query(&server, command, timeout).await?)
 }
 
 /// Functions in `status` output whose name starts with `prefix` and that have a worker.
@@ -305,7 +290,7 @@ pub async fn registered_functions(
 ) -> anyhow::Result<usize> {
     let out = admin(addr, "status", timeout).await?;
     Ok(out
-        .lines()
+        .iter()
         .filter(|l| l.starts_with(prefix))
         .filter(|l| {
             l.split('\t')

@@ -1,16 +1,17 @@
 //! Settings: command-line flags (geard's spellings where geard has them) over an optional TOML
-//! file holding the same settings.
+//! file holding the same settings, both read into one struct ([`ServeArgs`]).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// `tebroker serve` flags. Every one may also be set in the `--config` file, same name with
-/// underscores; a flag given on the command line wins.
-#[derive(Debug, Args, Default)]
+/// `tebroker serve` settings, spelled once: each is a flag and a key of the `--config` TOML
+/// file (same name with underscores). A flag given on the command line wins over the file.
+#[derive(Debug, Args, Default, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// TCP port to listen on (0: pick a free one).
     #[arg(short = 'p', long)]
@@ -20,16 +21,18 @@ pub struct ServeArgs {
     pub listen: Option<String>,
     /// TOML file with the same settings.
     #[arg(long)]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Accepted for geard compatibility; tebroker always stays in the foreground.
     #[arg(short = 'd', long = "nodaemon")]
+    #[serde(skip)]
     pub foreground: bool,
     /// Write the process id to this file (removed on exit).
     #[arg(long)]
     pub pidfile: Option<PathBuf>,
     /// Enable TCP keepalive on client connections.
-    #[arg(long)]
-    pub keepalive: bool,
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub keepalive: Option<bool>,
     /// Seconds of idleness before keepalive probes start.
     #[arg(long)]
     pub keepalive_idle: Option<u64>,
@@ -52,11 +55,16 @@ pub struct ServeArgs {
     #[arg(long)]
     pub max_functions_per_conn: Option<usize>,
     /// Bytes buffered for a connection that does not read before it is closed (0: no limit).
+    /// Long before that, a connection with more than 64 KiB unsent is no longer served (no
+    /// jobs for a worker) until it reads.
     #[arg(long)]
     pub max_output_buffer: Option<usize>,
     /// Seconds a connection may hold an unfinished packet before it is closed (0: forever).
     #[arg(long)]
     pub partial_packet_timeout: Option<u64>,
+    /// Seconds `shutdown graceful` waits for running jobs before closing every connection.
+    #[arg(long)]
+    pub shutdown_timeout: Option<u64>,
     /// Listen backlog.
     #[arg(long)]
     pub backlog: Option<u32>,
@@ -74,7 +82,7 @@ pub struct ServeArgs {
     /// admin command overrides it per function.
     #[arg(long)]
     pub max_queue: Option<i64>,
-    /// Server certificate (PEM); with --ssl-key, the port speaks TLS only.
+    /// Server certificate (PEM); with --ssl-key, the port speaks TLS only. Re-read on SIGHUP.
     #[arg(long, value_name = "PATH")]
     pub ssl_cert: Option<PathBuf>,
     /// Server private key (PEM).
@@ -84,42 +92,41 @@ pub struct ServeArgs {
     /// subject common name is the identity ACLs apply to.
     #[arg(long, value_name = "PATH")]
     pub ssl_ca: Option<PathBuf>,
-    /// geard's ACL file (INI: one [common-name] section with register/invoke/grant).
+    /// geard's ACL file (INI: one [common-name] section with register/invoke/grant). Re-read
+    /// on SIGHUP.
     #[arg(long, value_name = "PATH")]
     pub acl: Option<PathBuf>,
     /// Let any connection register a `callback_*` function another connection holds (geard's
-    /// behaviour; by default tebroker refuses such a registration).
-    #[arg(long)]
-    pub no_callback_protection: bool,
+    /// behaviour; by default tebroker refuses such a registration). In the file:
+    /// `callback_protection = false`.
+    #[arg(
+        long = "no-callback-protection",
+        num_args = 0,
+        default_missing_value = "false",
+        value_name = "BOOL"
+    )]
+    pub callback_protection: Option<bool>,
 }
 
-/// The same settings as read from a TOML file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileSettings {
-    port: Option<u16>,
-    listen: Option<String>,
-    pidfile: Option<PathBuf>,
-    keepalive: Option<bool>,
-    keepalive_idle: Option<u64>,
-    keepalive_interval: Option<u64>,
-    keepalive_count: Option<u32>,
-    max_frame: Option<usize>,
-    max_admin_line: Option<usize>,
-    max_connections: Option<usize>,
-    max_functions_per_conn: Option<usize>,
-    max_output_buffer: Option<usize>,
-    partial_packet_timeout: Option<u64>,
-    backlog: Option<u32>,
-    handle_host: Option<String>,
-    http: Option<String>,
-    history_file: Option<PathBuf>,
-    max_queue: Option<i64>,
-    ssl_cert: Option<PathBuf>,
-    ssl_key: Option<PathBuf>,
-    ssl_ca: Option<PathBuf>,
-    acl: Option<PathBuf>,
-    callback_protection: Option<bool>,
+impl ServeArgs {
+    /// These settings over `base`: every setting given here wins.
+    pub fn over(&self, base: &ServeArgs) -> anyhow::Result<ServeArgs> {
+        let mut merged = serde_json::to_value(base)?;
+        let (Some(into), serde_json::Value::Object(given)) =
+            (merged.as_object_mut(), serde_json::to_value(self)?)
+        else {
+            anyhow::bail!("settings do not serialize to a table");
+        };
+        for (key, value) in given {
+            if !value.is_null() {
+                into.insert(key, value);
+            }
+        }
+        let mut out: ServeArgs = serde_json::from_value(merged)?;
+        out.config = self.config.clone().or_else(|| base.config.clone());
+        out.foreground = self.foreground || base.foreground;
+        Ok(out)
+    }
 }
 
 /// Resolved settings of a running server.
@@ -135,6 +142,8 @@ pub struct Settings {
     pub max_functions_per_conn: usize,
     pub max_output_buffer: usize,
     pub partial_packet_timeout: Duration,
+    /// How long `shutdown graceful` waits for running jobs.
+    pub shutdown_timeout: Duration,
     pub backlog: u32,
     pub handle_host: String,
     pub http: Option<String>,
@@ -166,6 +175,7 @@ impl Default for Settings {
             max_functions_per_conn: DEFAULT_MAX_FUNCTIONS_PER_CONN,
             max_output_buffer: 64 * 1024 * 1024,
             partial_packet_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(60),
             backlog: 4096,
             handle_host: host_name(),
             http: None,
@@ -183,68 +193,49 @@ impl Default for Settings {
 pub const DEFAULT_MAX_FUNCTIONS_PER_CONN: usize = 16384;
 
 impl Settings {
+    /// The flags over the `--config` file over the defaults.
     pub fn resolve(args: &ServeArgs) -> anyhow::Result<Settings> {
         let file = match &args.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
-                toml::from_str::<FileSettings>(&text)
+                toml::from_str::<ServeArgs>(&text)
                     .with_context(|| format!("invalid config file {}", path.display()))?
             }
-            None => FileSettings::default(),
+            None => ServeArgs::default(),
         };
+        Settings::from_args(args.over(&file)?)
+    }
+
+    fn from_args(a: ServeArgs) -> anyhow::Result<Settings> {
         let d = Settings::default();
-        let keepalive_on = args.keepalive || file.keepalive.unwrap_or(false);
-        let keepalive = keepalive_on.then(|| Keepalive {
-            idle: Duration::from_secs(args.keepalive_idle.or(file.keepalive_idle).unwrap_or(7200)),
-            interval: Duration::from_secs(
-                args.keepalive_interval
-                    .or(file.keepalive_interval)
-                    .unwrap_or(75),
-            ),
-            count: args.keepalive_count.or(file.keepalive_count).unwrap_or(9),
+        let keepalive = a.keepalive.unwrap_or(false).then(|| Keepalive {
+            idle: Duration::from_secs(a.keepalive_idle.unwrap_or(7200)),
+            interval: Duration::from_secs(a.keepalive_interval.unwrap_or(75)),
+            count: a.keepalive_count.unwrap_or(9),
         });
+        let secs =
+            |s: Option<u64>, default: Duration| s.map(Duration::from_secs).unwrap_or(default);
         Ok(Settings {
-            port: args.port.or(file.port).unwrap_or(d.port),
-            listen: args.listen.clone().or(file.listen).unwrap_or(d.listen),
-            pidfile: args.pidfile.clone().or(file.pidfile),
+            port: a.port.unwrap_or(d.port),
+            listen: a.listen.unwrap_or(d.listen),
+            pidfile: a.pidfile,
             keepalive,
-            max_frame: args.max_frame.or(file.max_frame).unwrap_or(d.max_frame),
-            max_admin_line: args
-                .max_admin_line
-                .or(file.max_admin_line)
-                .unwrap_or(d.max_admin_line),
-            max_connections: args.max_connections.or(file.max_connections).unwrap_or(0),
-            max_functions_per_conn: args
-                .max_functions_per_conn
-                .or(file.max_functions_per_conn)
-                .unwrap_or(d.max_functions_per_conn),
-            max_output_buffer: args
-                .max_output_buffer
-                .or(file.max_output_buffer)
-                .unwrap_or(d.max_output_buffer),
-            partial_packet_timeout: args
-                .partial_packet_timeout
-                .or(file.partial_packet_timeout)
-                .map(Duration::from_secs)
-                .unwrap_or(d.partial_packet_timeout),
-            backlog: args.backlog.or(file.backlog).unwrap_or(d.backlog),
-            handle_host: args
-                .handle_host
-                .clone()
-                .or(file.handle_host)
-                .unwrap_or(d.handle_host),
-            max_queue: args.max_queue.or(file.max_queue).unwrap_or(d.max_queue),
-            http: args.http.clone().or(file.http),
-            history_file: args.history_file.clone().or(file.history_file),
-            tls: tls_files(
-                args.ssl_cert.clone().or(file.ssl_cert),
-                args.ssl_key.clone().or(file.ssl_key),
-                args.ssl_ca.clone().or(file.ssl_ca),
-            )?,
-            acl: args.acl.clone().or(file.acl),
-            callback_protection: !args.no_callback_protection
-                && file.callback_protection.unwrap_or(d.callback_protection),
+            max_frame: a.max_frame.unwrap_or(d.max_frame),
+            max_admin_line: a.max_admin_line.unwrap_or(d.max_admin_line),
+            max_connections: a.max_connections.unwrap_or(d.max_connections),
+            max_functions_per_conn: a.max_functions_per_conn.unwrap_or(d.max_functions_per_conn),
+            max_output_buffer: a.max_output_buffer.unwrap_or(d.max_output_buffer),
+            partial_packet_timeout: secs(a.partial_packet_timeout, d.partial_packet_timeout),
+            shutdown_timeout: secs(a.shutdown_timeout, d.shutdown_timeout),
+            backlog: a.backlog.unwrap_or(d.backlog),
+            handle_host: a.handle_host.unwrap_or(d.handle_host),
+            max_queue: a.max_queue.unwrap_or(d.max_queue),
+            http: a.http,
+            history_file: a.history_file,
+            tls: tls_files(a.ssl_cert, a.ssl_key, a.ssl_ca)?,
+            acl: a.acl,
+            callback_protection: a.callback_protection.unwrap_or(d.callback_protection),
         })
     }
 }
@@ -285,5 +276,76 @@ fn host_name() -> String {
         "tebroker".into()
     } else {
         name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn flags(args: &[&str]) -> ServeArgs {
+        Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+            .unwrap()
+            .serve
+    }
+
+    fn file(text: &str) -> ServeArgs {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn a_flag_wins_over_the_file_and_the_file_over_the_default() {
+        let file = file(
+            "port = 5000\nmax_queue = 7\nkeepalive = true\nkeepalive_idle = 30\n\
+             callback_protection = false\nshutdown_timeout = 5\n",
+        );
+        let args = flags(&["-p", "6000", "--keepalive-idle", "40"]);
+        let s = Settings::from_args(args.over(&file).unwrap()).unwrap();
+        assert_eq!(s.port, 6000, "flag over file");
+        assert_eq!(s.max_queue, 7, "file over default");
+        let k = s.keepalive.expect("keepalive from the file");
+        assert_eq!(k.idle, Duration::from_secs(40), "flag over file");
+        assert_eq!(k.interval, Duration::from_secs(75), "default");
+        assert!(!s.callback_protection, "file turns it off");
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(s.max_frame, gearman_proto::DEFAULT_MAX_FRAME, "default");
+    }
+
+    #[test]
+    fn boolean_flags_set_only_when_given() {
+        assert_eq!(flags(&[]).keepalive, None);
+        assert_eq!(flags(&["--keepalive"]).keepalive, Some(true));
+        assert_eq!(flags(&[]).callback_protection, None);
+        assert_eq!(
+            flags(&["--no-callback-protection"]).callback_protection,
+            Some(false)
+        );
+        // The flag turns protection off even where the file turns it on.
+        let s = Settings::from_args(
+            flags(&["--no-callback-protection"])
+                .over(&file("callback_protection = true"))
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(!s.callback_protection);
+        assert!(
+            Settings::from_args(ServeArgs::default())
+                .unwrap()
+                .callback_protection
+        );
+    }
+
+    #[test]
+    fn the_file_rejects_unknown_and_flag_only_keys() {
+        assert!(toml::from_str::<ServeArgs>("prot = 1").is_err());
+        assert!(toml::from_str::<ServeArgs>("config = \"x.toml\"").is_err());
     }
 }

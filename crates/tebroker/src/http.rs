@@ -11,63 +11,127 @@
 //! | `/api/status` | functions: queued by priority, running, workers |
 //! | `/api/connections` | connections and what they registered |
 //! | `/api/metrics` | the same numbers as `/metrics`, as JSON |
-//! | `/healthz` | `ok` |
+//! | `/healthz` | `ok` if the broker core answers within 2 s, else 503 |
+//!
+//! Bounded: at most [`MAX_CONNECTIONS`] HTTP connections at once (more get 503), request
+//! headers must arrive within [`HEADER_TIMEOUT`], a connection lives at most
+//! [`CONNECTION_LIFETIME`], and a handler waits at most [`CORE_WAIT`] for the broker lock,
+//! which it holds only to copy what it shows.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::header;
-use axum::response::{Html, IntoResponse, Json};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
 use axum::Router;
+use broker_core::{Broker, Now};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::Shared;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
+/// HTTP connections served at once; more are answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection (keep-alive included) is closed after this long.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// How long a request waits for the broker lock before answering 503.
+pub const CORE_WAIT: Duration = Duration::from_secs(2);
+
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/", get(|| async { Html(DASHBOARD) }))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route(
             "/api/leases",
-            get(|State(s): State<Arc<Shared>>| async move {
-                Json(s.inspect(|b, now| b.leases(now)))
-            }),
+            get(|State(s): State<Arc<Shared>>| async move { json(&s, |b, now| b.leases(now)).await }),
         )
         .route(
             "/api/history",
-            get(|State(s): State<Arc<Shared>>| async move {
-                Json(s.inspect(|b, _| b.lease_history()))
-            }),
+            get(|State(s): State<Arc<Shared>>| async move { json(&s, |b, _| b.lease_history()).await }),
         )
         .route(
             "/api/status",
             get(|State(s): State<Arc<Shared>>| async move {
-                Json(s.inspect(|b, _| b.function_status()))
+                json(&s, |b, _| b.function_status()).await
             }),
         )
         .route(
             "/api/connections",
-            get(|State(s): State<Arc<Shared>>| async move {
-                Json(s.inspect(|b, _| b.connections()))
-            }),
+            get(|State(s): State<Arc<Shared>>| async move { json(&s, |b, _| b.connections()).await }),
         )
         .route(
             "/api/metrics",
-            get(|State(s): State<Arc<Shared>>| async move { Json(s.inspect(|b, _| b.metrics())) }),
+            get(|State(s): State<Arc<Shared>>| async move { json(&s, |b, _| b.metrics()).await }),
         )
         .with_state(shared)
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    let (numbers, functions) = shared.inspect(|b, _| (b.metrics(), b.function_status()));
+fn unavailable(e: crate::server::CoreUnavailable) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("unavailable: {e}\n"),
+    )
+        .into_response()
+}
+
+/// Copies what `f` picks under the lock; serializes after releasing it.
+async fn json<R: serde::Serialize>(shared: &Shared, f: impl FnOnce(&Broker, Now) -> R) -> Response {
+    match shared.inspect_within(CORE_WAIT, f).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// `ok` only if the broker core answers: its lock is free within [`CORE_WAIT`] and not poisoned.
+async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
+    match shared
+        .inspect_within(CORE_WAIT, |b, _| b.connection_count())
+        .await
+    {
+        Ok(_) => "ok\n".into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check failed");
+            unavailable(e)
+        }
+    }
+}
+
+/// A label value in the text exposition format: backslash, double quote and line feed
+/// escaped. (prometheus-client writes label values as given.)
+pub fn escape_label_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let edge = shared.edge.clone();
+    let copied = shared
+        .inspect_within(CORE_WAIT, |b, _| (b.metrics(), b.function_status()))
+        .await;
+    let (numbers, functions) = match copied {
+        Ok(v) => v,
+        Err(e) => return unavailable(e),
+    };
     let mut registry = Registry::with_prefix("tebroker");
     for m in numbers {
         if m.counter {
@@ -80,15 +144,17 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             registry.register(m.name, m.help, g);
         }
     }
+    for (name, value, help) in edge.extra() {
+        let c: Counter = Counter::default();
+        c.inc_by(value);
+        registry.register(name, help, c);
+    }
     // Per-function queue depths, labelled; a family keeps the label set typed.
-    let queued =
-        prometheus_client::metrics::family::Family::<Vec<(String, String)>, Gauge>::default();
-    let workers =
-        prometheus_client::metrics::family::Family::<Vec<(String, String)>, Gauge>::default();
-    let running =
-        prometheus_client::metrics::family::Family::<Vec<(String, String)>, Gauge>::default();
+    let queued = Family::<Vec<(String, String)>, Gauge>::default();
+    let workers = Family::<Vec<(String, String)>, Gauge>::default();
+    let running = Family::<Vec<(String, String)>, Gauge>::default();
     for f in functions {
-        let fname = ("function".to_string(), f.name.clone());
+        let fname = ("function".to_string(), escape_label_value(&f.name));
         for (prio, n) in [
             ("high", f.queued_high),
             ("normal", f.queued_normal),
@@ -120,11 +186,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     );
     let mut body = String::new();
     if encode(&mut body, &registry).is_err() {
-        return (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "encoding failed",
-        )
-            .into_response();
+        return (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed").into_response();
     }
     (
         [(
@@ -147,12 +209,48 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
     let app = router(shared);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "HTTP server failed");
+        loop {
+            let (mut stream, peer) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "HTTP accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, max = MAX_CONNECTIONS, "too many HTTP connections; answering 503");
+                tokio::spawn(async move {
+                    let busy = "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
+                                content-length: 0\r\n\r\n";
+                    let _ = tokio::time::timeout(HEADER_TIMEOUT, stream.write_all(busy.as_bytes()))
+                        .await;
+                });
+                continue;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                tokio::select! {
+                    r = tokio::time::timeout(CONNECTION_LIFETIME, conn.as_mut()) => {
+                        if let Ok(Err(e)) = r {
+                            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                        }
+                    }
+                    _ = stop.cancelled() => {}
+                }
+                drop(slot);
+            });
         }
     });
     Ok(bound)

@@ -31,6 +31,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    tebroker::panic::exit_on_panic();
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Admin(args) => std::process::exit(tebroker::admin_cli::run(args)?),
@@ -62,6 +63,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let pidfile = settings.pidfile.clone();
         let http = settings.http.clone();
         let server = Server::bind(settings).await?;
+        let signals = Signals::install()?;
         let addr = server.local_addr()?;
         if let Some(path) = &pidfile {
             std::fs::write(path, format!("{}\n", std::process::id()))?;
@@ -79,18 +81,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let _ = stdout.flush();
         drop(stdout);
         tracing::info!(%addr, "listening");
-        let stop = server.stop_token();
-        tokio::spawn(async move {
-            wait_for_termination().await;
-            tracing::info!("signal received; stopping");
-            stop.cancel();
-        });
-        let graceful = server.graceful_token();
-        let stop = server.stop_token();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            graceful.cancel();
-        });
+        tokio::spawn(signals.handle(server.shared()));
         let result = server.run().await;
         if let Some(path) = &pidfile {
             let _ = std::fs::remove_file(path);
@@ -99,12 +90,38 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT stop the server at once (connections closed, leases ended); SIGHUP
+/// re-reads the ACL and TLS files.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installed before the listening line is printed: whoever reads that line may signal us
+    /// at once, and SIGHUP's default action would end the process.
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn handle(mut self, shared: std::sync::Arc<tebroker::server::Shared>) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => break,
+                _ = self.int.recv() => break,
+                _ = self.hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the ACL and TLS files");
+                    tebroker::reload::reload(&shared);
+                }
+            }
+        }
+        tracing::info!("signal received; stopping");
+        shared.stop_token().cancel();
     }
 }

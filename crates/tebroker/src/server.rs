@@ -1,91 +1,32 @@
-//! The network edge: accepts connections, frames bytes, feeds the core, writes its replies.
+//! The network edge: accepts connections, feeds the core, delivers its replies.
 //!
 //! One lock guards the [`Broker`] together with every connection's outbox, so the replies of one
 //! event are queued on all connections atomically and in order. Each connection has a reader task
-//! (decode, then apply a whole batch of frames under one lock) and a writer task that drains its
-//! outbox; nothing blocks while the lock is held.
+//! (decode, then apply frames under the lock; see [`crate::connection`]) and a writer task that
+//! drains its outbox ([`crate::outbox`]); nothing blocks while the lock is held.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use broker_core::{Action, Broker, ConnId, Millis, Now};
-use bytes::BytesMut;
-use gearman_proto::{Codec, Frame, Packet};
+use gearman_proto::{Frame, Packet};
 use rustc_hash::FxHashMap;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::connection::{serve_connection, serve_tcp, HIGH_WATER};
+use crate::edge::EdgeCounters;
+use crate::history::HistoryWriter;
+use crate::outbox::{Outbox, Queued};
 
-/// Bytes a connection reads at a time when no larger frame is pending.
-const READ_CHUNK: usize = 1024;
-/// A buffer grown past this by a burst is given back once it is empty.
-const BIG_BUFFER: usize = 64 * 1024;
-
-/// Bytes waiting to be written to one connection.
-struct Outbox {
-    buf: Mutex<BytesMut>,
-    ready: Notify,
-    /// Set once the connection is to be closed after the queued bytes are written.
-    closing: AtomicBool,
-    /// Cancels the connection's reader (Close action, or the server stopping).
-    cancel: CancellationToken,
-    /// Drops whatever is unwritten: the peer is not reading (slow reader) or is gone.
-    abort: CancellationToken,
-    /// For plain TCP: the socket, so replies can be written straight from the task that produced
-    /// them instead of waking the writer task (one task switch less per packet).
-    direct: Option<Arc<OwnedWriteHalf>>,
-    /// Set while the writer task holds bytes taken from `buf`; direct writes wait for it, so
-    /// bytes never overtake each other.
-    writer_busy: AtomicBool,
-}
-
-impl Outbox {
-    fn new(cancel: CancellationToken, direct: Option<Arc<OwnedWriteHalf>>) -> Outbox {
-        Outbox {
-            direct,
-            writer_busy: AtomicBool::new(false),
-            buf: Mutex::new(BytesMut::new()),
-            ready: Notify::new(),
-            closing: AtomicBool::new(false),
-            cancel,
-            abort: CancellationToken::new(),
-        }
-    }
-
-    /// Sends what is queued: directly when the socket takes it now, else through the writer.
-    fn push(&self) {
-        if let Some(half) = &self.direct {
-            let tcp: &TcpStream = half.as_ref().as_ref();
-            let mut buf = self.buf.lock().expect("outbox lock");
-            if !self.writer_busy.load(Ordering::Acquire) && !self.abort.is_cancelled() {
-                while !buf.is_empty() {
-                    match tcp.try_write(&buf) {
-                        Ok(n) => bytes::Buf::advance(&mut *buf, n),
-                        // Would block, or an error the writer task will meet and report.
-                        Err(_) => break,
-                    }
-                }
-            }
-            if buf.is_empty() && !self.closing.load(Ordering::Acquire) {
-                return;
-            }
-        }
-        self.ready.notify_one();
-    }
-
-    fn close(&self) {
-        self.closing.store(true, Ordering::Release);
-        self.cancel.cancel();
-        self.ready.notify_one();
-    }
-}
+/// Kernel send buffer of each connection (Linux doubles the figure for its bookkeeping).
+const SEND_BUFFER: usize = 128 * 1024;
 
 struct State {
     broker: Broker,
@@ -99,121 +40,285 @@ pub struct Shared {
     next_conn: AtomicU64,
     /// Connections admitted and not yet finished (TLS handshakes included), for max_connections.
     live: AtomicUsize,
-    /// Set when the port speaks TLS.
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Set when the port speaks TLS; replaced on reload.
+    tls: RwLock<Option<tokio_rustls::TlsAcceptor>>,
     /// Stops accepting and closes every connection.
     stop: CancellationToken,
-    /// Stops accepting only (graceful shutdown waits for running jobs).
+    /// Stops accepting only (graceful shutdown lets running jobs finish).
     stop_accepting: CancellationToken,
-}
-
-/// The time for the core: monotonic since the first call (timers), and wall (what people see).
-pub fn now() -> Now {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let millis = |d: Duration| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX);
-    Now {
-        mono: millis(START.get_or_init(Instant::now).elapsed()),
-        wall: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(millis)
-            .unwrap_or(0),
-    }
+    /// Limits enforced and failures met at the edge, counted without the broker lock.
+    pub(crate) edge: Arc<EdgeCounters>,
+    pub(crate) timer: crate::timer::Timer,
+    history: HistoryWriter,
+    pub(crate) reload: crate::reload::Reloadable,
+    clock: crate::clock::Clock,
 }
 
 impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock is held ends the process (see `crate::panic`), so a poisoned
+        // lock is only ever seen by a task racing with that exit.
+        self.state.lock().expect("broker lock poisoned")
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    pub(crate) fn now(&self) -> Now {
+        self.clock.now()
+    }
+
     /// Runs `f` on the broker under the lock and delivers the actions it produced.
     fn apply<R>(&self, f: impl FnOnce(&mut Broker, &mut Vec<Action>) -> R) -> R {
         let mut actions = Vec::new();
         let mut woken: Vec<Arc<Outbox>> = Vec::new();
-        let r = {
-            let mut state = self.state.lock().expect("broker lock");
-            let r = f(&mut state.broker, &mut actions);
-            for action in actions.drain(..) {
-                self.deliver(&mut state, action, &mut woken);
-            }
-            r
-        };
-        for o in woken {
-            o.push();
+        let mut state = self.lock();
+        let r = f(&mut state.broker, &mut actions);
+        for action in actions.drain(..) {
+            self.deliver(&mut state, action, &mut woken);
         }
+        self.after_apply(state, woken);
         r
     }
 
+    /// Hands `frames` of connection `id` to the broker, one at a time, until they are done or
+    /// the connection's backlog goes over the high-water mark (the rest wait; see
+    /// [`crate::connection::HIGH_WATER`]).
+    pub(crate) fn apply_frames(&self, id: ConnId, frames: &mut VecDeque<Frame>, outbox: &Outbox) {
+        let now = self.now();
+        let mut actions = Vec::new();
+        let mut woken: Vec<Arc<Outbox>> = Vec::new();
+        let mut state = self.lock();
+        while let Some(frame) = frames.pop_front() {
+            let b = &mut state.broker;
+            match frame {
+                Frame::Packet(p) => b.packet(id, p, now, &mut actions),
+                Frame::Admin(line) => {
+                    if crate::fault::inject(&line, &mut actions, id) {
+                        // Handled (a fault injected on purpose, test builds only).
+                    } else {
+                        self.edge.copy_into(b.stats_mut());
+                        b.admin(id, &line, now, &mut actions);
+                        self.edge.annotate_stats(&line, id, &mut actions);
+                    }
+                }
+                Frame::Malformed { reason, .. } => b.malformed(id, &reason, &mut actions),
+            }
+            for action in actions.drain(..) {
+                self.deliver(&mut state, action, &mut woken);
+            }
+            if outbox.over(HIGH_WATER) {
+                break;
+            }
+        }
+        self.after_apply(state, woken);
+    }
+
+    /// Releases the lock, then writes what was queued, hands ended leases to the history
+    /// file, and tells the timer when the next deadline moved earlier.
+    fn after_apply(&self, mut state: MutexGuard<'_, State>, woken: Vec<Arc<Outbox>>) {
+        let next = state.broker.next_deadline(self.now());
+        let ended = state.broker.take_new_history();
+        drop(state);
+        self.timer.rearm(next);
+        for o in woken {
+            o.push();
+        }
+        if !ended.is_empty() {
+            self.history.append(ended);
+        }
+    }
+
     fn deliver(&self, state: &mut State, action: Action, woken: &mut Vec<Arc<Outbox>>) {
-        match action {
-            Action::Send(conn, packet) => {
-                if let Some(o) = state.outboxes.get(&conn) {
-                    let mut buf = o.buf.lock().expect("outbox lock");
-                    if o.abort.is_cancelled() {
-                        return;
-                    }
-                    packet.encode_into(&mut buf);
-                    let over = self.check_backlog(conn, o, buf.len());
-                    drop(buf);
-                    if over {
-                        state.broker.stats_mut().slow_readers_closed += 1;
-                    }
+        let cap = self.settings.max_output_buffer;
+        let (conn, queued) = match action {
+            Action::Send(conn, packet) => match state.outboxes.get(&conn) {
+                Some(o) => {
                     push_unique(woken, o);
+                    (conn, o.queue(cap, |buf| packet.encode_into(buf)))
                 }
-            }
-            Action::Text(conn, text) => {
-                if let Some(o) = state.outboxes.get(&conn) {
-                    let mut buf = o.buf.lock().expect("outbox lock");
-                    if o.abort.is_cancelled() {
-                        return;
-                    }
-                    buf.extend_from_slice(text.as_bytes());
-                    let over = self.check_backlog(conn, o, buf.len());
-                    drop(buf);
-                    if over {
-                        state.broker.stats_mut().slow_readers_closed += 1;
-                    }
+                None => return,
+            },
+            Action::Text(conn, text) => match state.outboxes.get(&conn) {
+                Some(o) => {
                     push_unique(woken, o);
+                    (
+                        conn,
+                        o.queue(cap, |buf| buf.extend_from_slice(text.as_bytes())),
+                    )
                 }
-            }
+                None => return,
+            },
             Action::Close(conn) => {
                 if let Some(o) = state.outboxes.get(&conn) {
                     o.close();
                 }
+                return;
             }
             Action::Shutdown { graceful } => {
                 tracing::info!(graceful, "shutdown requested by admin command");
-                self.stop_accepting.cancel();
-                if !graceful {
-                    self.stop.cancel();
-                }
+                self.begin_shutdown(&mut state.broker, graceful);
+                return;
             }
+        };
+        if let Queued::OverCap(buffered) = queued {
+            // A reader that does not keep up must not make the broker buffer without bound.
+            tracing::warn!(%conn, buffered, cap, "slow reader: output buffer over the cap; closing");
+            state.broker.stats_mut().slow_readers_closed += 1;
         }
     }
 
-    /// A reader that does not keep up must not make the broker buffer without bound. Returns
-    /// whether this call closed the connection.
-    fn check_backlog(&self, conn: ConnId, o: &Outbox, len: usize) -> bool {
-        let cap = self.settings.max_output_buffer;
-        if cap > 0 && len > cap && !o.abort.is_cancelled() {
-            tracing::warn!(%conn, buffered = len, cap, "slow reader: output buffer over the cap; closing");
-            o.closing.store(true, Ordering::Release);
-            o.cancel.cancel();
-            o.abort.cancel();
-            return true;
+    /// Stops accepting; graceful: stop handing out work and let running jobs finish (see
+    /// [`Server::run`]); else close everything now.
+    fn begin_shutdown(&self, broker: &mut Broker, graceful: bool) {
+        self.stop_accepting.cancel();
+        if graceful {
+            broker.begin_shutdown();
+        } else {
+            self.stop.cancel();
         }
-        false
     }
 
-    /// Counts a limit enforced here rather than in the core.
-    fn count(&self, f: impl FnOnce(&mut broker_core::Stats)) {
-        f(self.state.lock().expect("broker lock").broker.stats_mut());
+    /// Starts a graceful shutdown, as `shutdown graceful` does.
+    pub fn shutdown_gracefully(&self) {
+        self.apply(|b, _| self.begin_shutdown(b, true));
     }
 
-    /// Reads the broker's state (for the operator surface); `now` is passed in.
+    pub(crate) fn connect(
+        &self,
+        id: ConnId,
+        peer: SocketAddr,
+        identity: Option<String>,
+        outbox: Arc<Outbox>,
+    ) {
+        let mut state = self.lock();
+        state.broker.connect_as(id, peer.ip().to_string(), identity);
+        state.outboxes.insert(id, outbox);
+    }
+
+    pub(crate) fn disconnect(&self, id: ConnId) {
+        self.apply(|b, out| b.disconnect(id, out));
+        self.lock().outboxes.remove(&id);
+    }
+
+    /// Fires the broker's timers that are due.
+    pub(crate) fn tick(&self) -> Option<Millis> {
+        let now = self.now();
+        self.apply(|b, out| {
+            b.tick(now, out);
+            b.next_deadline(now)
+        })
+    }
+
+    pub(crate) fn protocol_error(&self, id: ConnId, e: &gearman_proto::DecodeError) {
+        tracing::info!(conn = %id, error = %e, "protocol error; closing connection");
+        let packet = Packet::error(e.error_code(), &e.to_string());
+        self.apply(|b, out| {
+            let s = b.stats_mut();
+            match e {
+                gearman_proto::DecodeError::FrameTooLarge { .. } => s.frames_too_large += 1,
+                gearman_proto::DecodeError::AdminLineTooLong { .. } => s.admin_lines_too_long += 1,
+                _ => s.protocol_errors += 1,
+            }
+            out.push(Action::Send(id, packet));
+            out.push(Action::Close(id));
+        });
+    }
+
+    pub(crate) fn partial_packet_timeout(&self, id: ConnId) {
+        tracing::warn!(conn = %id, "incomplete packet not finished in time; closing");
+        let packet = Packet::error("TIMEOUT", "incomplete packet not finished in time");
+        self.apply(|b, out| {
+            b.stats_mut().partial_packet_timeouts += 1;
+            out.push(Action::Send(id, packet));
+            out.push(Action::Close(id));
+        });
+    }
+
+    /// Reads the broker's state (for the operator surface); `now` is passed in. Only the
+    /// copying happens under the lock; callers format outside it.
     pub fn inspect<R>(&self, f: impl FnOnce(&Broker, Now) -> R) -> R {
-        let state = self.state.lock().expect("broker lock");
-        f(&state.broker, now())
+        let now = self.now();
+        let mut state = self.lock();
+        self.edge.copy_into(state.broker.stats_mut());
+        f(&state.broker, now)
     }
 
+    /// Like [`Shared::inspect`], for the HTTP surface: gives up after `within` if the lock
+    /// is not free (a core that hangs), and reports a poisoned lock, instead of blocking.
+    pub async fn inspect_within<R>(
+        &self,
+        within: Duration,
+        f: impl FnOnce(&Broker, Now) -> R,
+    ) -> Result<R, CoreUnavailable> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.state.try_lock() {
+                Ok(mut state) => {
+                    self.edge.copy_into(state.broker.stats_mut());
+                    return Ok(f(&state.broker, self.now()));
+                }
+                Err(std::sync::TryLockError::Poisoned(_)) => return Err(CoreUnavailable::Panicked),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(CoreUnavailable::NoAnswer);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Jobs being worked on now (queued ones do not hold up a graceful shutdown).
     fn running_jobs(&self) -> usize {
-        let state = self.state.lock().expect("broker lock");
-        state.broker.running_jobs().total()
+        self.lock()
+            .broker
+            .function_status()
+            .iter()
+            .map(|f| f.running)
+            .sum()
+    }
+
+    fn flush_history(&self) {
+        let ended = self.lock().broker.take_new_history();
+        if !ended.is_empty() {
+            self.history.append(ended);
+        }
+        self.history.finish();
+    }
+
+    fn tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.tls.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set_tls_acceptor(&self, acceptor: tokio_rustls::TlsAcceptor) {
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(acceptor);
+    }
+
+    pub(crate) fn with_broker<R>(&self, f: impl FnOnce(&mut Broker) -> R) -> R {
+        f(&mut self.lock().broker)
+    }
+}
+
+/// Why the broker core could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoreUnavailable {
+    /// Its lock was not free in time: the core is stuck (or extremely busy).
+    NoAnswer,
+    /// Its lock is poisoned: the core panicked.
+    Panicked,
+}
+
+impl std::fmt::Display for CoreUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CoreUnavailable::NoAnswer => "the broker core does not answer",
+            CoreUnavailable::Panicked => "the broker core panicked",
+        })
     }
 }
 
@@ -231,43 +336,15 @@ pub struct Server {
 
 impl Server {
     pub async fn bind(settings: Settings) -> anyhow::Result<Server> {
-        let addr: SocketAddr = format!("{}:{}", settings.listen, settings.port)
-            .parse()
-            .or_else(|_| {
-                // A host name rather than an address literal.
-                std::net::ToSocketAddrs::to_socket_addrs(&(settings.listen.as_str(), settings.port))
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("cannot resolve listen address {}", settings.listen)
-                    })
-            })?;
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        socket.set_reuse_address(true)?;
-        if addr.is_ipv6() {
-            let _ = socket.set_only_v6(false);
-        }
-        socket.set_nonblocking(true)?;
-        socket
-            .bind(&addr.into())
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        socket.listen(settings.backlog as i32)?;
-        let listener = TcpListener::from_std(socket.into())?;
+        let listener = listen(&settings)?;
         let tls = match &settings.tls {
             Some(files) => Some(crate::tls::acceptor(files)?),
             None => None,
         };
         let acl = match &settings.acl {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read ACL file {}", path.display()))?;
-                let acl = broker_core::acl::Acl::parse(&text)
-                    .map_err(|e| anyhow::anyhow!("invalid ACL file {}: {e}", path.display()))?;
-                if tls.as_ref().is_none() || settings.tls.as_ref().is_some_and(|t| t.ca.is_none()) {
+                let acl = crate::reload::read_acl(path)?;
+                if tls.is_none() || settings.tls.as_ref().is_some_and(|t| t.ca.is_none()) {
                     tracing::warn!(
                         "ACLs without --ssl-ca: no connection has a certificate identity, so \
                          every CAN_DO and SUBMIT_JOB will be denied"
@@ -277,17 +354,16 @@ impl Server {
             }
             None => None,
         };
+        let edge = Arc::new(EdgeCounters::default());
+        let history = HistoryWriter::start(settings.history_file.clone(), edge.clone())?;
+        let reload = crate::reload::Reloadable::new(&settings, acl.as_ref());
         let mut broker = Broker::new(broker_core::BrokerConfig {
             handle_host: settings.handle_host.clone(),
             pid: std::process::id(),
             version: format!("tebroker {}", env!("CARGO_PKG_VERSION")),
             max_functions_per_conn: settings.max_functions_per_conn,
         });
-        broker.set_security(broker_core::Security {
-            acl,
-            callback_protection: settings.callback_protection,
-            default_max_queue: (settings.max_queue > 0).then_some(settings.max_queue),
-        });
+        broker.set_security(crate::reload::security(&settings, acl));
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 broker,
@@ -296,9 +372,14 @@ impl Server {
             settings,
             next_conn: AtomicU64::new(1),
             live: AtomicUsize::new(0),
-            tls,
+            tls: RwLock::new(tls),
             stop: CancellationToken::new(),
             stop_accepting: CancellationToken::new(),
+            edge,
+            timer: crate::timer::Timer::default(),
+            history,
+            reload,
+            clock: crate::clock::Clock::start(),
         });
         Ok(Server { listener, shared })
     }
@@ -307,27 +388,26 @@ impl Server {
         self.listener.local_addr()
     }
 
-    /// A token that, when cancelled, stops the server as SIGTERM does.
+    /// A token that, when cancelled, stops the server at once (closes every connection).
     pub fn stop_token(&self) -> CancellationToken {
         self.shared.stop.clone()
     }
 
-    /// A token that stops accepting and waits for the jobs in hand, like `shutdown graceful`.
-    /// The state the connections share, for the HTTP operator surface.
+    /// The state the connections share, for the HTTP operator surface and signal handling.
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
     }
 
-    pub fn graceful_token(&self) -> CancellationToken {
-        self.shared.stop_accepting.clone()
-    }
-
+    /// Serves until stopped. After a graceful shutdown began, waits for the running jobs for
+    /// at most `--shutdown-timeout`, then closes every connection. Ended leases reach the
+    /// history file before this returns.
     pub async fn run(self) -> anyhow::Result<()> {
         let shared = self.shared.clone();
-        let timer = tokio::spawn(tick_loop(shared.clone()));
+        let timer = tokio::spawn(crate::timer::run(shared.clone()));
         loop {
             tokio::select! {
                 _ = shared.stop_accepting.cancelled() => break,
+                _ = shared.stop.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         if let Err(e) = self.admit(stream, peer) {
@@ -344,15 +424,38 @@ impl Server {
         }
         drop(self.listener);
         if !shared.stop.is_cancelled() {
-            tracing::info!("no longer accepting; waiting for jobs in hand to finish");
-            while shared.running_jobs() > 0 && !shared.stop.is_cancelled() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            let limit = shared.settings.shutdown_timeout;
+            let running = shared.running_jobs();
+            tracing::info!(
+                running,
+                timeout_s = limit.as_secs_f64(),
+                "no longer accepting nor handing out work; waiting for running jobs"
+            );
+            let deadline = Instant::now().checked_add(limit);
+            loop {
+                let running = shared.running_jobs();
+                if running == 0 || shared.stop.is_cancelled() {
+                    break;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    tracing::warn!(
+                        running,
+                        "shutdown timeout reached; stopping with jobs running"
+                    );
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             shared.stop.cancel();
         }
+        // Give writers a moment to flush what is queued (e.g. the reply to `shutdown`) and the
+        // connection tasks to end their jobs (leases), then write out the history.
+        let until = Instant::now() + Duration::from_secs(1);
+        while shared.live.load(Ordering::Acquire) > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         timer.abort();
-        // Give writers a moment to flush what is queued (e.g. the reply to `shutdown`).
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        shared.flush_history();
         tracing::info!("stopped");
         Ok(())
     }
@@ -363,10 +466,13 @@ impl Server {
         // cannot overshoot the limit.
         let live = self.shared.live.fetch_add(1, Ordering::AcqRel);
         let slot = LiveSlot(self.shared.clone());
+        let tls = self.shared.tls_acceptor();
         if max > 0 && live >= max {
             tracing::warn!(%peer, max, "connection limit reached; refusing");
-            self.shared.count(|s| s.connections_refused += 1);
-            if self.shared.tls.is_none() {
+            self.shared
+                .edge
+                .count(&self.shared.edge.connections_refused);
+            if tls.is_none() {
                 tokio::spawn(async move {
                     let mut stream = stream;
                     let msg = Packet::error("SERVER_BUSY", "connection limit reached");
@@ -381,10 +487,13 @@ impl Server {
             return Ok(());
         }
         stream.set_nodelay(true)?;
+        // A fixed, modest kernel send buffer (no autotuning up to megabytes): what a peer that
+        // does not read can hold in the kernel stays small, like what the broker holds for it.
+        socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER)?;
         crate::config::apply_keepalive(&stream, &self.shared.settings)?;
         let id = ConnId(self.shared.next_conn.fetch_add(1, Ordering::Relaxed));
         let shared = self.shared.clone();
-        match self.shared.tls.clone() {
+        match tls {
             None => {
                 tokio::spawn(async move {
                     serve_tcp(shared, stream, id, peer).await;
@@ -393,29 +502,7 @@ impl Server {
             }
             Some(acceptor) => {
                 tokio::spawn(async move {
-                    let limit = match shared.settings.partial_packet_timeout {
-                        d if d.is_zero() => Duration::from_secs(60),
-                        d => d,
-                    };
-                    let handshake = tokio::select! {
-                        r = tokio::time::timeout(limit, acceptor.accept(stream)) => r,
-                        _ = shared.stop.cancelled() => return,
-                    };
-                    match handshake {
-                        Ok(Ok(tls)) => {
-                            let identity = crate::tls::peer_common_name(tls.get_ref().1);
-                            tracing::debug!(conn = %id, %peer, identity = identity.as_deref().unwrap_or("-"), "TLS established");
-                            serve_connection(shared, tls, id, peer, identity).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::info!(%peer, error = %e, "TLS handshake failed");
-                            shared.count(|s| s.tls_handshake_failures += 1);
-                        }
-                        Err(_) => {
-                            tracing::info!(%peer, "TLS handshake not finished in time");
-                            shared.count(|s| s.tls_handshake_failures += 1);
-                        }
-                    }
+                    serve_tls(shared, acceptor, stream, id, peer).await;
                     drop(slot);
                 });
             }
@@ -424,276 +511,70 @@ impl Server {
     }
 }
 
+async fn serve_tls(
+    shared: Arc<Shared>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    id: ConnId,
+    peer: SocketAddr,
+) {
+    let limit = match shared.settings.partial_packet_timeout {
+        d if d.is_zero() => Duration::from_secs(60),
+        d => d,
+    };
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(limit, acceptor.accept(stream)) => r,
+        _ = shared.stop.cancelled() => return,
+    };
+    match handshake {
+        Ok(Ok(tls)) => {
+            let identity = crate::tls::peer_common_name(tls.get_ref().1);
+            tracing::debug!(conn = %id, %peer, identity = identity.as_deref().unwrap_or("-"), "TLS established");
+            serve_connection(shared, tls, id, peer, identity).await;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            shared.edge.count(&shared.edge.tls_handshake_failures);
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake not finished in time");
+            shared.edge.count(&shared.edge.tls_handshake_failures);
+        }
+    }
+}
+
+fn listen(settings: &Settings) -> anyhow::Result<TcpListener> {
+    let addr: SocketAddr = format!("{}:{}", settings.listen, settings.port)
+        .parse()
+        .or_else(|_| {
+            // A host name rather than an address literal.
+            std::net::ToSocketAddrs::to_socket_addrs(&(settings.listen.as_str(), settings.port))
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| anyhow::anyhow!("cannot resolve listen address {}", settings.listen))
+        })?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    socket.listen(settings.backlog as i32)?;
+    Ok(TcpListener::from_std(socket.into())?)
+}
+
 /// One admitted connection, released when its task ends.
 struct LiveSlot(Arc<Shared>);
 
 impl Drop for LiveSlot {
     fn drop(&mut self) {
         self.0.live.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-async fn tick_loop(shared: Arc<Shared>) {
-    let mut interval = tokio::time::interval(Duration::from_millis(50));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let history = crate::history::HistoryWriter::start(shared.settings.history_file.clone());
-    loop {
-        interval.tick().await;
-        let now = now();
-        let (due, ended) = {
-            let mut state = shared.state.lock().expect("broker lock");
-            (
-                state
-                    .broker
-                    .next_deadline(now)
-                    .is_some_and(|d| d <= now.mono),
-                state.broker.take_new_history(),
-            )
-        };
-        if due {
-            shared.apply(|b, out| b.tick(now, out));
-        }
-        if !ended.is_empty() {
-            history.append(ended);
-        }
-    }
-}
-
-/// Serves one plain TCP connection; replies may be written directly from other tasks.
-pub async fn serve_tcp(shared: Arc<Shared>, stream: TcpStream, id: ConnId, peer: SocketAddr) {
-    let (reader, writer) = stream.into_split();
-    let writer = Arc::new(writer);
-    let halves = (reader, SharedWrite(writer.clone()));
-    serve_halves(shared, halves, Some(writer), id, peer, None).await;
-}
-
-/// Serves one connection over any byte stream (TLS wraps the TCP stream).
-pub async fn serve_connection<S>(
-    shared: Arc<Shared>,
-    stream: S,
-    id: ConnId,
-    peer: SocketAddr,
-    identity: Option<String>,
-) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let halves = tokio::io::split(stream);
-    serve_halves(shared, halves, None, id, peer, identity).await;
-}
-
-async fn serve_halves<R, W>(
-    shared: Arc<Shared>,
-    (reader, writer): (R, W),
-    direct: Option<Arc<OwnedWriteHalf>>,
-    id: ConnId,
-    peer: SocketAddr,
-    identity: Option<String>,
-) where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let cancel = shared.stop.child_token();
-    let outbox = Arc::new(Outbox::new(cancel.clone(), direct));
-    {
-        let mut state = shared.state.lock().expect("broker lock");
-        state.broker.connect_as(id, peer.ip().to_string(), identity);
-        state.outboxes.insert(id, outbox.clone());
-    }
-    tracing::debug!(conn = %id, %peer, "connected");
-    let writer_task = tokio::spawn(write_loop(writer, outbox.clone()));
-    let reason = read_loop(&shared, reader, id, &cancel).await;
-    tracing::debug!(conn = %id, %peer, reason, "disconnected");
-    {
-        shared.apply(|b, out| b.disconnect(id, out));
-        let mut state = shared.state.lock().expect("broker lock");
-        state.outboxes.remove(&id);
-    }
-    outbox.closing.store(true, Ordering::Release);
-    outbox.ready.notify_one();
-    let _ = writer_task.await;
-}
-
-async fn read_loop<R: AsyncRead + Unpin>(
-    shared: &Shared,
-    mut reader: R,
-    id: ConnId,
-    cancel: &CancellationToken,
-) -> &'static str {
-    let codec = Codec {
-        max_frame: shared.settings.max_frame,
-        max_admin_line: shared.settings.max_admin_line,
-    };
-    let idle = shared.settings.partial_packet_timeout;
-    // Buffers start small and shrink back after a burst: thousands of idle connections (one
-    // per waiting testenv-client) must cost little memory each.
-    let mut buf = BytesMut::new();
-    let mut frames = Vec::new();
-    // A connection holding part of a frame must finish it in time, however slowly it trickles
-    // bytes in (slowloris): the deadline runs from when the unfinished frame started and only
-    // moves when a frame completes.
-    let mut deadline: Option<tokio::time::Instant> = None;
-    loop {
-        if buf.is_empty() && buf.capacity() > BIG_BUFFER {
-            buf = BytesMut::new();
-        }
-        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-            buf.reserve(READ_CHUNK);
-        }
-        let read = tokio::select! {
-            _ = cancel.cancelled() => return "closed by server",
-            r = reader.read_buf(&mut buf) => r,
-            _ = sleep_until(deadline) => {
-                tracing::warn!(conn = %id, "incomplete packet not finished in time; closing");
-                shared.count(|s| s.partial_packet_timeouts += 1);
-                send_error_and_close(shared, id, "TIMEOUT", "incomplete packet not finished in time");
-                return "partial packet timeout";
-            }
-        };
-        match read {
-            Ok(0) => return "peer closed",
-            Ok(_) => {}
-            Err(_) => return "read error",
-        }
-        let mut fatal = None;
-        loop {
-            match codec.decode_frame(&mut buf) {
-                Ok(Some(frame)) => frames.push(frame),
-                Ok(None) => break,
-                Err(e) => {
-                    fatal = Some(e);
-                    break;
-                }
-            }
-        }
-        if buf.is_empty() || idle.is_zero() {
-            deadline = None;
-        } else if deadline.is_none() || !frames.is_empty() {
-            deadline = Some(tokio::time::Instant::now() + idle);
-        }
-        if !frames.is_empty() {
-            let now = now();
-            shared.apply(|b, out| {
-                for frame in frames.drain(..) {
-                    match frame {
-                        Frame::Packet(p) => b.packet(id, p, now, out),
-                        Frame::Admin(line) => b.admin(id, &line, now, out),
-                        Frame::Malformed { reason, .. } => b.malformed(id, &reason, out),
-                    }
-                }
-            });
-        }
-        if let Some(e) = fatal {
-            tracing::info!(conn = %id, error = %e, "protocol error; closing connection");
-            shared.count(|s| match e {
-                gearman_proto::DecodeError::FrameTooLarge { .. } => s.frames_too_large += 1,
-                gearman_proto::DecodeError::AdminLineTooLong { .. } => s.admin_lines_too_long += 1,
-                _ => s.protocol_errors += 1,
-            });
-            send_error_and_close(shared, id, e.error_code(), &e.to_string());
-            return "protocol error";
-        }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-fn send_error_and_close(shared: &Shared, id: ConnId, code: &str, text: &str) {
-    let packet = Packet::error(code, text);
-    shared.apply(|_, out| {
-        out.push(Action::Send(id, packet));
-        out.push(Action::Close(id));
-    });
-}
-
-async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, outbox: Arc<Outbox>) {
-    let mut pending = BytesMut::new();
-    loop {
-        {
-            let mut buf = outbox.buf.lock().expect("outbox lock");
-            if outbox.abort.is_cancelled() {
-                buf.clear();
-                break;
-            }
-            std::mem::swap(&mut *buf, &mut pending);
-            outbox
-                .writer_busy
-                .store(!pending.is_empty(), Ordering::Release);
-        }
-        if pending.is_empty() {
-            if outbox.closing.load(Ordering::Acquire) {
-                break;
-            }
-            outbox.ready.notified().await;
-            continue;
-        }
-        let written = tokio::select! {
-            r = writer.write_all(&pending) => r.is_ok(),
-            _ = outbox.abort.cancelled() => false,
-        };
-        {
-            let _buf = outbox.buf.lock().expect("outbox lock");
-            outbox.writer_busy.store(false, Ordering::Release);
-        }
-        if !written {
-            outbox.cancel.cancel();
-            break;
-        }
-        if pending.capacity() > BIG_BUFFER {
-            pending = BytesMut::new();
-        } else {
-            pending.clear();
-        }
-    }
-    let _ = writer.shutdown().await;
-}
-
-/// The write half of a TCP stream shared by a connection's writer task and direct writes.
-struct SharedWrite(Arc<OwnedWriteHalf>);
-
-impl SharedWrite {
-    fn tcp(&self) -> &TcpStream {
-        self.0.as_ref().as_ref()
-    }
-}
-
-impl AsyncWrite for SharedWrite {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        data: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        loop {
-            std::task::ready!(self.tcp().poll_write_ready(cx))?;
-            match self.tcp().try_write(data) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                r => return std::task::Poll::Ready(r),
-            }
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let r = socket2::SockRef::from(self.tcp()).shutdown(std::net::Shutdown::Write);
-        std::task::Poll::Ready(r.or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotConnected {
-                Ok(())
-            } else {
-                Err(e)
-            }
-        }))
     }
 }

@@ -92,3 +92,17 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_string)
 }
+
+/// A one-line description of the first certificate in `path` (subject, serial, expiry), for the
+/// log of a reload.
+pub fn describe_certificate(path: &Path) -> anyhow::Result<String> {
+    let der = read_certs(path)?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| anyhow::anyhow!("cannot parse the certificate in {}: {e}", path.display()))?;
+    Ok(format!(
+        "subject {}, serial {}, valid until {}",
+        cert.subject(),
+        cert.raw_serial_as_string(),
+        cert.validity().not_after
+    ))
+}

@@ -1,10 +1,10 @@
 //! geard-compatible ACLs end to end: certificate CN → identity → register/invoke/grant rules and
 //! the `acl` admin commands, over real TLS connections to the real binary.
 
-mod secutil;
+mod harness;
 
 use gearman_proto::PacketType as T;
-use secutil::{path, tls_connect, Broker, Conn, Files, Pki, TlsStream};
+use harness::{path, tls_connect, Files, Pki, Server, Stream, TlsStream};
 
 const ACL: &str = "\
 # recommended testenv deployment (docs/security.md)
@@ -22,7 +22,7 @@ grant = true
 
 struct Setup {
     pki: Pki,
-    broker: Broker,
+    broker: Server,
     certs: Vec<(String, Files)>,
 }
 
@@ -36,26 +36,18 @@ impl Setup {
             .collect();
         let acl = pki.dir.path().join("acl.ini");
         std::fs::write(&acl, ACL).unwrap();
-        let broker = Broker::start(&[
-            "--ssl-cert",
-            path(&server.cert),
-            "--ssl-key",
-            path(&server.key),
-            "--ssl-ca",
-            path(&pki.ca()),
-            "--acl",
-            path(&acl),
-        ]);
+        let broker =
+            Server::tebroker_with(&harness::strs(&harness::tls_acl_args(&server, &pki, &acl)));
         Setup { pki, broker, certs }
     }
 
-    fn as_(&self, cn: &str) -> Conn<TlsStream> {
+    fn as_(&self, cn: &str) -> Stream<TlsStream> {
         let files = &self.certs.iter().find(|(n, _)| n == cn).unwrap().1;
-        tls_connect(self.broker.addr, &self.pki.ca(), Some(files))
+        tls_connect(self.broker.addr(), &self.pki.ca(), Some(files))
     }
 }
 
-fn workers_line(admin: &mut Conn<TlsStream>, id_hint: &str) -> String {
+fn workers_line(admin: &mut Stream<TlsStream>, id_hint: &str) -> String {
     admin
         .admin("workers")
         .lines()
@@ -190,7 +182,7 @@ fn acl_without_tls_denies_everything_and_acl_commands_report_disabled_without_ac
     let dir = tempfile::tempdir().unwrap();
     let acl = dir.path().join("acl.ini");
     std::fs::write(&acl, ACL).unwrap();
-    let broker = Broker::start(&["--acl", path(&acl)]);
+    let broker = Server::tebroker_with(&["--acl", path(&acl)]);
     let mut c = broker.connect();
     c.send(T::SubmitJob, &[b"lockenv", b"", b"x"]);
     assert_eq!(c.recv().arg(1), b"Permission denied by ACL");
@@ -198,7 +190,7 @@ fn acl_without_tls_denies_everything_and_acl_commands_report_disabled_without_ac
         .log_text()
         .contains("every CAN_DO and SUBMIT_JOB will be denied"));
 
-    let plain = Broker::start(&[]);
+    let plain = Server::tebroker_with(&[]);
     assert_eq!(plain.connect().admin("acl list"), "ERR ACL_DISABLED\n");
 
     let bad = dir.path().join("bad.ini");

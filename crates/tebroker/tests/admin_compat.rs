@@ -2,12 +2,12 @@
 //! operations is run against gearmand and tebroker and the answers must agree (job handles and
 //! connection numbers are replaced by placeholders, listings compared as sets).
 
-mod common;
+mod harness;
 
 use std::collections::BTreeMap;
 
-use common::{Conn, Server};
 use gearman_proto::PacketType;
+use harness::{Conn, Server};
 
 /// Builds the same state on a server and returns every admin answer, normalised.
 fn scenario(server: &Server) -> BTreeMap<String, Vec<String>> {
@@ -135,10 +135,10 @@ fn admin_shutdown_stops_the_server() {
     c.send_line("shutdown");
     let ans = c.read_line();
     assert_eq!(ans, "OK", "answer to shutdown");
-    common::wait_until("tebroker to exit after `shutdown`", || {
+    harness::wait_until("tebroker to exit after `shutdown`", || {
         std::net::TcpStream::connect(server.addr())
             .err()
             .map(|_| ())
     });
-    common::wait_until("the tebroker process to exit", || server.exit_status());
+    harness::wait_until("the tebroker process to exit", || server.exit_status());
 }

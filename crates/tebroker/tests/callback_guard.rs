@@ -1,18 +1,16 @@
 //! Callback hijack protection (on by default) and secrets: no log line, error or admin output
 //! carries TE data.
 
-mod secutil;
-
-use std::time::Duration;
+mod harness;
 
 use gearman_proto::PacketType as T;
-use secutil::Broker;
+use harness::Server;
 
 const SECRET: &str = "SECRET-ssh-key-3f9a";
 
 #[test]
 fn a_second_registration_of_a_callback_is_refused_and_logged() {
-    let mut broker = Broker::start(&[]);
+    let mut broker = Server::tebroker_with(&[]);
     let mut owner = broker.connect();
     let mut thief = broker.connect();
     let mut te_worker = broker.connect();
@@ -60,7 +58,7 @@ fn a_second_registration_of_a_callback_is_refused_and_logged() {
 
 #[test]
 fn geard_compatible_mode_allows_it() {
-    let broker = Broker::start(&["--no-callback-protection"]);
+    let broker = Server::tebroker_with(&["--no-callback-protection"]);
     let mut a = broker.connect();
     let mut b = broker.connect();
     a.send(T::CanDo, &[b"callback_1"]);
@@ -72,7 +70,7 @@ fn geard_compatible_mode_allows_it() {
 
 #[test]
 fn no_log_line_or_admin_output_carries_te_data() {
-    let mut broker = Broker::start_env(&["-vvv"], &[("RUST_LOG", "trace")]);
+    let mut broker = Server::tebroker_env(&["-vvv"], &[("RUST_LOG", "trace")]);
     let secret = SECRET.as_bytes();
     let mut cbw = broker.connect();
     let mut client = broker.connect();
@@ -136,7 +134,7 @@ fn no_log_line_or_admin_output_carries_te_data() {
     assert_eq!(tew.recv().ptype, T::WorkFail);
     tew.send(T::WorkComplete, &[lock.arg(0), secret]);
     client.recv();
-    std::thread::sleep(Duration::from_millis(200));
+    // Every step above got its answer, so the broker has processed (and logged) it.
     for cmd in [
         "status",
         "workers",

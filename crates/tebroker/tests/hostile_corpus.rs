@@ -1,12 +1,12 @@
 //! A malformed-input corpus thrown at the real binary: every case gets an ERROR or a closed
 //! connection, never a crash, and the server keeps serving everyone else throughout.
 
-mod secutil;
+mod harness;
 
 use std::time::Duration;
 
 use gearman_proto::PacketType as T;
-use secutil::{Broker, Rng};
+use harness::{Rng, Server};
 
 fn header(magic: &[u8; 4], code: u32, len: u32) -> Vec<u8> {
     let mut h = magic.to_vec();
@@ -71,7 +71,8 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn corpus_never_hurts_the_server() {
-    let mut broker = Broker::start(&["--partial-packet-timeout", "2", "--max-frame", "65536"]);
+    let mut broker =
+        Server::tebroker_with(&["--partial-packet-timeout", "2", "--max-frame", "65536"]);
     // A worker and a client in the middle of a job while the corpus flies.
     let mut worker = broker.connect();
     let mut client = broker.connect();
@@ -106,7 +107,7 @@ fn corpus_never_hurts_the_server() {
 
 #[test]
 fn errors_are_errors_not_silence() {
-    let broker = Broker::start(&[]);
+    let broker = Server::tebroker_with(&[]);
     let cases: [(&str, Vec<u8>, &[u8]); 5] = [
         ("wrong magic", header(b"\0XYZ", 16, 0), b"INVALID_MAGIC"),
         (
@@ -129,7 +130,7 @@ fn errors_are_errors_not_silence() {
 
 #[test]
 fn ten_thousand_can_dos_on_one_connection() {
-    let mut broker = Broker::start(&[]);
+    let mut broker = Server::tebroker_with(&[]);
     let mut w = broker.connect();
     let mut all = Vec::new();
     for i in 0..10_000 {
@@ -162,7 +163,7 @@ fn ten_thousand_can_dos_on_one_connection() {
     let e = w.recv();
     assert_eq!((e.ptype, e.arg(0)), (T::Error, &b"TOO_MANY_FUNCTIONS"[..]));
     drop(w);
-    let until = std::time::Instant::now() + secutil::TIMEOUT;
+    let until = std::time::Instant::now() + harness::TIMEOUT;
     while broker.stat("functions") != 0 {
         assert!(
             std::time::Instant::now() < until,
@@ -175,7 +176,7 @@ fn ten_thousand_can_dos_on_one_connection() {
 
 #[test]
 fn slowloris_connections_are_closed_while_others_are_served() {
-    let mut broker = Broker::start(&["--partial-packet-timeout", "1"]);
+    let mut broker = Server::tebroker_with(&["--partial-packet-timeout", "1"]);
     let mut lorises: Vec<_> = (0..20).map(|_| broker.connect()).collect();
     for (i, l) in lorises.iter_mut().enumerate() {
         // Half a header, half an admin line, or a header promising a body.

@@ -5,13 +5,13 @@
 //! non-zero with a `FAIL <scenario>: ...` line on the first mismatch. Needs `python3` with `gear`
 //! (scripts/install-peers.sh); `TEBROKER_TEST_PYTHON` overrides the interpreter.
 
-mod common;
+mod harness;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{run_with_timeout, Kind, Server};
+use harness::{run_with_timeout, Kind, Server};
 
 fn python() -> String {
     std::env::var("TEBROKER_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string())

@@ -4,15 +4,15 @@
 //! Every check runs against tebroker; `gearman_tools_baseline_against_gearmand` runs the same
 //! checks against gearmand to prove the expectations are gearmand's.
 
-mod common;
+mod harness;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{
+use gearman_proto::PacketType;
+use harness::{
     parse_status, require_program, run_with_timeout, wait_until, Conn, KillOnDrop, Server,
 };
-use gearman_proto::PacketType;
 
 const RUN: Duration = Duration::from_secs(15);
 
@@ -65,7 +65,7 @@ fn start_rev_worker(server: &Server, func: &str) -> KillOnDrop {
         let status = parse_status(&server.admin_block("status"));
         status
             .iter()
-            .any(|(f, _, _, workers)| f == func && *workers >= 1)
+            .any(|row| row.function == func && row.workers >= 1)
             .then_some(())
     });
     worker
@@ -274,7 +274,7 @@ fn gearadmin_cancel_job() {
     assert!(
         status
             .iter()
-            .any(|s| s == &("cancelme".to_string(), 1, 0, 0)),
+            .any(|s| s.function == "cancelme" && (s.total, s.running, s.workers) == (1, 0, 0)),
         "after cancelling one of two jobs: {status:?}"
     );
     let jobs = server.admin_block("show jobs");

@@ -1,21 +1,22 @@
 //! The broker's rules as seen through our own client/worker library, over real sockets.
 
-mod common;
+mod harness;
 
 use std::time::Duration;
 
-use common::{Server, TIMEOUT};
 use gearman_client::{Client, Error, JobEvent, JobRequest, Priority, ServerAddr, Worker};
+use harness::{Server, TIMEOUT};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Runtime::new().unwrap()
+/// Every async body gets one deadline, so no await in it can hang the test.
+fn run<F: std::future::Future>(body: F) -> F::Output {
+    test_support::block_on_within(Duration::from_secs(60), body)
 }
 
 #[test]
 fn coalesced_foreground_jobs_share_every_event() {
     let server = Server::tebroker();
     let addr = ServerAddr::localhost(server.port);
-    rt().block_on(async {
+    run(async {
         let worker = Worker::new([addr.clone()]);
         worker.register("shared");
         worker.wait_for_server(TIMEOUT).await.unwrap();
@@ -53,7 +54,7 @@ fn coalesced_foreground_jobs_share_every_event() {
 fn priorities_are_served_high_normal_low() {
     let server = Server::tebroker();
     let addr = ServerAddr::localhost(server.port);
-    rt().block_on(async {
+    run(async {
         let client = Client::connect([addr.clone()]).await.unwrap();
         for (p, d) in [
             (Priority::Low, "low"),
@@ -81,7 +82,7 @@ fn priorities_are_served_high_normal_low() {
 fn a_dead_worker_fails_foreground_jobs_and_requeues_background_ones() {
     let server = Server::tebroker();
     let addr = ServerAddr::localhost(server.port);
-    rt().block_on(async {
+    run(async {
         let client = Client::connect([addr.clone()]).await.unwrap();
         let fg = client
             .submit(JobRequest::new("fragile", "fg"))
@@ -92,7 +93,7 @@ fn a_dead_worker_fails_foreground_jobs_and_requeues_background_ones() {
             .await
             .unwrap();
         // A raw worker connection that takes both jobs and then vanishes.
-        let mut raw = common::Conn::connect(server.port);
+        let mut raw = harness::Conn::connect(server.port);
         raw.req(gearman_proto::PacketType::CanDo, &["fragile"]);
         raw.req(gearman_proto::PacketType::GrabJob, &[] as &[&str]);
         raw.expect(gearman_proto::PacketType::JobAssign);
@@ -127,7 +128,7 @@ fn a_client_fails_over_to_the_second_broker() {
         ServerAddr::localhost(first.port),
         ServerAddr::localhost(second.port),
     ];
-    rt().block_on(async {
+    run(async {
         let worker = Worker::new(servers.clone());
         worker.register("echo");
         worker.wait_for_all_servers(TIMEOUT).await.unwrap();
@@ -141,18 +142,22 @@ fn a_client_fails_over_to_the_second_broker() {
         let client = Client::connect(servers.clone()).await.unwrap();
         assert_eq!(&client.call("echo", "one").await.unwrap()[..], b"one");
         drop(first);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut answered = None;
-        for _ in 0..5 {
+        // Retried until the client has noticed the dead server, with a deadline rather than a
+        // fixed number of attempts.
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let answered = loop {
             match client.call("echo", "two").await {
-                Ok(data) => {
-                    answered = Some(data);
-                    break;
+                Ok(data) => break data,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no answer through the remaining server: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
-        }
-        assert_eq!(answered.as_deref(), Some(&b"two"[..]));
+        };
+        assert_eq!(&answered[..], b"two");
     });
     drop(second);
 }

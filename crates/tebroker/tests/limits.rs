@@ -1,14 +1,14 @@
 //! Every limit, hit over real sockets: a clear error, a counter in `stats`, and the server goes
 //! on serving everyone else.
 
-mod secutil;
+mod harness;
 
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use gearman_proto::PacketType as T;
-use secutil::{Broker, Conn};
+use harness::{Server, Stream};
 
 fn header(code: u32, len: u32) -> Vec<u8> {
     let mut h = b"\0REQ".to_vec();
@@ -19,7 +19,7 @@ fn header(code: u32, len: u32) -> Vec<u8> {
 
 #[test]
 fn max_frame() {
-    let mut broker = Broker::start(&["--max-frame", "1024"]);
+    let mut broker = Server::tebroker_with(&["--max-frame", "1024"]);
     let mut c = broker.connect();
     // At the limit: served.
     let payload = vec![b'x'; 1024];
@@ -40,7 +40,7 @@ fn max_frame() {
 
 #[test]
 fn max_admin_line() {
-    let mut broker = Broker::start(&["--max-admin-line", "64"]);
+    let mut broker = Server::tebroker_with(&["--max-admin-line", "64"]);
     let mut c = broker.connect();
     assert!(c.admin("status").ends_with(".\n"));
     c.raw(&[b'a'; 100]).unwrap(); // no newline, over the limit
@@ -55,8 +55,8 @@ fn max_admin_line() {
 
 #[test]
 fn max_connections() {
-    let broker = Broker::start(&["--max-connections", "3"]);
-    let mut held: Vec<Conn<TcpStream>> = (0..3).map(|_| broker.connect()).collect();
+    let broker = Server::tebroker_with(&["--max-connections", "3"]);
+    let mut held: Vec<Stream<TcpStream>> = (0..3).map(|_| broker.connect()).collect();
     for c in &mut held {
         c.send(T::EchoReq, &[b"in"]);
         assert_eq!(c.recv().ptype, T::EchoRes);
@@ -75,7 +75,7 @@ fn max_connections() {
         assert_eq!(c.recv().ptype, T::EchoRes);
     }
     held.pop();
-    let until = Instant::now() + secutil::TIMEOUT;
+    let until = Instant::now() + harness::TIMEOUT;
     loop {
         let mut c = broker.connect();
         c.send(T::EchoReq, &[b"new"]);
@@ -89,7 +89,7 @@ fn max_connections() {
 
 #[test]
 fn max_functions_per_conn() {
-    let mut broker = Broker::start(&["--max-functions-per-conn", "5"]);
+    let mut broker = Server::tebroker_with(&["--max-functions-per-conn", "5"]);
     let mut w = broker.connect();
     for i in 0..5 {
         w.send(T::CanDo, &[format!("f{i}").as_bytes()]);
@@ -111,7 +111,7 @@ fn max_functions_per_conn() {
 
 #[test]
 fn max_queue_default_and_per_function() {
-    let mut broker = Broker::start(&["--max-queue", "2"]);
+    let mut broker = Server::tebroker_with(&["--max-queue", "2"]);
     let mut c = broker.connect();
     for _ in 0..2 {
         c.send(T::SubmitJobBg, &[b"q", b"", b"x"]);
@@ -133,32 +133,34 @@ fn max_queue_default_and_per_function() {
 #[test]
 fn slow_reader_is_cut_off() {
     let cap = 256 * 1024;
-    let mut broker = Broker::start(&["--max-output-buffer", &cap.to_string()]);
-    // A client that asks for lots of echoes and never reads; a small receive buffer makes the
-    // kernel's share small, so the broker's own buffer must fill.
+    let mut broker = Server::tebroker_with(&["--max-output-buffer", &cap.to_string()]);
+    // A client that submits a job and never reads; a small receive buffer makes the kernel's
+    // share small, so the broker's own buffer must fill. The output is caused by another
+    // connection (the worker's WORK_DATA), so backpressure on the client's own frames cannot
+    // hold it back: the hard cap must.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect(&broker.addr.into()).unwrap();
-    let mut hog: TcpStream = sock.into();
-    hog.set_write_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let payload = vec![b'z'; 60_000];
-    let echo = gearman_proto::Packet::req(T::EchoReq, [payload]).to_bytes();
+    sock.connect(&broker.addr().into()).unwrap();
+    let hog: TcpStream = sock.into();
+    hog.set_read_timeout(Some(harness::TIMEOUT)).unwrap();
+    let mut hog = Stream::new(hog);
+    let mut worker = broker.connect();
+    worker.send(T::CanDo, &[b"chatty"]);
+    hog.send(T::SubmitJob, &[b"chatty", b"", b"go"]);
+    let assign = worker.grab_assignment();
+    let handle = assign.arg(0).to_vec();
+    let chunk = vec![b'z'; 60_000];
+    let data = gearman_proto::Packet::req(T::WorkData, [handle, chunk]).to_bytes();
     let mut sent = 0usize;
-    let mut cut = false;
     while sent < 200 * 1024 * 1024 {
-        if hog.write_all(&echo).is_err() {
-            cut = true;
-            break;
-        }
-        sent += echo.len();
-        if sent % (4 * 1024 * 1024) < echo.len() && broker.stat("slow_readers_closed") > 0 {
-            cut = true;
+        worker.raw(&data).unwrap();
+        sent += data.len();
+        if sent % (4 * 1024 * 1024) < data.len() && broker.stat("slow_readers_closed") > 0 {
             break;
         }
     }
     assert!(
-        cut,
+        broker.stat("slow_readers_closed") > 0,
         "sent {sent} bytes and the slow reader is still connected"
     );
     broker.wait_stat("slow_readers_closed", 1);
@@ -168,7 +170,7 @@ fn slow_reader_is_cut_off() {
 
 #[test]
 fn slowloris_is_closed_but_idle_connections_are_not() {
-    let mut broker = Broker::start(&["--partial-packet-timeout", "1"]);
+    let mut broker = Server::tebroker_with(&["--partial-packet-timeout", "1"]);
     let mut idle = broker.connect();
     let mut loris = broker.connect();
     let packet = gearman_proto::Packet::req(T::EchoReq, [vec![b'x'; 64]]).to_bytes();
@@ -217,7 +219,7 @@ fn limits_and_security_settings_from_the_config_file() {
         "max_queue = 1\nmax_functions_per_conn = 2\ncallback_protection = false\n",
     )
     .unwrap();
-    let broker = Broker::start(&["--config", conf.to_str().unwrap()]);
+    let broker = Server::tebroker_with(&["--config", conf.to_str().unwrap()]);
     let mut c = broker.connect();
     c.send(T::SubmitJobBg, &[b"q", b"", b"x"]);
     assert_eq!(c.recv().ptype, T::JobCreated);

@@ -1,67 +1,31 @@
 //! The operator surface: dashboard, JSON API, Prometheus metrics and the lease history file,
 //! watched while a real testenv-style lease goes through the broker.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gearman_client::{Client, JobRequest, ServerAddr, Worker};
+use harness::Server;
+
+mod harness;
 
 const SECRET: &str = "PRIVATE-KEY-MATERIAL";
 
-struct Broker {
-    child: std::process::Child,
-    gearman: u16,
-    http: String,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(history: &std::path::Path) -> Broker {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tebroker"))
-        .args([
-            "serve",
-            "-p",
-            "0",
-            "-L",
-            "127.0.0.1",
-            "--http",
-            "127.0.0.1:0",
-        ])
-        .arg("--history-file")
-        .arg(history)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    let mut second = String::new();
-    out.read_line(&mut first).unwrap();
-    out.read_line(&mut second).unwrap();
-    let gearman = first.trim().rsplit(':').next().unwrap().parse().unwrap();
-    let http = second
-        .trim()
-        .strip_prefix("tebroker dashboard on http://")
-        .unwrap_or_else(|| panic!("{second:?}"))
-        .trim_end_matches('/')
-        .to_string();
-    Broker {
-        child,
-        gearman,
-        http,
-    }
+fn start(history: &std::path::Path) -> Server {
+    Server::tebroker_with(&[
+        "--http",
+        "127.0.0.1:0",
+        "--history-file",
+        harness::path(history),
+    ])
 }
 
 /// A plain HTTP/1.1 GET; returns (status line, body).
-fn get(addr: &str, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
+fn get(addr: impl std::fmt::Display, path: &str) -> (String, String) {
+    let addr = addr.to_string();
+    let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
         s,
@@ -74,7 +38,7 @@ fn get(addr: &str, path: &str) -> (String, String) {
     (head.lines().next().unwrap().to_string(), body.to_string())
 }
 
-fn json(addr: &str, path: &str) -> serde_json::Value {
+fn json(addr: impl std::fmt::Display + Copy, path: &str) -> serde_json::Value {
     let (status, body) = get(addr, path);
     assert!(status.contains("200"), "{path}: {status}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
@@ -91,13 +55,13 @@ fn dashboard_api_metrics_and_history_follow_a_lease() {
     let dir = tempfile::tempdir().unwrap();
     let history = dir.path().join("leases.jsonl");
     let broker = start(&history);
-    let addr = ServerAddr::localhost(broker.gearman);
-    let (status, page) = get(&broker.http, "/");
+    let addr = ServerAddr::localhost(broker.port);
+    let http = broker.http.unwrap();
+    let (status, page) = get(http, "/");
     assert!(status.contains("200") && page.contains("Leased test environments"));
-    assert_eq!(get(&broker.http, "/healthz").1, "ok\n");
+    assert_eq!(get(http, "/healthz").1, "ok\n");
 
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    test_support::block_on_within(Duration::from_secs(60), async {
         // The TE worker and the CI job's callback worker, speaking the testenv protocol.
         let te = Worker::with_options(
             [addr.clone()],
@@ -110,31 +74,47 @@ fn dashboard_api_metrics_and_history_follow_a_lease() {
         let callback = Worker::new([addr.clone()]);
         callback.register("callback_job42");
         te.wait_for_server(Duration::from_secs(10)).await.unwrap();
-        callback.wait_for_server(Duration::from_secs(10)).await.unwrap();
+        callback
+            .wait_for_server(Duration::from_secs(10))
+            .await
+            .unwrap();
         let client = Client::connect([addr.clone()]).await.unwrap();
         let request = format!(
             r#"{{"callback_name": "callback_job42", "timeout": "600", "ssh_key": "{SECRET}", "job_identifier": "42: demo"}}"#
         );
-        let lockenv = client.submit(JobRequest::new("lockenv", request)).await.unwrap();
+        let lockenv = client
+            .submit(JobRequest::new("lockenv", request))
+            .await
+            .unwrap();
         let lease = te.grab_job().await.unwrap();
         let te_client = Client::connect([addr.clone()]).await.unwrap();
         let cb = te_client
-            .submit(JobRequest::new("callback_job42", format!(r#"{{"ssh-key": "{SECRET}"}}"#)))
+            .submit(JobRequest::new(
+                "callback_job42",
+                format!(r#"{{"ssh-key": "{SECRET}"}}"#),
+            ))
             .await
             .unwrap();
         let cb_job = callback.grab_job().await.unwrap();
 
-        let leases = json(&broker.http, "/api/leases");
+        let leases = json(http, "/api/leases");
         assert_eq!(leases[0]["worker_id"], "testenv-worker-te9");
         assert_eq!(leases[0]["callback"], "callback_job42");
         assert_eq!(leases[0]["job_identifier"], "42: demo");
         assert_eq!(leases[0]["callback_state"], "running");
-        let (_, metrics) = get(&broker.http, "/metrics");
+        let (_, metrics) = get(http, "/metrics");
         assert_eq!(metric(&metrics, "tebroker_leases "), 1.0);
-        assert!(metrics.contains(r#"tebroker_function_workers{function="lockenv"} 1"#), "{metrics}");
-        let status = json(&broker.http, "/api/status");
-        assert!(status.as_array().unwrap().iter().any(|f| f["name"] == "lockenv" && f["running"] == 1));
-        let conns = json(&broker.http, "/api/connections");
+        assert!(
+            metrics.contains(r#"tebroker_function_workers{function="lockenv"} 1"#),
+            "{metrics}"
+        );
+        let status = json(http, "/api/status");
+        assert!(status
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["name"] == "lockenv" && f["running"] == 1));
+        let conns = json(http, "/api/connections");
         assert!(conns.as_array().unwrap().len() >= 4);
 
         cb_job.complete("").await.unwrap();
@@ -155,9 +135,9 @@ fn dashboard_api_metrics_and_history_follow_a_lease() {
     let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(entry["outcome"], "released");
     assert_eq!(entry["callback"], "callback_job42");
-    let api_history = json(&broker.http, "/api/history");
+    let api_history = json(http, "/api/history");
     assert_eq!(api_history[0]["outcome"], "released");
-    let (_, metrics) = get(&broker.http, "/metrics");
+    let (_, metrics) = get(http, "/metrics");
     assert_eq!(metric(&metrics, "tebroker_leases "), 0.0);
     assert_eq!(metric(&metrics, "tebroker_leases_ended_total "), 1.0);
     for path in [
@@ -167,20 +147,17 @@ fn dashboard_api_metrics_and_history_follow_a_lease() {
         "/api/connections",
         "/metrics",
     ] {
-        assert!(
-            !get(&broker.http, path).1.contains(SECRET),
-            "{path} leaks TE data"
-        );
+        assert!(!get(http, path).1.contains(SECRET), "{path} leaks TE data");
     }
     assert!(!std::fs::read_to_string(&history).unwrap().contains(SECRET));
-    assert!(get(&broker.http, "/nope").0.contains("404"));
+    assert!(get(http, "/nope").0.contains("404"));
 }
 
 #[test]
 fn admin_cli_prints_answers_and_fails_on_err() {
     let dir = tempfile::tempdir().unwrap();
     let broker = start(&dir.path().join("h.jsonl"));
-    let b = format!("127.0.0.1:{}", broker.gearman);
+    let b = format!("127.0.0.1:{}", broker.port);
     let admin = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_tebroker"))
             .args(["admin", "-b", &b])
@@ -197,7 +174,7 @@ fn admin_cli_prints_answers_and_fails_on_err() {
     let out = admin(&["getpid"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("OK {}", broker.child.id())
+        format!("OK {}", broker.pid())
     );
     let out = admin(&["leases"]);
     assert!(out.status.success() && out.stdout.is_empty());
@@ -205,5 +182,177 @@ fn admin_cli_prints_answers_and_fails_on_err() {
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("ERR UNKNOWN_COMMAND Unknown server command")
+    );
+}
+
+use gearman_proto::PacketType as T;
+
+/// Parses `/metrics` with the reference parser (Python prometheus_client's OpenMetrics
+/// parser) and returns every sample as (name, labels, value).
+fn parse_with_prometheus_client(
+    text: &str,
+) -> Vec<(String, serde_json::Map<String, serde_json::Value>, f64)> {
+    const SCRIPT: &str = r#"
+import json, sys
+try:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+except ImportError:
+    sys.exit("prometheus_client is not installed; run scripts/install-peers.sh")
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused /metrics: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<(String, serde_json::Map<String, serde_json::Value>, f64)> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    samples
+}
+
+#[test]
+fn metrics_label_values_are_escaped() {
+    let broker = Server::tebroker_with(&["--http", "127.0.0.1:0"]);
+    let names = ["quote\"d", "back\\slash", "new\nline", "plain"];
+    let mut worker = broker.connect();
+    for name in names {
+        worker.send(T::CanDo, &[name.as_bytes()]);
+    }
+    worker.send(T::EchoReq, &[b"sync"]);
+    assert_eq!(worker.recv().ptype, T::EchoRes);
+    let (status, body) = get(broker.http.unwrap(), "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let samples = parse_with_prometheus_client(&body);
+    for name in names {
+        let workers = samples
+            .iter()
+            .find(|(metric, labels, _)| {
+                metric == "tebroker_function_workers" && labels["function"] == name
+            })
+            .unwrap_or_else(|| panic!("no workers sample for {name:?} in\n{body}"));
+        assert_eq!(workers.2, 1.0, "{name:?}");
+    }
+    assert!(samples
+        .iter()
+        .any(|(metric, _, _)| metric == "tebroker_history_write_errors_total"));
+}
+
+/// Ends one lease per entry of `outcomes` ("released", "failed" or "timed out") through raw
+/// connections; returns when the last has ended.
+fn end_leases(broker: &Server, outcomes: &[&str]) {
+    let mut client = broker.connect();
+    let mut worker = broker.connect();
+    worker.send(T::SetClientId, &[b"te-history"]);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let timeout = *outcome == "timed out";
+        if timeout {
+            worker.send(T::CanDoTimeout, &[b"lockenv", b"1"]);
+        } else {
+            worker.send(T::CanDo, &[b"lockenv"]);
+        }
+        let request = format!(r#"{{"callback_name": "callback_{i}", "timeout": "60"}}"#);
+        client.send(T::SubmitJob, &[b"lockenv", b"", request.as_bytes()]);
+        assert_eq!(client.recv().ptype, T::JobCreated);
+        let assign = worker.grab_assignment();
+        match *outcome {
+            "released" => worker.send(T::WorkComplete, &[assign.arg(0), b""]),
+            "failed" => worker.send(T::WorkFail, &[assign.arg(0)]),
+            // The broker fails the job itself after the CAN_DO_TIMEOUT's second.
+            "timed out" => {}
+            other => panic!("no such outcome {other}"),
+        }
+        let end = client.recv();
+        let want = if *outcome == "released" {
+            T::WorkComplete
+        } else {
+            T::WorkFail
+        };
+        assert_eq!(end.ptype, want, "lease {i} ({outcome})");
+    }
+}
+
+#[test]
+fn history_records_failed_and_timed_out_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("leases.jsonl");
+    let broker = start(&history);
+    end_leases(&broker, &["failed", "timed out", "released"]);
+    let api = json(broker.http.unwrap(), "/api/history");
+    let outcomes: Vec<&str> = api
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["released", "timed out", "failed"],
+        "newest first"
+    );
+    let lines = harness::wait_until("3 lines in the history file", || {
+        let text = std::fs::read_to_string(&history).unwrap_or_default();
+        (text.lines().count() >= 3).then_some(text)
+    });
+    let file: Vec<String> = lines
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["outcome"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        file,
+        ["failed", "timed out", "released"],
+        "in the order they ended"
+    );
+}
+
+#[test]
+fn the_api_history_keeps_the_last_1000_and_the_file_keeps_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let history = dir.path().join("leases.jsonl");
+    let broker = start(&history);
+    let total = 1005;
+    end_leases(&broker, &vec!["released"; total]);
+    let api = json(broker.http.unwrap(), "/api/history");
+    let entries = api.as_array().unwrap();
+    assert_eq!(entries.len(), 1000);
+    assert_eq!(
+        entries[0]["callback"],
+        format!("callback_{}", total - 1),
+        "newest first"
+    );
+    assert_eq!(
+        entries[999]["callback"], "callback_5",
+        "the five oldest are gone"
+    );
+    harness::wait_until("every lease in the history file", || {
+        let text = std::fs::read_to_string(&history).unwrap_or_default();
+        (text.lines().count() == total).then_some(())
+    });
+    let (_, metrics) = get(broker.http.unwrap(), "/metrics");
+    assert_eq!(
+        metric(&metrics, "tebroker_leases_ended_total "),
+        total as f64
     );
 }

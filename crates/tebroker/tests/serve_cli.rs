@@ -1,12 +1,12 @@
 //! `tebroker serve` as an operator starts it: flags, config file, pidfile, signals, shutdown.
 
-mod common;
+mod harness;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{wait_until, Server, TIMEOUT};
 use gearman_client::{Client, JobRequest, ServerAddr, Worker};
+use harness::{wait_until, Server, TIMEOUT};
 
 fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) on our own child.
@@ -52,12 +52,12 @@ fn config_file_pidfile_and_sigterm() {
     assert_eq!(written.trim(), child.id().to_string());
 
     // The config's settings are in force: handles carry the host name, frames are limited.
-    let mut conn = common::Conn::connect(port);
+    let mut conn = harness::Conn::connect(port);
     conn.req(gearman_proto::PacketType::SubmitJobBg, &["f", "", "x"]);
     let created = conn.expect(gearman_proto::PacketType::JobCreated);
     assert!(created.args[0].starts_with(b"H:cfg-host:"), "{created:?}");
     conn.req(gearman_proto::PacketType::EchoReq, &["y".repeat(4096)]);
-    let (code, _) = common::expect_error_packet(conn.next(TIMEOUT), "oversized echo");
+    let (code, _) = harness::expect_error_packet(conn.next(TIMEOUT), "oversized echo");
     assert_eq!(code, "PACKET_TOO_LARGE");
 
     signal(child.id(), libc::SIGTERM);
@@ -101,7 +101,7 @@ fn geard_spelling_of_flags_is_accepted() {
         "--keepalive-count",
         "3",
     ]);
-    common::check_round_trip(port);
+    harness::check_round_trip(port);
     child.kill().unwrap();
     child.wait().unwrap();
 }
@@ -111,8 +111,7 @@ fn geard_spelling_of_flags_is_accepted() {
 fn graceful_shutdown_waits_for_running_jobs() {
     let mut server = Server::tebroker();
     let addr = ServerAddr::localhost(server.port);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
+    test_support::block_on_within(Duration::from_secs(60), async {
         let worker = Worker::new([addr.clone()]);
         worker.register("slow");
         worker.wait_for_server(TIMEOUT).await.unwrap();
@@ -120,14 +119,15 @@ fn graceful_shutdown_waits_for_running_jobs() {
         let job = client.submit(JobRequest::new("slow", "x")).await.unwrap();
         let grabbed = worker.grab_job().await.unwrap();
         assert_eq!(server.admin_line("shutdown graceful"), "OK");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The listener closing shows the shutdown has begun; the job in hand keeps it running.
+        wait_until("the listener to close", || {
+            std::net::TcpStream::connect(server.addr())
+                .is_err()
+                .then_some(())
+        });
         assert!(
             server.exit_status().is_none(),
             "still running while a job is in hand"
-        );
-        assert!(
-            std::net::TcpStream::connect(server.addr()).is_err(),
-            "no longer accepting"
         );
         grabbed.complete("done").await.unwrap();
         assert_eq!(&job.result().await.unwrap()[..], b"done");
@@ -156,7 +156,7 @@ fn the_sample_config_in_contrib_is_valid() {
         "--history-file",
         history.to_str().unwrap(),
     ]);
-    common::check_round_trip(port);
+    harness::check_round_trip(port);
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -1,15 +1,15 @@
 //! TLS on the broker's port: without client certificates, with `--ssl-ca` (client certificates
 //! required and verified), and PyPI `gear` over SSL.
 
-mod secutil;
+mod harness;
 
 use std::process::Command;
 use std::time::Duration;
 
 use gearman_proto::PacketType as T;
-use secutil::{path, tls_connect, try_tls_connect, Broker, Pki};
+use harness::{path, tls_connect, try_tls_connect, Pki, Server};
 
-fn echo<S: std::io::Read + std::io::Write>(c: &mut secutil::Conn<S>) {
+fn echo<S: std::io::Read + std::io::Write>(c: &mut harness::Stream<S>) {
     c.send(T::EchoReq, &[b"over tls"]);
     let p = c.recv();
     assert_eq!(p.ptype, T::EchoRes);
@@ -20,17 +20,17 @@ fn echo<S: std::io::Read + std::io::Write>(c: &mut secutil::Conn<S>) {
 fn tls_without_client_certificates() {
     let pki = Pki::new("test CA");
     let server = pki.issue("localhost");
-    let mut broker = Broker::start(&[
+    let mut broker = Server::tebroker_with(&[
         "--ssl-cert",
         path(&server.cert),
         "--ssl-key",
         path(&server.key),
     ]);
-    let mut c = tls_connect(broker.addr, &pki.ca(), None);
+    let mut c = tls_connect(broker.addr(), &pki.ca(), None);
     echo(&mut c);
     assert!(c.admin("status").ends_with(".\n"));
     // A full job over TLS.
-    let mut w = tls_connect(broker.addr, &pki.ca(), None);
+    let mut w = tls_connect(broker.addr(), &pki.ca(), None);
     w.send(T::CanDo, &[b"rev"]);
     c.send(T::SubmitJob, &[b"rev", b"", b"hello"]);
     assert_eq!(c.recv().ptype, T::JobCreated);
@@ -47,7 +47,7 @@ fn tls_without_client_certificates() {
     let _ = plain.raw(b"status\n");
     assert!(plain.closed_within(Duration::from_secs(5)));
     broker.wait_stat_tls("tls_handshake_failures", 1, &pki);
-    echo(&mut tls_connect(broker.addr, &pki.ca(), None));
+    echo(&mut tls_connect(broker.addr(), &pki.ca(), None));
     assert!(broker.alive());
 }
 
@@ -55,12 +55,12 @@ trait TlsStat {
     fn wait_stat_tls(&self, name: &str, want: u64, pki: &Pki);
 }
 
-impl TlsStat for Broker {
+impl TlsStat for Server {
     /// `stats` over TLS (the port speaks nothing else).
     fn wait_stat_tls(&self, name: &str, want: u64, pki: &Pki) {
-        let until = std::time::Instant::now() + secutil::TIMEOUT;
+        let until = std::time::Instant::now() + harness::TIMEOUT;
         loop {
-            let text = tls_connect(self.addr, &pki.ca(), None).admin("stats");
+            let text = tls_connect(self.addr(), &pki.ca(), None).admin("stats");
             let v: u64 = text
                 .lines()
                 .find_map(|l| l.strip_prefix(&format!("{name}\t")))
@@ -83,7 +83,7 @@ fn ssl_ca_requires_a_client_certificate() {
     let client = pki.issue("ci-client");
     let stranger_pki = Pki::new("another CA");
     let stranger = stranger_pki.issue("ci-client");
-    let broker = Broker::start(&[
+    let broker = Server::tebroker_with(&[
         "--ssl-cert",
         path(&server.cert),
         "--ssl-key",
@@ -92,13 +92,13 @@ fn ssl_ca_requires_a_client_certificate() {
         path(&pki.ca()),
     ]);
     // With a certificate from the CA: served.
-    let mut ok = tls_connect(broker.addr, &pki.ca(), Some(&client));
+    let mut ok = tls_connect(broker.addr(), &pki.ca(), Some(&client));
     echo(&mut ok);
 
     // Without a certificate: rejected. With TLS 1.3 the client may finish its side of the
     // handshake before the server's verdict arrives, so the refusal can also show on first use.
     for cert in [None, Some(&stranger)] {
-        match try_tls_connect(broker.addr, &pki.ca(), cert) {
+        match try_tls_connect(broker.addr(), &pki.ca(), cert) {
             Err(_) => {}
             Ok(mut c) => {
                 let _ = c.raw(&gearman_proto::Packet::req(T::EchoReq, ["x"]).to_bytes());
@@ -109,7 +109,7 @@ fn ssl_ca_requires_a_client_certificate() {
             }
         }
     }
-    let text = tls_connect(broker.addr, &pki.ca(), Some(&client)).admin("stats");
+    let text = tls_connect(broker.addr(), &pki.ca(), Some(&client)).admin("stats");
     assert!(text.contains("tls_handshake_failures\t2\n"), "{text}");
     // The identity reaches the core: it is what ACLs check (see acl.rs); and the rejected
     // connections never became broker connections.
@@ -188,21 +188,12 @@ fn pypi_gear_over_ssl_with_acl() {
         "[worker]\nregister = lockenv\n\n[client]\nregister = callback_.*\ninvoke = lockenv$\n",
     )
     .unwrap();
-    let broker = Broker::start(&[
-        "--ssl-cert",
-        path(&server.cert),
-        "--ssl-key",
-        path(&server.key),
-        "--ssl-ca",
-        path(&pki.ca()),
-        "--acl",
-        path(&acl),
-    ]);
+    let broker = Server::tebroker_with(&harness::strs(&harness::tls_acl_args(&server, &pki, &acl)));
     let out = Command::new("python3")
         .args([
             "-c",
             GEAR_SCRIPT,
-            &broker.addr.port().to_string(),
+            &broker.addr().port().to_string(),
             path(pki.dir.path()),
         ])
         .output()
@@ -216,9 +207,9 @@ fn pypi_gear_over_ssl_with_acl() {
     assert!(stdout.contains("RESULT olleh"), "{stdout}");
     assert!(!stdout.contains("SUBMITTED"), "{stdout}");
     let stats = tls_connect(
-        broker.addr,
+        broker.addr(),
         &pki.ca(),
-        Some(&secutil::Files {
+        Some(&harness::Files {
             cert: pki.dir.path().join("client.crt"),
             key: pki.dir.path().join("client.key"),
         }),
@@ -240,18 +231,9 @@ async fn gearman_client_library_over_tls_with_a_client_certificate() {
         "[worker]\nregister = reverse\n[client]\ninvoke = reverse\n",
     )
     .unwrap();
-    let broker = Broker::start(&[
-        "--ssl-cert",
-        path(&server.cert),
-        "--ssl-key",
-        path(&server.key),
-        "--ssl-ca",
-        path(&pki.ca()),
-        "--acl",
-        path(&acl),
-    ]);
-    let addr = |files: Option<&secutil::Files>| {
-        ServerAddr::new("localhost", broker.addr.port()).with_tls(TlsConfig {
+    let broker = Server::tebroker_with(&harness::strs(&harness::tls_acl_args(&server, &pki, &acl)));
+    let addr = |files: Option<&harness::Files>| {
+        ServerAddr::new("localhost", broker.addr().port()).with_tls(TlsConfig {
             ssl_cert: files.map(|f| f.cert.clone()),
             ssl_key: files.map(|f| f.key.clone()),
             ssl_ca: Some(pki.ca()),
@@ -289,4 +271,73 @@ async fn gearman_client_library_over_tls_with_a_client_certificate() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("nope.pem"), "{err}");
+}
+
+fn tls_broker(pki: &Pki, extra: &[&str]) -> Server {
+    let server = pki.issue("localhost");
+    let mut args = vec![
+        "--ssl-cert".to_string(),
+        path(&server.cert).to_string(),
+        "--ssl-key".to_string(),
+        path(&server.key).to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Server::tebroker_with(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn a_handshake_not_finished_in_time_is_dropped() {
+    let pki = Pki::new("test CA");
+    let mut broker = tls_broker(&pki, &["--partial-packet-timeout", "1"]);
+    // Connects and never says a word: the handshake cannot finish.
+    let mut silent = broker.connect();
+    assert!(
+        silent.closed_within(harness::TIMEOUT),
+        "the silent connection is still open"
+    );
+    broker.wait_stat_tls("tls_handshake_failures", 1, &pki);
+    assert!(broker
+        .log_text()
+        .contains("TLS handshake not finished in time"));
+    echo(&mut tls_connect(broker.addr(), &pki.ca(), None));
+    assert!(broker.alive());
+}
+
+#[test]
+fn max_connections_holds_over_tls() {
+    let pki = Pki::new("test CA");
+    let mut broker = tls_broker(&pki, &["--max-connections", "2"]);
+    let mut first = tls_connect(broker.addr(), &pki.ca(), None);
+    let mut second = tls_connect(broker.addr(), &pki.ca(), None);
+    echo(&mut first);
+    echo(&mut second);
+    // A third is closed before its handshake (no SERVER_BUSY packet: it would not be TLS).
+    let third = try_tls_connect(broker.addr(), &pki.ca(), None).map(|mut c| {
+        c.send(T::EchoReq, &[b"x"]);
+        c.next_frame()
+    });
+    assert!(
+        matches!(third, Err(_) | Ok(None)),
+        "a third TLS connection was served: {third:?}"
+    );
+    drop(first);
+    // The slot is free again once the first connection has ended.
+    let mut again = harness::wait_until("a free connection slot", || {
+        try_tls_connect(broker.addr(), &pki.ca(), None)
+            .ok()
+            .and_then(|mut c| {
+                c.send(T::EchoReq, &[b"over tls"]);
+                matches!(c.next_frame(), Some(gearman_proto::Frame::Packet(_))).then_some(c)
+            })
+    });
+    let stats = again.admin("stats");
+    let refused: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("connections_refused\t"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(refused >= 1, "{stats}");
+    echo(&mut second);
+    assert!(broker.alive());
 }

@@ -4,14 +4,14 @@
 //! whose rule differs) as baselines. Needs python3 with `gear` and gearman-tools
 //! (scripts/install-peers.sh).
 
-mod common;
+mod harness;
 
 use std::process::{Command, Output};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use common::{require_program, run_with_timeout, wait_until, Conn, Server};
 use gearman_proto::{Packet, PacketType};
+use harness::{require_program, run_with_timeout, wait_until, Conn, Server};
 
 const RUN: Duration = Duration::from_secs(30);
 const EXCEPTION: &str = "boom: it broke";
@@ -107,10 +107,10 @@ fn forwarded() -> String {
 #[test]
 fn gear_client_gets_the_exception_of_a_gear_worker_without_asking() {
     for mut server in [Server::tebroker(), Server::geard()] {
-        let f = common::unique_name("exc_gear");
+        let f = harness::unique_name("exc_gear");
         let verdict = gear_verdict(spawn_run(gear_client(&server, &f, true)).join().unwrap());
         assert_eq!(verdict, forwarded(), "against {:?}", server.kind);
-        if server.kind == common::Kind::Tebroker {
+        if server.kind == harness::Kind::Tebroker {
             server.assert_alive();
             server.assert_no_panic_in_log();
         }
@@ -120,7 +120,7 @@ fn gear_client_gets_the_exception_of_a_gear_worker_without_asking() {
 #[test]
 fn gear_client_gets_the_exception_of_a_raw_worker_without_asking() {
     let server = Server::tebroker();
-    let f = common::unique_name("exc_raw");
+    let f = harness::unique_name("exc_raw");
     let mut worker = raw_worker(&server, &f);
     let client = spawn_run(gear_client(&server, &f, false));
     answer_with_exception(&mut worker);
@@ -132,14 +132,14 @@ fn gear_client_gets_the_exception_of_a_raw_worker_without_asking() {
 #[test]
 fn gearmand_baseline_hides_the_exception_from_a_client_that_did_not_ask() {
     let server = Server::gearmand();
-    let f = common::unique_name("exc_gearmand");
+    let f = harness::unique_name("exc_gearmand");
     let verdict = gear_verdict(spawn_run(gear_client(&server, &f, true)).join().unwrap());
     assert_eq!(verdict, "exception=None failure=True");
 }
 
 /// `gearman -f F -- data` against a raw worker that ends the job with WORK_EXCEPTION.
 fn gearman_cli_run(server: &Server) -> Output {
-    let f = common::unique_name("exc_cli");
+    let f = harness::unique_name("exc_cli");
     let mut worker = raw_worker(server, &f);
     let mut cli = Command::new(require_program("gearman"));
     cli.args(["-h", "127.0.0.1", "-p", &server.port.to_string(), "-f", &f])

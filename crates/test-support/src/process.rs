@@ -138,3 +138,71 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Runs `cmd` to completion (stdin from /dev/null, output captured) within `timeout`; kills it
+/// and panics, with what it printed, if it overruns.
+pub fn run_with_timeout(cmd: &mut Command, timeout: std::time::Duration) -> std::process::Output {
+    use std::io::Read;
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = std::time::Instant::now() + timeout;
+    let (status, killed) = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break (st, false);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            break (child.wait().expect("wait"), true);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let out = std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    assert!(
+        !killed,
+        "{what} did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_with_timeout_kills_an_overrun() {
+        let started = std::time::Instant::now();
+        let r = std::panic::catch_unwind(|| {
+            run_with_timeout(
+                Command::new("sleep").arg("30"),
+                std::time::Duration::from_millis(300),
+            )
+        });
+        assert!(r.is_err(), "an overrun must fail");
+        assert!(started.elapsed() < std::time::Duration::from_secs(20));
+        let out = run_with_timeout(
+            Command::new("echo").arg("hi"),
+            std::time::Duration::from_secs(10),
+        );
+        assert_eq!(out.stdout, b"hi\n");
+    }
+}

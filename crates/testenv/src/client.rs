@@ -6,8 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use gearman_client::{Client, ClientOptions, ForegroundJob, JobRequest, Worker, WorkerOptions};
-use tokio::signal::unix::{signal, SignalKind};
+use gearman_client::{
+    Backoff, Client, ClientOptions, ForegroundJob, JobRequest, Liveness, ServerAddr, Worker,
+    WorkerOptions,
+};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::guard;
 use crate::request::{LockRequest, LOCKENV};
@@ -21,6 +24,22 @@ const MAX_LOCKENV_RETRIES: u32 = 5;
 pub const EXIT_TIMEOUT: i32 = 124;
 /// Exit status when the worker could not provide an environment, as the original.
 pub const EXIT_NO_ENV: i32 = 2;
+/// `-t`: a number of seconds, more than 0 and at most the longest lease a worker grants
+/// ([`crate::request::MAX_TIMEOUT_SECS`], 30 days): the one range of testenv-proto, so every deadline derived
+/// from it stays far from overflowing. Kept as given, since the lock request carries it as a
+/// string.
+fn parse_timeout(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("the timeout must be a number of seconds".into());
+    }
+    crate::request::parse_timeout(text).map(|_| text.to_string())
+}
+
+fn timeout_duration(text: &str) -> Duration {
+    // parse_timeout has already checked the range, so the conversion cannot fail.
+    Duration::try_from_secs_f64(text.trim().parse().unwrap_or(0.0)).unwrap_or(Duration::ZERO)
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,8 +56,9 @@ pub struct ClientArgs {
     /// A unique identifier for this job (default: a random hex uuid).
     #[arg(short = 'n', long)]
     pub jobnum: Option<String>,
-    /// Seconds after which the environment is released and COMMAND killed.
-    #[arg(short = 't', long, default_value = "10800")]
+    /// Seconds (more than 0, at most 30 days) after which the client gives up waiting, or
+    /// releases the environment and kills COMMAND; it exits 124 then.
+    #[arg(short = 't', long, default_value = "10800", value_parser = parse_timeout)]
     pub timeout: String,
     /// Number of baremetal nodes to request.
     #[arg(long, default_value = "2")]
@@ -64,17 +84,116 @@ pub struct ClientArgs {
     /// Debug logging.
     #[arg(short = 'd', long)]
     pub debug: bool,
-    /// Seconds between passing a signal to COMMAND and killing everything it started.
-    #[arg(long, default_value = "10")]
-    pub kill_grace: f64,
-    /// Seconds between the "waited N s" lines while waiting for a TE.
-    #[arg(long, default_value_t = 30.0, hide = true)]
-    pub report_interval: f64,
+    /// Seconds (0 to 3600) between passing a signal to COMMAND and killing everything it
+    /// started.
+    #[arg(long, default_value = "10", value_parser = parse_kill_grace)]
+    pub kill_grace: Duration,
+    /// Seconds between the "waited N s" and "no broker answers" lines while waiting for a TE.
+    #[arg(long, default_value = "30", value_parser = parse_report_interval, hide = true)]
+    pub report_interval: Duration,
+    /// Seconds of silence after which a broker connection is probed (ECHO_REQ).
+    #[arg(long, default_value = "30", value_parser = parse_probe_seconds, hide = true)]
+    pub probe_idle: Duration,
+    /// Seconds a probed broker has to answer before its connection counts as dead.
+    #[arg(long, default_value = "10", value_parser = parse_probe_seconds, hide = true)]
+    pub probe_timeout: Duration,
     #[command(flatten)]
     pub tls: crate::TlsArgs,
     /// The command to run while the environment is locked.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub command: Vec<OsString>,
+}
+
+fn parse_seconds(text: &str, min: f64, max: f64) -> Result<Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(secs) if (min..=max).contains(&secs) => {
+            Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+        }
+        _ => Err(format!(
+            "{text:?} is not a number of seconds between {min} and {max}"
+        )),
+    }
+}
+
+fn parse_kill_grace(text: &str) -> Result<Duration, String> {
+    parse_seconds(text, 0.0, 3600.0)
+}
+
+fn parse_probe_seconds(text: &str) -> Result<Duration, String> {
+    parse_seconds(text, 0.1, 3600.0)
+}
+
+fn parse_report_interval(text: &str) -> Result<Duration, String> {
+    parse_seconds(text, 0.1, 3600.0)
+}
+
+/// What ends the client before COMMAND runs, in whatever phase it is: SIGINT/SIGTERM (exit
+/// 128+N) or `-t` (exit 124).
+struct Stops {
+    sigint: Signal,
+    sigterm: Signal,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl Stops {
+    /// The exit status, once one of them happens.
+    async fn next(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.sigint.recv() => 128 + libc::SIGINT,
+            _ = self.sigterm.recv() => 128 + libc::SIGTERM,
+            _ = tokio::time::sleep_until(self.deadline) => {
+                eprintln!(
+                    "testenv-client: timed out after {:.0}s waiting for a test environment",
+                    self.timeout.as_secs_f64()
+                );
+                EXIT_TIMEOUT
+            }
+        }
+    }
+
+    /// Runs `work` unless a stop comes first (then `Err(exit status)`).
+    async fn or_stop<T>(&mut self, work: impl std::future::Future<Output = T>) -> Result<T, i32> {
+        tokio::select! {
+            r = work => Ok(r),
+            code = self.next() => Err(code),
+        }
+    }
+}
+
+/// Says, at most once per `every`, that no broker answers: which ones, for how long, and why.
+struct Silence {
+    brokers: String,
+    since: Instant,
+    every: Duration,
+    last_said: Option<Instant>,
+}
+
+impl Silence {
+    fn new(servers: &[ServerAddr], every: Duration) -> Silence {
+        Silence {
+            brokers: servers
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            since: Instant::now(),
+            every,
+            last_said: None,
+        }
+    }
+
+    fn report(&mut self, error: &dyn std::fmt::Display) {
+        if self.last_said.is_some_and(|t| t.elapsed() < self.every) {
+            return;
+        }
+        self.last_said = Some(Instant::now());
+        eprintln!(
+            "testenv-client: no broker answers ({}) for {:.0}s; still trying: {error}",
+            self.brokers,
+            self.since.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// How a run ended, before it becomes an exit status.
@@ -85,7 +204,7 @@ enum Ending {
     Signalled(i32),
 }
 
-pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
+pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     let started = Instant::now();
     let servers = args.tls.servers(&args.geard)?;
     let jobnum = args
@@ -93,12 +212,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let callback = format!("callback_{jobnum}");
-    let timeout = args
-        .timeout
-        .trim()
-        .parse::<f64>()
-        .map(Duration::from_secs_f64)
-        .context("--timeout must be a number of seconds")?;
+    let timeout = timeout_duration(&args.timeout);
     let request = LockRequest {
         callback_name: callback.clone(),
         timeout: args.timeout.clone(),
@@ -117,37 +231,67 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
         ..LockRequest::default()
     };
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut stops = Stops {
+        sigint: signal(SignalKind::interrupt())?,
+        sigterm: signal(SignalKind::terminate())?,
+        deadline: tokio::time::Instant::from_std(started) + timeout,
+        timeout,
+    };
 
     // The callback must be registered before lockenv is submitted, or a fast worker could
     // submit the callback job before anyone can take it.
+    let liveness = Liveness {
+        probe_idle: Some(args.probe_idle),
+        probe_timeout: args.probe_timeout,
+        ..Liveness::default()
+    };
     let worker = Worker::with_options(
         servers.clone(),
         WorkerOptions {
             client_id: Some(format!("testenv-client-{jobnum}")),
+            liveness,
             ..WorkerOptions::default()
         },
     );
     worker.register(callback.clone());
-    let client = Client::with_options(servers.clone(), ClientOptions::default());
-    tokio::select! {
-        r = async {
-            worker.wait_for_server(timeout).await?;
-            client.wait_for_server(timeout).await
-        } => r.context("no Gearman broker reachable")?,
-        _ = sigint.recv() => return Ok(128 + libc::SIGINT),
-        _ = sigterm.recv() => return Ok(128 + libc::SIGTERM),
+    let client = Client::with_options(
+        servers.clone(),
+        ClientOptions {
+            liveness,
+            ..ClientOptions::default()
+        },
+    );
+    let mut silence = Silence::new(&servers, args.report_interval);
+    let connected = async {
+        // The client connection's error says which brokers failed and why; the first one is
+        // reported at once, later ones once per report interval.
+        let mut window = args.report_interval.min(Duration::from_secs(1));
+        while let Err(e) = client.wait_for_server(window).await {
+            silence.report(&e);
+            window = args.report_interval;
+        }
+        while let Err(e) = worker.wait_for_server(args.report_interval).await {
+            silence.report(&e);
+        }
+    };
+    if let Err(code) = stops.or_stop(connected).await {
+        return Ok(code);
     }
     tracing::info!(%callback, "requesting a test environment");
-    let mut lockenv = submit_lockenv(&client, &request).await?;
+    let mut lockenv = match stops
+        .or_stop(submit_lockenv(&client, &request, &mut silence))
+        .await
+    {
+        Ok(job) => job,
+        Err(code) => return Ok(code),
+    };
 
     // Wait for the environment, re-submitting if the broker holding our request dies.
-    let every = Duration::from_secs_f64(args.report_interval.max(0.1));
+    let every = args.report_interval;
     let mut report = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut lockenv_retries = 0u32;
     let job = loop {
-        tokio::select! {
+        let resubmit_after = tokio::select! {
             job = worker.grab_job() => match job {
                 Some(job) => break job,
                 None => anyhow::bail!("callback worker stopped"),
@@ -162,24 +306,16 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
                         anyhow::bail!("the testenv workers ended the lock request {lockenv_retries} times without an environment (last: {e:?})");
                     }
                     tracing::warn!(event = ?e, "the lock request ended without an environment; submitting again");
-                    tokio::time::sleep(Duration::from_millis(200 * lockenv_retries as u64)).await;
-                    lockenv = submit_lockenv(&client, &request).await?;
+                    Backoff::RECONNECT.initial * 2 * lockenv_retries
                 }
-                Ok(_) => {}
+                Ok(_) => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "lost the broker holding our request; submitting again");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    lockenv = submit_lockenv(&client, &request).await?;
+                    eprintln!("testenv-client: lost the broker holding our request ({e}); submitting it again");
+                    Backoff::RECONNECT.initial
                 }
             },
             _ = report.tick() => {
-                // tebroker answers `position`; other brokers do not, and then we say less.
-                let position = if args.tls.ssl_ca.is_none() {
-                    queue_position(lockenv.server(), lockenv.handle()).await
-                } else {
-                    None
-                };
-                let place = match position {
+                let place = match queue_position(&servers, lockenv.server(), lockenv.handle()).await {
                     Some((0, _)) => " (a worker has the request)".to_string(),
                     Some((n, total)) => format!(" (position {n} of {total} in the queue)"),
                     None => String::new(),
@@ -188,13 +324,18 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
                     "testenv-client: waited {:.0}s for a test environment{place}",
                     started.elapsed().as_secs_f64()
                 );
+                continue;
             }
-            _ = tokio::time::sleep_until((started + timeout).into()) => {
-                eprintln!("testenv-client: timed out after {:.0}s waiting for a test environment", timeout.as_secs_f64());
-                return Ok(EXIT_TIMEOUT);
-            }
-            _ = sigint.recv() => return Ok(128 + libc::SIGINT),
-            _ = sigterm.recv() => return Ok(128 + libc::SIGTERM),
+            code = stops.next() => return Ok(code),
+        };
+        let resubmit = async {
+            tokio::time::sleep(resubmit_after).await;
+            let mut silence = Silence::new(&servers, args.report_interval);
+            submit_lockenv(&client, &request, &mut silence).await
+        };
+        match stops.or_stop(resubmit).await {
+            Ok(job) => lockenv = job,
+            Err(code) => return Ok(code),
         }
     };
     let waited = started.elapsed().as_secs_f64();
@@ -218,35 +359,17 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
     datafile.write_all(data.as_bytes())?;
     datafile.flush()?;
 
-    let exe = std::env::current_exe().context("cannot find my own executable")?;
-    let mut guard_process = tokio::process::Command::new(exe)
-        .env(guard::GUARD_ENV, "1")
-        .env(
-            guard::GRACE_ENV,
-            ((args.kill_grace * 1000.0) as u64).to_string(),
-        )
-        .env("TE_DATAFILE", datafile.path())
-        .args(&args.command)
-        .spawn()
+    let mut guard_process = guard
+        .start(datafile.path())
         .context("cannot start the command")?;
-    let guard_pid = guard_process.id().map(|p| p as libc::pid_t);
-    let forward = |sig: libc::c_int| {
-        if let Some(pid) = guard_pid {
-            crate::procs::signal(pid, sig);
-        }
-    };
-
     let mut lockenv_open = true;
     let ending = loop {
         tokio::select! {
-            status = guard_process.wait() => {
-                let code = status.map(exit_code).unwrap_or(1);
-                break Ending::Command(code);
-            }
+            code = guard_process.wait() => break Ending::Command(code),
             ev = lockenv.next_event(), if lockenv_open => match ev {
                 Ok(Some(e)) if e.is_final() => {
                     eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
-                    forward(libc::SIGTERM);
+                    guard_process.signal(libc::SIGTERM);
                     let _ = guard_process.wait().await;
                     break Ending::LeaseLost;
                 }
@@ -259,7 +382,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
                         "testenv-client: lost the broker holding the lock ({e}); the testenv \
                          worker will release the environment; killing the command"
                     );
-                    forward(libc::SIGTERM);
+                    guard_process.signal(libc::SIGTERM);
                     let _ = guard_process.wait().await;
                     break Ending::LeaseLost;
                 }
@@ -270,19 +393,19 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
                     lockenv_open = false;
                 }
             },
-            _ = tokio::time::sleep_until((started + timeout).into()) => {
+            _ = tokio::time::sleep_until(stops.deadline) => {
                 eprintln!("testenv-client: --timeout of {:.0}s reached; killing the command", timeout.as_secs_f64());
-                forward(libc::SIGTERM);
+                guard_process.signal(libc::SIGTERM);
                 let _ = guard_process.wait().await;
                 break Ending::TimedOut;
             }
-            _ = sigint.recv() => {
-                forward(libc::SIGINT);
+            _ = stops.sigint.recv() => {
+                guard_process.signal(libc::SIGINT);
                 let _ = guard_process.wait().await;
                 break Ending::Signalled(libc::SIGINT);
             }
-            _ = sigterm.recv() => {
-                forward(libc::SIGTERM);
+            _ = stops.sigterm.recv() => {
+                guard_process.signal(libc::SIGTERM);
                 let _ = guard_process.wait().await;
                 break Ending::Signalled(libc::SIGTERM);
             }
@@ -296,15 +419,20 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
     }
     worker.stop();
     if lockenv_open && !matches!(ending, Ending::LeaseLost) {
-        // The worker completes lockenv once it has released the TE; do not wait forever.
-        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        // The worker completes lockenv once it has released the TE; do not wait forever, nor
+        // past a signal.
+        let released = async {
             while let Ok(Some(e)) = lockenv.next_event().await {
                 if e.is_final() {
                     break;
                 }
             }
-        })
-        .await;
+        };
+        tokio::select! {
+            _ = tokio::time::timeout(Duration::from_secs(30), released) => {}
+            _ = stops.sigint.recv() => {}
+            _ = stops.sigterm.recv() => {}
+        }
     }
     Ok(match ending {
         Ending::Command(code) => code,
@@ -314,50 +442,46 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<i32> {
     })
 }
 
-async fn submit_lockenv(client: &Client, request: &LockRequest) -> anyhow::Result<ForegroundJob> {
-    let mut delay = Duration::from_millis(100);
+/// Submits the lock request, trying every broker in turn with backoff until one takes it.
+async fn submit_lockenv(
+    client: &Client,
+    request: &LockRequest,
+    silence: &mut Silence,
+) -> ForegroundJob {
+    let backoff = Backoff::RECONNECT;
+    let mut delay = backoff.initial;
     loop {
         match client
             .submit(JobRequest::new(LOCKENV, request.to_json()))
             .await
         {
-            Ok(job) => return Ok(job),
+            Ok(job) => return job,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot submit lockenv; retrying");
+                tracing::debug!(error = %e, "cannot submit lockenv; retrying");
+                silence.report(&e);
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                delay = backoff.next(delay);
             }
         }
     }
 }
 
-/// Asks a tebroker where our lock request stands: `position HANDLE` on its admin protocol.
-pub async fn queue_position(server: &str, handle: &str) -> Option<(usize, usize)> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let ask = async {
-        let mut stream = tokio::net::TcpStream::connect(server).await.ok()?;
-        stream
-            .write_all(format!("position {handle}\n").as_bytes())
-            .await
-            .ok()?;
-        let mut line = String::new();
-        tokio::io::BufReader::new(stream)
-            .read_line(&mut line)
-            .await
-            .ok()?;
-        let mut words = line.split_whitespace();
-        (words.next()? == "OK").then_some(())?;
-        Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
-    };
-    tokio::time::timeout(Duration::from_secs(2), ask)
-        .await
-        .ok()
-        .flatten()
-}
-
-fn exit_code(status: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+/// Asks the broker holding our request where it stands (`position HANDLE`, which tebroker
+/// answers; other brokers do not, and then we say less), over TCP or TLS as for jobs.
+async fn queue_position(
+    servers: &[ServerAddr],
+    server: &str,
+    handle: &str,
+) -> Option<(usize, usize)> {
+    let server = servers.iter().find(|s| s.to_string() == server)?;
+    let answer = gearman_client::admin::query(
+        server,
+        &format!("position {handle}"),
+        Duration::from_secs(2),
+    )
+    .await
+    .ok()?;
+    let mut words = answer.first()?.split_whitespace();
+    (words.next()? == "OK").then_some(())?;
+    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
 }

@@ -39,6 +39,16 @@ impl TlsArgs {
             self.ssl_ca.is_some(),
             "TLS needs --ssl-ca to verify the brokers"
         );
+        // Unusable files are a mistake to report now, not after waiting `-t` for a broker.
+        if let Some(ca) = &self.ssl_ca {
+            gearman_client::tls::read_certs(ca).map_err(|e| anyhow::anyhow!("--ssl-ca: {e}"))?;
+        }
+        if let (Some(cert), Some(key)) = (&self.ssl_cert, &self.ssl_key) {
+            gearman_client::tls::read_certs(cert)
+                .map_err(|e| anyhow::anyhow!("--ssl-cert: {e}"))?;
+            gearman_client::tls::read_private_key(key)
+                .map_err(|e| anyhow::anyhow!("--ssl-key: {e}"))?;
+        }
         let tls = gearman_client::TlsConfig {
             ssl_cert: self.ssl_cert.clone(),
             ssl_key: self.ssl_key.clone(),
@@ -51,9 +61,29 @@ impl TlsArgs {
     }
 }
 
-/// Logging to stderr: info by default, debug with `-d`, `RUST_LOG` overrides.
-pub fn init_logging(debug: bool) {
-    let default = if debug { "debug" } else { "info" };
+/// The `main` of both agents: `agent` on a single-threaded runtime, and its exit status; an
+/// error is printed after `name` and exits 1. Never returns: background tasks (reconnecting
+/// links) are not waited for.
+pub fn agent_main(name: &str, agent: impl std::future::Future<Output = anyhow::Result<i32>>) -> ! {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = runtime.block_on(agent).unwrap_or_else(|e| {
+        eprintln!("{name}: {e:#}");
+        1
+    });
+    std::process::exit(code)
+}
+
+/// Logging to stderr at `default` level (e.g. "info"), unless `RUST_LOG` says otherwise.
+pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()

@@ -45,6 +45,21 @@ fn tls_args(pki: &Pki, cn: &str) -> Vec<String> {
     ]
 }
 
+/// A testenv-worker over TLS offering `datafile` as TE "tls-te".
+fn tls_worker(pki: &Pki, addr: &str, state: &Path, datafile: &Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_testenv-worker"))
+            .args(["-b", addr, "-n", "tls-te", "--state-dir"])
+            .arg(state)
+            .args(tls_args(pki, "te-worker"))
+            .arg(datafile)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 #[test]
 fn agents_lease_a_te_over_tls_with_client_certificates() {
     let pki = Pki::new("testenv-ca");
@@ -52,17 +67,7 @@ fn agents_lease_a_te_over_tls_with_client_certificates() {
     let state = tempfile::tempdir().unwrap();
     let datafile = state.path().join("te.json");
     std::fs::write(&datafile, r#"{"env-num": "7", "ssh-key": "SECRET"}"#).unwrap();
-    let _worker = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_testenv-worker"))
-            .args(["-b", &addr, "-n", "tls-te", "--state-dir"])
-            .arg(state.path())
-            .args(tls_args(&pki, "te-worker"))
-            .arg(&datafile)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _worker = tls_worker(&pki, &addr, state.path(), &datafile);
     let out = Command::new(env!("CARGO_BIN_EXE_testenv-client"))
         .args(["-b", &addr, "-t", "30"])
         .args(tls_args(&pki, "ci-job"))
@@ -113,4 +118,51 @@ fn a_client_that_does_not_trust_the_broker_gets_no_te() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ssl-cert and --ssl-key go together"));
+}
+
+/// The queue position is asked over the same TLS connection settings as the jobs.
+#[test]
+fn a_waiting_client_reports_its_queue_position_over_tls() {
+    let pki = Pki::new("testenv-ca");
+    let addr = start_tls_broker(&pki);
+    let state = tempfile::tempdir().unwrap();
+    let datafile = state.path().join("te.json");
+    std::fs::write(&datafile, r#"{"env-num": "7"}"#).unwrap();
+    let _worker = tls_worker(&pki, &addr, state.path(), &datafile);
+    let held = state.path().join("held");
+    let _holder = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_testenv-client"))
+            .args(["-b", &addr, "-t", "60"])
+            .args(tls_args(&pki, "holder"))
+            .arg("--")
+            .args(["sh", "-c", &format!("touch {}; sleep 1000", held.display())])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !held.exists() {
+        assert!(Instant::now() < deadline, "the holder never got the TE");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = state.path().join("waiter.log");
+    let _waiter = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_testenv-client"))
+            .args(["-b", &addr, "-t", "60", "--report-interval", "0.3"])
+            .args(tls_args(&pki, "waiter"))
+            .args(["--", "true"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    loop {
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        if out.contains("(position 1 of 1 in the queue)") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no position line:\n{out}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -45,6 +45,11 @@ impl Gearmand {
         ServerAddr::localhost(self.port)
     }
 
+    /// The server's process id (to stop and continue it).
+    pub fn server_pid(&self) -> u32 {
+        self.server.pid()
+    }
+
     /// Kills the server (connections drop at once).
     pub fn kill(&mut self) {
         self.server.kill();

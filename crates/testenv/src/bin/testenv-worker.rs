@@ -3,17 +3,6 @@ use testenv::worker::{run, WorkerArgs};
 
 fn main() {
     let args = WorkerArgs::parse();
-    testenv::init_logging(args.debug);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let code = match runtime.block_on(run(args)) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("testenv-worker: {e:#}");
-            1
-        }
-    };
-    std::process::exit(code);
+    testenv::init_logging(if args.debug { "debug" } else { "info" });
+    testenv::agent_main("testenv-worker", async { run(args).await.map(|()| 0) })
 }

@@ -113,6 +113,13 @@ impl Broker {
         }
     }
 
+    /// Sends `sig` to the broker process (SIGSTOP: its sockets stay open, nothing answers).
+    pub fn signal(&self, sig: i32) {
+        if let Some(p) = &self.proc {
+            p.signal(sig);
+        }
+    }
+
     /// An admin command's answer, without the closing `.` line.
     pub fn admin(&self, cmd: &str) -> Vec<String> {
         admin(self.addr, cmd)

@@ -1,26 +1,28 @@
-//! Helpers shared by the integration tests: start a job server (tebroker, or gearmand / geard for
-//! comparison) on a free loopback port, talk to it over raw TCP (binary packets and admin lines),
-//! run a full job round trip, and run peer programs with a timeout.
+//! The one harness of tebroker's integration tests: start a job server (the real tebroker
+//! binary, or gearmand / geard for comparison) on a free loopback port, talk to it raw over TCP
+//! ([`Conn`]: frames with explicit waits) or over any stream, TLS included ([`Stream`]), make
+//! certificates, run a full job round trip. Generic helpers (waiting, admin commands, running
+//! programs) come from `test-support`.
 //!
 //! Every test binary compiles this module on its own and uses part of it.
 #![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::process::{Command, ExitStatus, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use gearman_proto::{Codec, Frame, Packet, PacketType};
+#[allow(unused_imports)] // not every test binary parses `status`
+pub use test_support::{parse_status, wait_until, StatusRow, TIMEOUT};
 #[allow(unused_imports)] // for the tests that run gearman-tools
-pub use test_support::{require_program, KillOnDrop};
+pub use test_support::{require_program, run_with_timeout, KillOnDrop};
 use test_support::{LoggedChild, Peer, PeerServer};
-
-/// How long any single wait (start-up, one answer) may take before the test fails. Generous:
-/// the tests assert behaviour, never speed.
-pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which job server a [`Server`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +37,8 @@ pub enum Kind {
 pub struct Server {
     pub kind: Kind,
     pub port: u16,
+    /// The HTTP operator surface's address, when tebroker was started with `--http`.
+    pub http: Option<SocketAddr>,
     proc: Proc,
 }
 
@@ -56,12 +60,19 @@ impl Server {
     /// `tebroker serve -p 0 -L 127.0.0.1 EXTRA...`; the port comes from the one line tebroker
     /// prints on stdout: `tebroker listening on 127.0.0.1:PORT`.
     pub fn tebroker_with(extra: &[&str]) -> Server {
+        Server::tebroker_env(extra, &[])
+    }
+
+    /// [`Server::tebroker_with`] with environment variables set for the broker.
+    pub fn tebroker_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(tebroker_bin());
         cmd.args(["serve", "-p", "0", "-L", "127.0.0.1"])
             .args(extra);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(env.iter().copied());
+        let http = extra.contains(&"--http");
         let mut child = LoggedChild::spawn_stdout_piped("tebroker", &mut cmd);
         let stdout = child.take_stdout().unwrap();
         let (tx, rx) = mpsc::channel();
@@ -69,12 +80,16 @@ impl Server {
             use std::io::BufRead;
             let mut lines = std::io::BufReader::new(stdout).lines();
             let _ = tx.send(lines.next());
+            if http {
+                let _ = tx.send(lines.next());
+            }
             // Keep draining so that anything else printed never blocks the server.
             for _ in lines {}
         });
         let mut server = Server {
             kind: Kind::Tebroker,
             port: 0,
+            http: None,
             proc: Proc::Tebroker(child),
         };
         let line = match rx.recv_timeout(TIMEOUT) {
@@ -100,7 +115,21 @@ impl Server {
         );
         assert_ne!(addr.port(), 0, "listening line {line:?}");
         server.port = addr.port();
-        server.wait_accepting();
+        if http {
+            let line = match rx.recv_timeout(TIMEOUT) {
+                Ok(Some(Ok(line))) => line,
+                other => server.die(&format!("no dashboard line: {other:?}")),
+            };
+            server.http = line
+                .trim()
+                .strip_prefix("tebroker dashboard on http://")
+                .and_then(|a| a.trim_end_matches('/').parse().ok());
+            if server.http.is_none() {
+                server.die(&format!("bad dashboard line {line:?}"));
+            }
+        }
+        // No probe connection: tebroker prints the line once it listens, and a probe would
+        // count against --max-connections (or as a failed TLS handshake).
         server
     }
 
@@ -119,6 +148,7 @@ impl Server {
         Server {
             kind,
             port: peer.port(),
+            http: None,
             proc: Proc::Peer(peer),
         }
     }
@@ -202,6 +232,69 @@ impl Server {
 
     pub fn conn(&self) -> Conn {
         Conn::connect(self.port)
+    }
+
+    /// A raw connection as a [`Stream`] (what the TLS tests use over TLS).
+    pub fn connect(&self) -> Stream<TcpStream> {
+        Stream::new(tcp(self.addr()))
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.exit_status().is_none()
+    }
+
+    /// A fresh connection gets an echo back: the server still serves.
+    pub fn assert_serving(&mut self) {
+        self.assert_alive();
+        let mut c = self.connect();
+        c.send(PacketType::EchoReq, &[b"still here"]);
+        let p = c.recv();
+        assert_eq!(p.ptype, PacketType::EchoRes);
+        assert_eq!(p.arg(0), b"still here");
+    }
+
+    /// One counter of the `stats` admin command, read over a new connection.
+    pub fn stat(&self, name: &str) -> u64 {
+        let lines = test_support::admin(self.addr(), "stats");
+        test_support::stat(&lines, name).unwrap_or_else(|| panic!("no {name} in stats: {lines:?}"))
+    }
+
+    /// Waits until counter `name` reaches at least `want`.
+    pub fn wait_stat(&self, name: &str, want: u64) {
+        wait_until(&format!("{name} >= {want}"), || {
+            (self.stat(name) >= want).then_some(())
+        });
+    }
+
+    /// Sends signal `sig` to the server process.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(self.pid() as libc::pid_t, sig) }, 0);
+    }
+
+    /// Waits for the server to exit, at most `within`; panics (with the log) if it does not.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(st) = self.exit_status() {
+                return st;
+            }
+            assert!(
+                Instant::now() < until,
+                "{:?} still running after {within:?}:\n{}",
+                self.kind,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the log contains `text`; returns the log.
+    pub fn wait_log(&self, text: &str) -> String {
+        wait_until(&format!("{text:?} in the {:?} log", self.kind), || {
+            let log = self.log_text();
+            log.contains(text).then_some(log)
+        })
     }
 
     /// Sends one admin command on a fresh connection and returns the lines before the `.` line.
@@ -476,67 +569,270 @@ pub fn check_round_trip(port: u16) {
     worker.expect(PacketType::NoJob);
 }
 
-/// Runs a program to completion with a timeout; kills it (and fails) if it overruns.
-pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
-    let what = format!("{cmd:?}");
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-    let id = child.id();
-    let (tx, rx) = mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if rx.recv_timeout(timeout).is_err() {
-            // Still running after the timeout: kill it so wait_with_output returns.
-            unsafe {
-                libc::kill(id as libc::pid_t, libc::SIGKILL);
-            }
-            return true;
-        }
-        false
-    });
-    let out = child.wait_with_output().expect("wait");
-    let _ = tx.send(());
-    let killed = watchdog.join().unwrap();
-    assert!(
-        !killed,
-        "{what} did not finish within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+// ---------------------------------------------------------------- any stream, TLS
+
+pub fn tcp(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
 }
 
-/// Polls `f` until it returns Some, or panics with `what` after [`TIMEOUT`].
-pub fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(v) = f() {
-            return v;
+/// A raw Gearman connection over any byte stream (plain TCP or TLS); every read waits at most
+/// [`TIMEOUT`].
+pub struct Stream<S: Read + Write> {
+    pub stream: S,
+    buf: BytesMut,
+}
+
+impl<S: Read + Write> Stream<S> {
+    pub fn new(stream: S) -> Stream<S> {
+        Stream {
+            stream,
+            buf: BytesMut::new(),
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(25));
+    }
+
+    pub fn send(&mut self, t: PacketType, args: &[&[u8]]) {
+        let p = Packet::req(t, args.iter().map(|a| Bytes::copy_from_slice(a)));
+        self.stream.write_all(&p.to_bytes()).unwrap();
+        self.stream.flush().unwrap();
+    }
+
+    pub fn raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)?;
+        self.stream.flush()
+    }
+
+    fn fill(&mut self) -> std::io::Result<usize> {
+        let mut chunk = [0u8; 16384];
+        let n = self.stream.read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// The next frame, or `None` at EOF (or on a connection reset).
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(f) = Codec::default().decode_frame(&mut self.buf).unwrap() {
+                return Some(f);
+            }
+            match self.fill() {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    panic!("no answer within {TIMEOUT:?}")
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub fn recv(&mut self) -> Packet {
+        match self.next_frame() {
+            Some(Frame::Packet(p)) => p,
+            other => panic!("expected a packet, got {other:?}"),
+        }
+    }
+
+    /// GRAB_JOB until a JOB_ASSIGN arrives (NOOPs skipped, NO_JOB asks again): the job a
+    /// worker that registered its function is handed next.
+    pub fn grab_assignment(&mut self) -> Packet {
+        self.send(PacketType::GrabJob, &[]);
+        loop {
+            let p = self.recv();
+            match p.ptype {
+                PacketType::JobAssign => return p,
+                PacketType::NoJob => self.send(PacketType::GrabJob, &[]),
+                PacketType::Noop => {}
+                other => panic!("expected JOB_ASSIGN, got {other:?} {p:?}"),
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns the packets seen on the way.
+    pub fn recv_until_closed(&mut self) -> Vec<Packet> {
+        let mut v = Vec::new();
+        while let Some(f) = self.next_frame() {
+            if let Frame::Packet(p) = f {
+                v.push(p);
+            }
+        }
+        v
+    }
+
+    /// The next text line, without its line end.
+    pub fn recv_line(&mut self) -> String {
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let l = self.buf.split_to(nl + 1);
+                return String::from_utf8_lossy(&l).trim_end().to_string();
+            }
+            assert!(self.fill().unwrap() > 0, "closed before a full line");
+        }
+    }
+
+    /// Sends an admin line; reads a one-line reply, or a list up to `.`.
+    pub fn admin(&mut self, line: &str) -> String {
+        self.raw(format!("{line}\n").as_bytes()).unwrap();
+        let mut text = String::new();
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let l = self.buf.split_to(nl + 1);
+                let l = String::from_utf8_lossy(&l).into_owned();
+                text.push_str(&l);
+                let t = l.trim_end();
+                let list = test_support::answers_with_list(line);
+                if !list || t == "." || (text.len() == l.len() && t.starts_with("ERR")) {
+                    return text;
+                }
+                continue;
+            }
+            if self.fill().unwrap() == 0 {
+                return text;
+            }
+        }
+    }
+
+    /// Whether the server has closed this connection (EOF or reset within `wait`).
+    pub fn closed_within(&mut self, wait: Duration) -> bool
+    where
+        S: AsRawStream,
+    {
+        self.stream.set_timeout(Some(wait));
+        let r = loop {
+            match self.fill() {
+                Ok(0) => break true,
+                Ok(_) => continue,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    break false
+                }
+                Err(_) => break true,
+            }
+        };
+        self.stream.set_timeout(Some(TIMEOUT));
+        r
     }
 }
 
-/// Parsed `status` output: (function, total, running, available workers).
-pub fn parse_status(lines: &[String]) -> Vec<(String, u64, u64, u64)> {
-    lines
-        .iter()
-        .map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            assert_eq!(
-                f.len(),
-                4,
-                "status line {l:?} should have 4 tab-separated fields"
-            );
-            let n = |s: &str| {
-                s.parse::<u64>()
-                    .unwrap_or_else(|_| panic!("non-numeric field {s:?} in status line {l:?}"))
-            };
-            (f[0].to_string(), n(f[1]), n(f[2]), n(f[3]))
-        })
-        .collect()
+pub trait AsRawStream {
+    fn set_timeout(&self, t: Option<Duration>);
+}
+
+impl AsRawStream for TcpStream {
+    fn set_timeout(&self, t: Option<Duration>) {
+        self.set_read_timeout(t).unwrap();
+    }
+}
+
+impl AsRawStream for rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    fn set_timeout(&self, t: Option<Duration>) {
+        self.sock.set_read_timeout(t).unwrap();
+    }
+}
+
+// ---------------------------------------------------------------- certificates
+
+#[allow(unused_imports)] // not every test binary makes certificates
+pub use test_support::{Files, Pki};
+
+pub fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `tebroker serve` flags for TLS with `server`'s certificate, client certificates signed by
+/// `pki`'s CA, and the ACL file `acl`.
+pub fn tls_acl_args<'a>(server: &'a Files, pki: &Pki, acl: &'a Path) -> Vec<String> {
+    [
+        "--ssl-cert",
+        path(&server.cert),
+        "--ssl-key",
+        path(&server.key),
+        "--ssl-ca",
+        path(&pki.ca()),
+        "--acl",
+        path(acl),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `Vec<String>` flags as the `&[&str]` that [`Server::tebroker_with`] takes.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+fn load_certs(p: &Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut &std::fs::read(p).unwrap()[..])
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS connection trusting `ca`, presenting `client` if given. The handshake is driven to
+/// completion here, so a refused client certificate shows up as an error.
+pub fn tls_connect(addr: SocketAddr, ca: &Path, client: Option<&Files>) -> Stream<TlsStream> {
+    try_tls_connect(addr, ca, client).expect("TLS connection")
+}
+
+pub fn try_tls_connect(
+    addr: SocketAddr,
+    ca: &Path,
+    client: Option<&Files>,
+) -> std::io::Result<Stream<TlsStream>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca) {
+        roots.add(c).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        Some(f) => {
+            let key = rustls_pemfile::private_key(&mut &std::fs::read(&f.key).unwrap()[..])
+                .unwrap()
+                .unwrap();
+            builder
+                .with_client_auth_cert(load_certs(&f.cert), key)
+                .unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, tcp(addr));
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(Stream::new(stream))
+}
+
+/// A small deterministic PRNG (xorshift64*), so corpus tests are reproducible.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
 }
