@@ -102,7 +102,8 @@ pub struct EnvInfo {
     /// Outcomes of its last leases (at most [`OUTCOMES_KEPT`]), newest first: `released`,
     /// `failed`, `worker lost`, `timed out`, `ended`.
     pub last_outcomes: Vec<&'static str>,
-    /// The share of `last_outcomes` that are not `released`; `None` before its first lease.
+    /// The share of `last_outcomes` that count against the TE (`failed`, `worker lost`,
+    /// `timed out`; not `released`, nor `ended` by the broker); `None` before its first lease.
     pub failure_rate: Option<f64>,
     /// The worker connections serving it (plain TEs; agent TEs whose client id is the TE name).
     pub connections: Vec<u64>,
@@ -227,7 +228,10 @@ impl Inventory {
         let Some(kept) = self.outcomes.get(te) else {
             return (Vec::new(), None);
         };
-        let failed = kept.iter().filter(|&&o| o != "released").count();
+        let failed = kept
+            .iter()
+            .filter(|&&o| !matches!(o, "released" | "ended"))
+            .count();
         let rate = (!kept.is_empty()).then(|| failed as f64 / kept.len() as f64);
         (kept.iter().rev().copied().collect(), rate)
     }

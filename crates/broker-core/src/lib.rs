@@ -26,5 +26,5 @@ pub use inventory::{
 pub use schedule::next_cron_match;
 pub use security::{Security, CALLBACK_PREFIX};
 pub use snapshot::{ConnectionInfo, FunctionStatus, Metric, WaitingRequest};
-pub use testenv::{EndedLease, Lease, HISTORY_LEN};
+pub use testenv::{EndedLease, EndedWait, Lease, HISTORY_LEN};
 pub use types::{Action, ConnId, Millis, Now};

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::broker::Broker;
 use crate::testenv::Lease;
-use crate::types::{show, JobState, Now, Priority};
+use crate::types::{show, JobState, Now};
 
 /// One number the broker exports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -259,11 +259,7 @@ impl Broker {
                     callback: lock.callback,
                     job_identifier: lock.job_identifier,
                     tenant: show(&lock.tenant),
-                    priority: match job.priority {
-                        Priority::High => "high",
-                        Priority::Normal => "normal",
-                        Priority::Low => "low",
-                    },
+                    priority: job.priority.as_str(),
                     position,
                     waited_ms: now.mono.saturating_sub(job.submitted.mono),
                 });

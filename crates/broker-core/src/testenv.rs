@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use bytes::Bytes;
 
-use crate::types::{show, ConnId, Job, JobId, LeaseRequest, Now};
+use crate::types::{show, ConnId, Job, JobId, LeaseRequest, Now, Priority};
 
 /// The function testenv-workers register; a prefix, since deployments add suffixes for pools.
 pub const LOCKENV_PREFIX: &[u8] = testenv_proto::LOCKENV.as_bytes();
@@ -55,6 +55,8 @@ impl Lease {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EndedLease {
     pub lockenv_handle: String,
+    /// The TE's name, as `envs` shows it (the worker's client id, or `conn-N` without one).
+    pub env: String,
     pub worker_id: String,
     pub callback: String,
     pub job_identifier: String,
@@ -66,9 +68,40 @@ pub struct EndedLease {
     pub waited_ms: u64,
     /// The lock request's tenant (empty: the shared one).
     pub tenant: String,
+    /// `high`, `normal` or `low`.
+    pub priority: &'static str,
     /// `released` (lockenv completed), `failed` (lockenv failed), `worker lost` (the worker's
     /// connection dropped), `timed out` (CAN_DO_TIMEOUT) or `ended`.
     pub outcome: &'static str,
+}
+
+/// A lock request that stopped waiting: granted a TE, or abandoned (its client went, or it was
+/// cancelled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndedWait {
+    /// The function it waited on (`lockenv`, `lockenv:ovb`).
+    pub function: String,
+    pub job_identifier: String,
+    /// Empty for the shared tenant.
+    pub tenant: String,
+    /// `high`, `normal` or `low`.
+    pub priority: &'static str,
+    /// Wall clock, milliseconds since the epoch; `ended_ms` is never before `queued_ms`.
+    pub queued_ms: u64,
+    pub ended_ms: u64,
+    /// Measured on the monotonic clock.
+    pub waited_ms: u64,
+    /// The TE it was granted (as `envs` names it); `None`: abandoned.
+    pub granted_env: Option<String>,
+}
+
+/// A worker connection's TE name: its client id, or `conn-N` without one.
+pub(crate) fn te_name(conn: ConnId, client_id: &str) -> String {
+    if client_id.is_empty() || client_id == "-" {
+        format!("conn-{conn}")
+    } else {
+        client_id.to_string()
+    }
 }
 
 /// Reads a lockenv request's non-secret fields; a missing or malformed field is left empty.
@@ -91,6 +124,7 @@ pub(crate) struct LeaseRecord {
     pub request: LeaseRequest,
     outcome: &'static str,
     waited_ms: u64,
+    priority: Priority,
 }
 
 #[derive(Debug, Default)]
@@ -99,6 +133,8 @@ pub(crate) struct LeaseTracker {
     history: VecDeque<EndedLease>,
     /// Ended leases the network layer has not yet written to the history file.
     unflushed: Vec<EndedLease>,
+    /// Lock requests that stopped waiting, not yet taken by the network layer.
+    unflushed_waits: Vec<EndedWait>,
     ended: u64,
 }
 
@@ -122,6 +158,7 @@ impl LeaseTracker {
                 outcome: "ended",
                 since: now,
                 waited_ms: now.mono.saturating_sub(job.submitted.mono),
+                priority: job.priority,
                 request: job
                     .lock
                     .as_deref()
@@ -129,6 +166,32 @@ impl LeaseTracker {
                     .unwrap_or_else(|| lease_request(&job.data)),
             },
         );
+        let env = te_name(worker, &self.active[&id].worker_id);
+        self.wait_ended(job, now, Some(env));
+    }
+
+    /// A lock request stopped waiting: granted TE `env`, or abandoned (`None`).
+    pub fn wait_ended(&mut self, job: &Job, now: Now, env: Option<String>) {
+        let Some(lock) = job.lock.as_deref() else {
+            return;
+        };
+        if self.unflushed_waits.len() >= HISTORY_LEN * 10 {
+            return;
+        }
+        self.unflushed_waits.push(EndedWait {
+            function: show(&job.function),
+            job_identifier: lock.job_identifier.clone(),
+            tenant: show(&lock.tenant),
+            priority: job.priority.as_str(),
+            queued_ms: job.submitted.wall,
+            ended_ms: now.wall.max(job.submitted.wall),
+            waited_ms: now.mono.saturating_sub(job.submitted.mono),
+            granted_env: env,
+        });
+    }
+
+    pub fn take_ended_waits(&mut self) -> Vec<EndedWait> {
+        std::mem::take(&mut self.unflushed_waits)
     }
 
     /// Says how the lease of job `id` (if it is one) is ending, before `job_ended`.
@@ -148,6 +211,7 @@ impl LeaseTracker {
         let r = self.active.remove(&id)?;
         let ended = EndedLease {
             lockenv_handle: show(handle),
+            env: te_name(r.worker, &r.worker_id),
             worker_id: r.worker_id,
             callback: r.request.callback,
             job_identifier: r.request.job_identifier,
@@ -155,6 +219,7 @@ impl LeaseTracker {
             ended_ms: now.wall.max(r.since.wall),
             waited_ms: r.waited_ms,
             tenant: show(&r.request.tenant),
+            priority: r.priority.as_str(),
             outcome: r.outcome,
         };
         self.ended += 1;

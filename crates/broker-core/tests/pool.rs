@@ -461,3 +461,85 @@ fn the_history_keeps_how_long_a_request_waited_and_its_tenant() {
     let ended = &sim.broker.lease_history()[0];
     assert_eq!((ended.waited_ms, ended.tenant.as_str()), (2_500, "proj-a"));
 }
+
+#[test]
+fn state_changes_and_ended_waits_are_handed_out_once() {
+    let mut sim = Sim::new();
+    let w = plain_worker(&mut sim, 2, "te1");
+    let agent = sim.conn(3);
+    send_report(
+        &mut sim,
+        agent,
+        &report("host1", &[("ovb1", EnvState::Ready)]),
+    );
+    let first: Vec<(String, EnvStatus)> = sim
+        .broker
+        .take_env_changes(sim.now)
+        .into_iter()
+        .map(|e| (e.name, e.state))
+        .collect();
+    assert_eq!(
+        first,
+        vec![
+            ("ovb1".to_string(), EnvStatus::State(EnvState::Ready)),
+            ("te1".to_string(), EnvStatus::State(EnvState::Ready)),
+        ]
+    );
+    assert!(sim.broker.take_env_changes(sim.now).is_empty());
+
+    // One request granted te1 after 700 ms, one abandoned by its client.
+    let client = sim.conn(1);
+    sim.submit(
+        client,
+        T::SubmitJob,
+        "lockenv",
+        "",
+        &lock_request("callback_1", "granted"),
+    );
+    let quitter = sim.conn(4);
+    sim.submit(
+        quitter,
+        T::SubmitJobHigh,
+        "lockenv",
+        "",
+        &lock_request("callback_2", "gave-up"),
+    );
+    sim.advance(700);
+    sim.drop_conn(quitter);
+    sim.grab(w).unwrap();
+    let changes = sim.broker.take_env_changes(sim.now);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        (
+            changes[0].name.as_str(),
+            changes[0].state,
+            changes[0].holder.as_deref()
+        ),
+        ("te1", EnvStatus::State(EnvState::Leased), Some("granted"))
+    );
+    let waits = sim.broker.take_ended_waits();
+    let seen: Vec<(&str, &str, u64, Option<&str>)> = waits
+        .iter()
+        .map(|w| {
+            (
+                w.job_identifier.as_str(),
+                w.priority,
+                w.waited_ms,
+                w.granted_env.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("gave-up", "high", 700, None),
+            ("granted", "normal", 700, Some("te1"))
+        ]
+    );
+    assert!(sim.broker.take_ended_waits().is_empty());
+    // Non-lock jobs are no waits.
+    sim.send(w, T::CanDo, &[b"busy"]);
+    sim.submit(client, T::SubmitJobBg, "busy", "", "x");
+    sim.grab(w).unwrap();
+    assert!(sim.broker.take_ended_waits().is_empty());
+}

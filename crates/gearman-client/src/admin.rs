@@ -167,6 +167,7 @@ mod tests {
             "workers",
             "show jobs",
             "leases",
+            "envs",
             "stats",
             "acl list",
         ] {
@@ -177,6 +178,8 @@ mod tests {
             "position H:x:1",
             "cancel job H:x:1",
             "maxqueue f 3",
+            "drain te1",
+            "hold te1 60",
             "acl add x",
         ] {
             assert!(!is_listing(c), "{c}");

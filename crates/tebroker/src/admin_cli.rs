@@ -1,6 +1,7 @@
 //! `tebroker admin`: send one admin command to a broker and print its answer, like gearadmin
 //! but for every command tebroker knows (`leases`, `envs`, `drain TE`, `stats`, `acl ...`
-//! included), over TCP or TLS (gearman_client::admin does the talking).
+//! included), over TCP or
+//! TLS (gearman_client::admin does the talking).
 
 use std::io::Write;
 use std::path::PathBuf;

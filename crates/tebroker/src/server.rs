@@ -131,6 +131,8 @@ impl Shared {
     fn after_apply(&self, mut state: MutexGuard<'_, State>, woken: Vec<Arc<Outbox>>) {
         let next = state.broker.next_deadline(self.now());
         let ended = state.broker.take_new_history();
+        // Taken even without a store, so the core's buffer never fills.
+        let waits = state.broker.take_ended_waits();
         drop(state);
         self.timer.rearm(next);
         for o in woken {
@@ -138,6 +140,9 @@ impl Shared {
         }
         if !ended.is_empty() {
             self.record_ended(ended);
+        }
+        if let (Some(store), false) = (&self.store, waits.is_empty()) {
+            store.waits_ended(&waits);
         }
     }
 
@@ -365,17 +370,13 @@ impl Shared {
     }
 }
 
-/// Records TE state changes: compares the inventory with the last copy every
-/// [`crate::server_store::ENV_SCAN_EVERY`] (the copy is made under the lock, the comparison
-/// outside it).
+/// Records TE state changes every [`crate::server_store::ENV_SCAN_EVERY`] (the core compares
+/// its inventory with the last one under the lock; the records are queued outside it).
 async fn scan_envs(shared: Arc<Shared>, link: Arc<crate::server_store::StoreLink>) {
     loop {
-        if let Ok(envs) = shared
-            .inspect_within(crate::http::CORE_WAIT, |b, now| b.envs(now))
-            .await
-        {
-            link.envs_seen(&envs);
-        }
+        let now = shared.now();
+        let changed = shared.with_broker(|b| b.take_env_changes(now));
+        link.envs_changed(&changed);
         link.refresh_grant_interval().await;
         tokio::time::sleep(crate::server_store::ENV_SCAN_EVERY).await;
     }

@@ -5,14 +5,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use broker_core::{EndedLease, EnvInfo};
-use rustc_hash::FxHashMap;
+use broker_core::{EndedLease, EndedWait, EnvInfo};
 use tebroker_store::{
     Database, EnvState, EnvStateChange, LeaseRecord, Millis, Outcome, Priority, Store, StoreError,
     StoreWriter, WaitEnd, WaitRecord, WriterConfig, WriterStats,
 };
 
-/// How often the inventory is compared with the last one to record TE state changes.
+/// How often the core is asked which TEs changed state (it compares the whole inventory).
 pub const ENV_SCAN_EVERY: Duration = Duration::from_secs(2);
 /// How often retention runs.
 pub const PURGE_EVERY: Duration = Duration::from_secs(3600);
@@ -30,8 +29,6 @@ pub struct StoreLink {
     /// The mean time between recent grants (ms; 0: unknown), refreshed by the scan task so the
     /// `position` answer can add an estimate without a query under the broker lock.
     grant_interval_ms: std::sync::atomic::AtomicU64,
-    /// Each TE's last recorded (state, holder), by `agent/name`.
-    last_envs: Mutex<FxHashMap<String, (String, Option<String>)>>,
 }
 
 impl std::fmt::Debug for StoreLink {
@@ -52,7 +49,6 @@ impl StoreLink {
             reader: Mutex::new(None),
             history_days,
             grant_interval_ms: Default::default(),
-            last_envs: Mutex::new(FxHashMap::default()),
         }
     }
 
@@ -64,46 +60,49 @@ impl StoreLink {
         self.writer.stats()
     }
 
-    /// Queues ended leases and the waits that preceded them; never blocks.
+    /// Queues ended leases; never blocks.
     pub fn leases_ended(&self, ended: &[EndedLease]) {
         for l in ended {
-            let started = millis(l.started_ms);
             self.writer.record(LeaseRecord {
                 broker: self.broker.clone(),
                 lockenv_handle: l.lockenv_handle.clone(),
-                env: l.worker_id.clone(),
+                env: l.env.clone(),
                 worker_id: l.worker_id.clone(),
                 callback: l.callback.clone(),
                 job_identifier: l.job_identifier.clone(),
                 tenant: l.tenant.clone(),
-                priority: Priority::Normal,
-                started_ms: started,
+                priority: Priority::from_text(l.priority),
+                started_ms: millis(l.started_ms),
                 ended_ms: millis(l.ended_ms),
                 outcome: Outcome::from_text(l.outcome),
             });
+        }
+    }
+
+    /// Queues ended waits of lock requests (granted or abandoned); never blocks.
+    pub fn waits_ended(&self, waits: &[EndedWait]) {
+        for w in waits {
+            let at_ms = millis(w.ended_ms);
             self.writer.record(WaitRecord {
-                job_identifier: l.job_identifier.clone(),
-                tenant: l.tenant.clone(),
-                priority: Priority::Normal,
-                function: testenv_proto::LOCKENV.to_string(),
-                queued_ms: started.saturating_sub(millis(l.waited_ms)),
-                end: WaitEnd::Granted {
-                    at_ms: started,
-                    env: l.worker_id.clone(),
+                job_identifier: w.job_identifier.clone(),
+                tenant: w.tenant.clone(),
+                priority: Priority::from_text(w.priority),
+                function: w.function.clone(),
+                queued_ms: millis(w.queued_ms),
+                end: match &w.granted_env {
+                    Some(env) => WaitEnd::Granted {
+                        at_ms,
+                        env: env.clone(),
+                    },
+                    None => WaitEnd::Abandoned { at_ms },
                 },
             });
         }
     }
 
-    /// Records a state change for every TE whose state or holder differs from the last scan.
-    pub fn envs_seen(&self, envs: &[EnvInfo]) {
-        let mut last = self.last_envs.lock().unwrap_or_else(|e| e.into_inner());
+    /// Queues the state changes of TEs (what [`broker_core::Broker::take_env_changes`] found).
+    pub fn envs_changed(&self, envs: &[EnvInfo]) {
         for e in envs {
-            let key = format!("{}/{}", e.agent.as_deref().unwrap_or_default(), e.name);
-            let now = (e.state.as_str().to_string(), e.holder.clone());
-            if last.get(&key) == Some(&now) {
-                continue;
-            }
             self.writer.record(EnvStateChange {
                 env: e.name.clone(),
                 agent: e.agent.clone().unwrap_or_else(|| e.host.clone()),
@@ -113,15 +112,6 @@ impl StoreLink {
                 detail: e.detail.clone().unwrap_or_default(),
                 holder: e.holder.clone(),
             });
-            last.insert(key, now);
-        }
-        // TEs the broker forgot are no longer compared; they keep their last stored state.
-        if last.len() > envs.len() {
-            let seen: std::collections::HashSet<String> = envs
-                .iter()
-                .map(|e| format!("{}/{}", e.agent.as_deref().unwrap_or_default(), e.name))
-                .collect();
-            last.retain(|k, _| seen.contains(k));
         }
     }
 

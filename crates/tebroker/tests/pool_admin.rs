@@ -4,13 +4,15 @@
 //! plain worker out of rotation and back; a control command reaches an agent's control function
 //! (a `gearman -w` worker); lock requests are served fairly across two tenants.
 
-mod common;
+mod harness;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{require_program, run_with_timeout, wait_until, Conn, KillOnDrop, Server, TIMEOUT};
 use gearman_proto::PacketType as T;
+use harness::{
+    parse_status, require_program, run_with_timeout, wait_until, Conn, KillOnDrop, Server, TIMEOUT,
+};
 use test_support::LoggedChild;
 
 fn tebroker_admin(server: &Server, args: &[&str]) -> (i32, String, String) {
@@ -261,9 +263,9 @@ fn an_agents_report_is_listed_and_control_commands_reach_the_agent() {
         .args(["sh", "-c", &format!("cat > {}", got.display())]);
     let mut agent = KillOnDrop(agent_worker.spawn().unwrap());
     wait_until("the control function's worker", || {
-        common::parse_status(&server.admin_block("status"))
+        parse_status(&server.admin_block("status"))
             .into_iter()
-            .find(|(f, _, _, workers)| f == "testenv-agent:ctl:host1" && *workers == 1)
+            .find(|r| r.function == "testenv-agent:ctl:host1" && r.workers == 1)
     });
     let (code, stdout, stderr) = tebroker_admin(&server, &["hold", "ovb-te1", "600"]);
     assert_eq!(code, 0, "{stderr}");
@@ -282,9 +284,9 @@ fn an_agents_report_is_listed_and_control_commands_reach_the_agent() {
 
     // With the agent's worker gone, nothing is queued for nobody.
     wait_until("the control worker to be gone", || {
-        (!common::parse_status(&server.admin_block("status"))
+        (!parse_status(&server.admin_block("status"))
             .iter()
-            .any(|(f, _, _, w)| f == "testenv-agent:ctl:host1" && *w > 0))
+            .any(|r| r.function == "testenv-agent:ctl:host1" && r.workers > 0))
         .then_some(())
     });
     let (code, _, stderr) = tebroker_admin(&server, &["drain", "ovb-te1"]);

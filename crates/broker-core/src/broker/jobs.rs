@@ -286,6 +286,12 @@ impl Broker {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
+        if matches!(
+            job.state,
+            JobState::Queued { .. } | JobState::Scheduled { .. }
+        ) {
+            self.leases.wait_ended(&job, self.now, None);
+        }
         self.leave_state(id, &job.function, job.priority, job.tenant(), job.state);
         let f = self
             .functions

@@ -136,6 +136,8 @@ pub struct Broker {
     handle_prefix: String,
     pub(crate) leases: LeaseTracker,
     pub(crate) inventory: Inventory,
+    /// What [`Broker::take_env_changes`] last handed out, by (TE, agent).
+    pub(crate) last_envs: FxHashMap<(String, Option<String>), pool::EnvMark>,
     /// Set by [`Broker::begin_shutdown`]: no new work is handed out.
     shutting_down: bool,
     pub(crate) stats: Stats,
@@ -161,6 +163,7 @@ impl Broker {
             now: Now::default(),
             leases: LeaseTracker::default(),
             inventory: Inventory::default(),
+            last_envs: FxHashMap::default(),
             shutting_down: false,
             stats: Stats::default(),
             security: Security::default(),
@@ -202,6 +205,12 @@ impl Broker {
     /// Ended leases not yet handed out by this call, oldest first: for a history file.
     pub fn take_new_history(&mut self) -> Vec<EndedLease> {
         self.leases.take_unflushed()
+    }
+
+    /// Lock requests that stopped waiting (granted or abandoned) since the last call, oldest
+    /// first: for a store of waits. At most 10,000 are kept between calls.
+    pub fn take_ended_waits(&mut self) -> Vec<crate::EndedWait> {
+        self.leases.take_ended_waits()
     }
 
     /// A new connection from `peer` (an IP address, as shown by the `workers` command).

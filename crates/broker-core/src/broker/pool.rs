@@ -11,7 +11,7 @@ use testenv_proto::agent::{
 
 use super::{Broker, Conn};
 use crate::inventory::{EnvInfo, EnvSource, EnvStatus, GoneEnv, Inventory, Pause, PauseKind};
-use crate::testenv::{LeaseRecord, LOCKENV_PREFIX};
+use crate::testenv::{te_name, LeaseRecord, LOCKENV_PREFIX};
 use crate::types::{show, Action, ConnId, JobId};
 
 /// Who a control command reaches.
@@ -75,14 +75,9 @@ fn plain_te_name(id: ConnId, c: &Conn) -> Option<String> {
     lockenv.then(|| conn_te_name(id, c))
 }
 
-/// A worker connection's TE name: its client id, or `conn-N` without one (as in
-/// [`Broker::lease_ended`]).
+/// A worker connection's TE name: its client id, or `conn-N` without one.
 fn conn_te_name(id: ConnId, c: &Conn) -> String {
-    if c.client_id.is_empty() || &c.client_id[..] == b"-" {
-        format!("conn-{id}")
-    } else {
-        show(&c.client_id)
-    }
+    te_name(id, &String::from_utf8_lossy(&c.client_id))
 }
 
 /// The labels a worker registered (`lockenv:<label>`).
@@ -137,12 +132,7 @@ impl Broker {
         let Some((worker, ended)) = self.leases.job_ended(id, handle, self.now) else {
             return;
         };
-        if ended.worker_id.is_empty() || ended.worker_id == "-" {
-            let name = format!("conn-{worker}");
-            self.inventory.lease_ended(&name, ended.outcome);
-        } else {
-            self.inventory.lease_ended(&ended.worker_id, ended.outcome);
-        }
+        self.inventory.lease_ended(&ended.env, ended.outcome);
         if let Some(c) = self.conns.get_mut(&worker) {
             c.te_since = self.now.wall;
         }
@@ -331,6 +321,30 @@ impl Broker {
         envs
     }
 
+    /// TEs that are new or changed state, holder or since-time since the last call (all of them
+    /// on the first call): for a store of TE state changes. Changes between two calls collapse
+    /// into the latest; TEs no longer listed are dropped silently (their last state was `gone`
+    /// or `unknown`).
+    pub fn take_env_changes(&mut self, now: crate::Now) -> Vec<EnvInfo> {
+        let envs = self.envs(now);
+        let mut changed = Vec::new();
+        let mut marks = FxHashMap::default();
+        for env in envs {
+            let key = (env.name.clone(), env.agent.clone());
+            let mark = EnvMark {
+                state: env.state,
+                holder: env.holder.clone(),
+                since_ms: env.since_ms,
+            };
+            if self.last_envs.get(&key) != Some(&mark) {
+                changed.push(env);
+            }
+            marks.insert(key, mark);
+        }
+        self.last_envs = marks;
+        changed
+    }
+
     fn agent_forgotten(&self, entry: &crate::inventory::AgentEntry, now: crate::Now) -> bool {
         now.mono.saturating_sub(entry.received_mono)
             > crate::inventory::AGENT_FORGET_SECS.saturating_mul(1000)
@@ -500,6 +514,14 @@ impl Broker {
             self.wake_te(&name, out);
         }
     }
+}
+
+/// What makes a TE's row a new state change.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EnvMark {
+    state: EnvStatus,
+    holder: Option<String>,
+    since_ms: u64,
 }
 
 enum Resolved {
