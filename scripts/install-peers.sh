@@ -5,13 +5,14 @@
 #   - Debian postgresql (initdb, pg_ctl, postgres), via apt-get: the store's tests and benchmark
 #     start throwaway clusters of their own (test-support's PgCluster), on free ports with
 #     private sockets, so no system cluster is wanted (none is created, see below).
+#   - Debian chromium (headless): the dashboard's browser test (tests/dashboard_browser.rs).
 #   - PyPI prometheus-client (its text-format parser checks tebroker's /metrics), via pip.
 # Idempotent: anything already installed is left alone. Runs as root, or through sudo.
 # Environment: PYTHON (default python3) is the interpreter gear is installed for.
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
-APT_PACKAGES=(gearman-job-server gearman-tools postgresql)
+APT_PACKAGES=(gearman-job-server gearman-tools postgresql chromium)
 
 log() { printf 'install-peers: %s\n' "$*" >&2; }
 

@@ -4,13 +4,20 @@ use std::fmt::Write;
 
 use gearman_proto::{AdminCommand, AdminError};
 
-use crate::broker::Broker;
+use testenv_proto::agent::ControlOp;
+
+use crate::broker::{Broker, ControlTarget};
 use crate::function::Function;
 use crate::types::{show, Action, ConnId, Job, JobState, Now};
 
 impl Broker {
     /// One admin text line from `conn`.
     pub fn admin(&mut self, conn: ConnId, line: &str, now: Now, out: &mut Vec<Action>) {
+        if let Some(cmd) = PoolCommand::parse(line) {
+            let reply = cmd.and_then(|cmd| self.run_pool_admin(conn, cmd, now, out));
+            out.push(Action::Text(conn, reply.unwrap_or_else(|e| e.to_line())));
+            return;
+        }
         let reply = match AdminCommand::parse(line) {
             // The regex of `acl grant` is the rest of the line, spaces included: hand over the line.
             Ok(AdminCommand::Acl(_)) => Ok(self.acl_admin(conn, line)),
@@ -127,6 +134,45 @@ impl Broker {
         Ok(s)
     }
 
+    fn run_pool_admin(
+        &mut self,
+        conn: ConnId,
+        cmd: PoolCommand,
+        now: Now,
+        out: &mut Vec<Action>,
+    ) -> Result<String, AdminError> {
+        self.now = self.now.advanced_to(now);
+        match cmd {
+            PoolCommand::Envs => {
+                let mut s = String::new();
+                for env in self.envs(now) {
+                    let _ = writeln!(s, "{}", env.admin_line(now));
+                }
+                s.push_str(".\n");
+                Ok(s)
+            }
+            PoolCommand::Control { op, env, hold_secs } => {
+                if let Some(denied) = self.control_denied(conn, &env) {
+                    return Err(denied);
+                }
+                match self.control_env(op, &env, hold_secs, "tebroker admin", out) {
+                    Ok(ControlTarget::Agent { agent, handle }) => Ok(format!(
+                        "OK {} sent to agent {agent} as {handle}\n",
+                        op.as_str()
+                    )),
+                    Ok(ControlTarget::Broker) => Ok(format!(
+                        "OK {} {env} done by the broker (plain testenv-worker)\n",
+                        op.as_str()
+                    )),
+                    Err(e) => {
+                        let (code, text) = e.code_and_text();
+                        Err(AdminError::Other(code, text))
+                    }
+                }
+            }
+        }
+    }
+
     fn sorted_functions(&self) -> Vec<(&bytes::Bytes, &Function)> {
         let mut v: Vec<_> = self.functions.iter().collect();
         v.sort_by(|a, b| a.0.cmp(b.0));
@@ -151,5 +197,78 @@ impl Broker {
         }
         out.push_str(".\n");
         out
+    }
+}
+
+/// tebroker's pool commands, parsed here rather than in gearman-proto since they speak the
+/// testenv-agent's language: `envs`, and `drain|undrain|hold|release|rebuild TE [SECS]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PoolCommand {
+    Envs,
+    Control {
+        op: ControlOp,
+        env: String,
+        hold_secs: Option<u64>,
+    },
+}
+
+impl PoolCommand {
+    /// `None`: not a pool command.
+    fn parse(line: &str) -> Option<Result<PoolCommand, AdminError>> {
+        let words: Vec<&str> = line.split_ascii_whitespace().collect();
+        let first = *words.first()?;
+        if first == "envs" {
+            return Some(Ok(PoolCommand::Envs));
+        }
+        let op = ControlOp::parse(first).filter(|&op| op != ControlOp::Status)?;
+        let invalid = || AdminError::InvalidArguments(first.to_string());
+        let cmd = match (op, &words[1..]) {
+            (ControlOp::Hold, [env, secs]) => match secs.parse::<u64>() {
+                Ok(secs) => PoolCommand::Control {
+                    op,
+                    env: env.to_string(),
+                    hold_secs: Some(secs),
+                },
+                Err(_) => return Some(Err(invalid())),
+            },
+            (_, [env]) => PoolCommand::Control {
+                op,
+                env: env.to_string(),
+                hold_secs: None,
+            },
+            _ => return Some(Err(invalid())),
+        };
+        Some(Ok(cmd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_commands_parse() {
+        assert_eq!(PoolCommand::parse("envs"), Some(Ok(PoolCommand::Envs)));
+        assert_eq!(PoolCommand::parse("status"), None);
+        assert_eq!(PoolCommand::parse("status te1"), None);
+        assert_eq!(
+            PoolCommand::parse("hold te1 60"),
+            Some(Ok(PoolCommand::Control {
+                op: ControlOp::Hold,
+                env: "te1".into(),
+                hold_secs: Some(60)
+            }))
+        );
+        assert_eq!(
+            PoolCommand::parse("drain host1/te1"),
+            Some(Ok(PoolCommand::Control {
+                op: ControlOp::Drain,
+                env: "host1/te1".into(),
+                hold_secs: None
+            }))
+        );
+        for bad in ["drain", "drain a b", "hold te1 soon", "rebuild a 5"] {
+            assert!(matches!(PoolCommand::parse(bad), Some(Err(_))), "{bad}");
+        }
     }
 }

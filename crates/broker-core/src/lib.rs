@@ -9,15 +9,22 @@ pub mod acl;
 mod admin;
 mod broker;
 mod function;
+mod inventory;
 mod schedule;
 mod security;
 mod snapshot;
 mod testenv;
 mod types;
 
-pub use broker::{Broker, BrokerConfig, RunningJobs, Stats, WAKE_RETRY_MS};
+pub use broker::{
+    Broker, BrokerConfig, ControlError, ControlTarget, RunningJobs, Stats, WAKE_RETRY_MS,
+};
+pub use inventory::{
+    EnvInfo, EnvSource, EnvStatus, AGENT_FORGET_SECS, GONE_KEEP_SECS, OUTCOMES_KEPT,
+    REPORT_FUNCTION, REPORT_STALE_SECS,
+};
 pub use schedule::next_cron_match;
 pub use security::{Security, CALLBACK_PREFIX};
-pub use snapshot::{ConnectionInfo, FunctionStatus, Metric};
-pub use testenv::{EndedLease, Lease, HISTORY_LEN};
+pub use snapshot::{ConnectionInfo, FunctionStatus, Metric, WaitingRequest};
+pub use testenv::{EndedLease, EndedWait, Lease, HISTORY_LEN};
 pub use types::{Action, ConnId, Millis, Now};

@@ -29,6 +29,23 @@ pub struct FunctionStatus {
     pub workers: usize,
 }
 
+/// A lock request waiting for a TE (for the API's queue view).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WaitingRequest {
+    pub handle: String,
+    pub function: String,
+    pub callback: String,
+    pub job_identifier: String,
+    /// Empty for the shared tenant.
+    pub tenant: String,
+    /// `high`, `normal` or `low`.
+    pub priority: &'static str,
+    /// 1-based place in the order its function's requests will be served in (as `position`).
+    pub position: usize,
+    /// How long it has waited, in milliseconds.
+    pub waited_ms: u64,
+}
+
 /// A connection, as `workers` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ConnectionInfo {
@@ -155,6 +172,26 @@ impl Broker {
                 s.callback_hijacks_refused,
                 "Second registrations of a callback_* refused",
             ),
+            gauge(
+                "agents",
+                self.inventory.agents.len(),
+                "testenv-agents whose reports the broker keeps",
+            ),
+            counter(
+                "agent_reports",
+                s.agent_reports,
+                "testenv-agent state reports taken into the inventory",
+            ),
+            counter(
+                "agent_reports_refused",
+                s.agent_reports_refused,
+                "testenv-agent state reports refused as malformed",
+            ),
+            counter(
+                "env_controls",
+                s.env_controls,
+                "drain/undrain/hold/release/rebuild commands carried out",
+            ),
             counter(
                 "leases_ended",
                 self.leases.ended_count(),
@@ -189,6 +226,7 @@ impl Broker {
                     callback: r.request.callback.clone(),
                     job_identifier: r.request.job_identifier.clone(),
                     timeout_secs: r.request.timeout_secs,
+                    tenant: show(&r.request.tenant),
                     held_ms: now.mono.saturating_sub(r.since.mono),
                     callback_state,
                 })
@@ -196,6 +234,39 @@ impl Broker {
             .collect();
         leases.sort_by_key(|l| std::cmp::Reverse(l.held_ms));
         leases
+    }
+
+    /// The lock requests (`lockenv*` jobs) waiting now, by function, in the order they will
+    /// be served. Never shows the request's data beyond its non-secret fields.
+    pub fn waiting_requests(&self, now: Now) -> Vec<WaitingRequest> {
+        let now = self.now.advanced_to(now);
+        let mut v: Vec<WaitingRequest> = Vec::new();
+        for (name, f) in &self.functions {
+            if !testenv_proto::is_lockenv(name) {
+                continue;
+            }
+            for id in f.queues().iter().flat_map(|q| q.values()) {
+                let Some(job) = self.jobs.get(id) else {
+                    continue;
+                };
+                let Some((position, _)) = self.queue_position(&job.handle) else {
+                    continue;
+                };
+                let lock = job.lock.as_deref().cloned().unwrap_or_default();
+                v.push(WaitingRequest {
+                    handle: show(&job.handle),
+                    function: show(name),
+                    callback: lock.callback,
+                    job_identifier: lock.job_identifier,
+                    tenant: show(&lock.tenant),
+                    priority: job.priority.as_str(),
+                    position,
+                    waited_ms: now.mono.saturating_sub(job.submitted.mono),
+                });
+            }
+        }
+        v.sort_by(|a, b| (&a.function, a.position).cmp(&(&b.function, b.position)));
+        v
     }
 
     /// Every function, sorted by name.

@@ -61,6 +61,16 @@ pub(crate) enum Priority {
     Low = 2,
 }
 
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum JobState {
     Queued {
@@ -91,6 +101,29 @@ pub(crate) struct Job {
     pub numerator: Bytes,
     pub denominator: Bytes,
     pub retries: u32,
+    /// When it was submitted.
+    pub submitted: Now,
+    /// A lock request's non-secret fields; `None` for other functions' jobs.
+    pub lock: Option<Box<LeaseRequest>>,
+}
+
+impl Job {
+    /// A lock request's tenant (empty: the shared one); `None` for other jobs, which are not
+    /// queued per tenant.
+    pub fn tenant(&self) -> Option<&Bytes> {
+        self.lock.as_ref().map(|l| &l.tenant)
+    }
+}
+
+/// The non-secret fields of a `lockenv` request (never `ssh_key`), as
+/// `crate::testenv::lease_request` reads them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct LeaseRequest {
+    pub callback: String,
+    pub job_identifier: String,
+    pub timeout_secs: Option<u64>,
+    /// Empty for the shared tenant.
+    pub tenant: Bytes,
 }
 
 /// Bytes shown in logs: lossy UTF-8.

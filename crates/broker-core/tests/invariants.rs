@@ -13,11 +13,27 @@ enum Op {
     Packet(u64, T, Vec<Vec<u8>>),
     Disconnect(u64),
     Advance(u64),
+    Admin(u64, String),
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {
     let conn = 0u64..4;
-    let func = prop::sample::select(vec![b"f".to_vec(), b"g".to_vec()]);
+    let func = prop::sample::select(vec![b"f".to_vec(), b"g".to_vec(), b"lockenv".to_vec()]);
+    // Lock requests of two tenants and the shared one (and data that is no lock request).
+    let data = prop::sample::select(vec![
+        b"data".to_vec(),
+        br#"{"callback_name":"callback_1","tenant":"a"}"#.to_vec(),
+        br#"{"callback_name":"callback_2","tenant":"b"}"#.to_vec(),
+        br#"{"callback_name":"callback_3"}"#.to_vec(),
+    ]);
+    // Broker-side drain and hold of the workers (named conn-N: they set no client id).
+    let admin = prop::sample::select(vec![
+        "drain conn-1000".to_string(),
+        "undrain conn-1000".to_string(),
+        "hold conn-2000 1".to_string(),
+        "release conn-2000".to_string(),
+        "envs".to_string(),
+    ]);
     let uniq = prop::sample::select(vec![Vec::new(), b"u".to_vec()]);
     let handle = (1u64..8).prop_map(|n| format!("H:t:{n}").into_bytes());
     prop_oneof![
@@ -30,9 +46,11 @@ fn arb_op() -> impl Strategy<Value = Op> {
                 T::SubmitJobBg,
                 T::SubmitJobHigh,
                 T::SubmitJobLowBg
-            ])
+            ]),
+            data
         )
-            .prop_map(|(c, f, u, t)| Op::Packet(c, t, vec![f, u, b"data".to_vec()])),
+            .prop_map(|(c, f, u, t, d)| Op::Packet(c, t, vec![f, u, d])),
+        (conn.clone(), admin).prop_map(|(c, line)| Op::Admin(c, line)),
         (conn.clone(), func.clone()).prop_map(|(c, f)| Op::Packet(c, T::CanDo, vec![f])),
         (conn.clone(), func.clone()).prop_map(|(c, f)| Op::Packet(
             c,
@@ -109,6 +127,7 @@ proptest! {
                     now.wall += ms;
                     broker.tick(now, &mut out);
                 }
+                Op::Admin(c, line) => broker.admin(live(c, &generation), &line, now, &mut out),
             }
             for action in out.drain(..) {
                 if let Action::Send(to, p) = action {
@@ -135,7 +154,7 @@ proptest! {
         // Let every job run to its end: a fresh worker for both functions drains the queues.
         let drain = ConnId(9_999);
         broker.connect(drain, "127.0.0.1");
-        for f in ["f", "g"] {
+        for f in ["f", "g", "lockenv"] {
             broker.packet(drain, Packet::req(T::CanDo, [f]), now, &mut out);
         }
         for c in 0..4 {

@@ -37,6 +37,7 @@ pub fn is_listing(command: &str) -> bool {
             | ["prioritystatus", ..]
             | ["show", ..]
             | ["leases", ..]
+            | ["envs", ..]
             | ["stats", ..]
             | ["acl", "list", ..]
     )
@@ -166,6 +167,7 @@ mod tests {
             "workers",
             "show jobs",
             "leases",
+            "envs",
             "stats",
             "acl list",
         ] {
@@ -176,6 +178,8 @@ mod tests {
             "position H:x:1",
             "cancel job H:x:1",
             "maxqueue f 3",
+            "drain te1",
+            "hold te1 60",
             "acl add x",
         ] {
             assert!(!is_listing(c), "{c}");

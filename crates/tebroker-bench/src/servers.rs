@@ -150,7 +150,17 @@ impl Server {
         let p = port.to_string();
         let mut cmd = Command::new(&inst.exe);
         match inst.kind {
-            Kind::Tebroker => cmd.args(["serve", "-p", &p, "-L", "127.0.0.1"]),
+            // With its default store (SQLite), in the run's temporary directory;
+            // TEBROKER_BENCH_NO_STORE=1 measures without one.
+            Kind::Tebroker => {
+                cmd.args(["serve", "-p", &p, "-L", "127.0.0.1"]);
+                if std::env::var_os("TEBROKER_BENCH_NO_STORE").is_some() {
+                    cmd.arg("--no-store")
+                } else {
+                    cmd.arg("--data-dir")
+                        .arg(logdir.join(format!("store-{port}")))
+                }
+            }
             Kind::Gearmand => cmd.args([
                 "--port",
                 &p,
@@ -230,8 +240,13 @@ impl Server {
         lines[lines.len().saturating_sub(5)..].join(" | ")
     }
 
-    /// SIGTERM, then SIGKILL if it has not exited after 3 s.
+    /// SIGTERM, then SIGKILL if it has not exited after 3 s. A tebroker first reports on
+    /// stderr what its store recorded, wrote and dropped (waiting up to 10 s for the writer to
+    /// catch up).
     pub async fn stop(mut self) {
+        if self.kind == Kind::Tebroker {
+            self.report_store().await;
+        }
         let pid = self.child.id() as libc::pid_t;
         // SAFETY: kill(2) on our own child's pid; it is not reaped before try_wait below.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -270,6 +285,39 @@ pub fn proc_cpu_secs(path: &str) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Some(ticks as f64 / hz)
+}
+
+impl Server {
+    async fn report_store(&self) {
+        let stat = |lines: &[String], name: &str| -> Option<u64> {
+            lines.iter().find_map(|l| {
+                let (k, v) = l.split_once('\t')?;
+                (k == name).then(|| v.trim().parse().ok()).flatten()
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let local = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+            let Ok(lines) = admin(local, "stats", Duration::from_secs(5)).await else {
+                return;
+            };
+            let (Some(recorded), Some(written), Some(dropped)) = (
+                stat(&lines, "store_records"),
+                stat(&lines, "store_written"),
+                stat(&lines, "store_dropped"),
+            ) else {
+                return;
+            };
+            if written >= recorded || Instant::now() >= deadline {
+                let leases = stat(&lines, "leases_ended").unwrap_or(0);
+                eprint!(
+                    "[store: {leases} leases ended, {recorded} records queued, {written} written, {dropped} dropped] "
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// Sends one admin text command and returns its answer's lines (without the closing `.`).

@@ -84,7 +84,7 @@ impl PgStore {
         &mut self,
         f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        if self.client.as_ref().map_or(true, Client::is_closed) {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
             self.client = None;
             let mut client = self.config.connect(NoTls)?;
             migrate(&mut client)?;

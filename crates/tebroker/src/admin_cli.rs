@@ -1,5 +1,6 @@
 //! `tebroker admin`: send one admin command to a broker and print its answer, like gearadmin
-//! but for every command tebroker knows (`leases`, `stats`, `acl ...` included), over TCP or
+//! but for every command tebroker knows (`leases`, `envs`, `drain TE`, `stats`, `acl ...`
+//! included), over TCP or
 //! TLS (gearman_client::admin does the talking).
 
 use std::io::Write;
@@ -26,7 +27,8 @@ pub struct AdminArgs {
     /// Seconds to wait for the whole answer.
     #[arg(long, default_value = "30")]
     pub timeout: u64,
-    /// The command and its arguments, e.g. `status`, `leases`, `cancel job H:host:12`.
+    /// The command and its arguments, e.g. `status`, `leases`, `envs`, `drain TE`,
+    /// `cancel job H:host:12`.
     #[arg(required = true, trailing_var_arg = true)]
     pub command: Vec<String>,
 }

@@ -90,7 +90,16 @@ fn effective(settings: &Settings) -> ServeArgs {
         tls,
         acl,
         callback_protection,
+        store,
+        history_days,
+        api_token_file,
     } = settings.clone();
+    // A PostgreSQL address is shown as its passwordless description, never as given.
+    let (data_dir, database) = match &store {
+        Some(tebroker_store::Database::Sqlite { dir }) => (Some(dir.clone()), None),
+        Some(db) => (None, Some(db.to_string())),
+        None => (None, None),
+    };
     ServeArgs {
         port: Some(port),
         listen: Some(listen),
@@ -118,5 +127,10 @@ fn effective(settings: &Settings) -> ServeArgs {
         ssl_ca: tls.and_then(|t| t.ca),
         acl,
         callback_protection: Some(callback_protection),
+        data_dir,
+        database,
+        no_store: Some(store.is_none()),
+        history_days: Some(history_days),
+        api_token_file,
     }
 }

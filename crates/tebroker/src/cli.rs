@@ -15,6 +15,8 @@ pub struct Cli {
     /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    #[command(flatten)]
+    pub api: crate::http_cli::ApiArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -32,4 +34,6 @@ pub enum Command {
     /// every effective setting, defaults included, as a config file (exit 0); or names the
     /// first problem on stderr (exit 1).
     CheckConfig(crate::check_config::CheckConfigArgs),
+    #[command(flatten)]
+    Api(crate::http_cli::ApiCommand),
 }

@@ -75,9 +75,31 @@ pub struct ServeArgs {
     /// (e.g. 127.0.0.1:8080). Unauthenticated: bind it to a trusted network.
     #[arg(long)]
     pub http: Option<String>,
-    /// Append every ended lease to this file as a JSON line.
+    /// Append every ended lease to this file as a JSON line (an export; the store keeps the
+    /// history the API queries).
     #[arg(long)]
     pub history_file: Option<PathBuf>,
+    /// Keep history, waits and TE states in SQLite in DIR (`DIR/tebroker.sqlite3`). Default:
+    /// /var/lib/tebroker when that directory exists and is writable, else
+    /// $XDG_STATE_HOME/tebroker (~/.local/state/tebroker).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["database", "no_store"])]
+    pub data_dir: Option<PathBuf>,
+    /// Keep them in PostgreSQL instead (postgresql://USER:PASS@HOST:PORT/DB or `host=... dbname=...`),
+    /// shared by every broker given the same database.
+    #[arg(long, value_name = "URL", conflicts_with = "no_store")]
+    pub database: Option<String>,
+    /// Keep no durable history (the API's history then answers 503).
+    #[arg(long, num_args = 0, default_missing_value = "true")]
+    pub no_store: Option<bool>,
+    /// Days of history the store keeps; older leases, waits and state changes are purged
+    /// hourly.
+    #[arg(long, value_name = "DAYS")]
+    pub history_days: Option<u32>,
+    /// File holding the bearer token that POST /api/v1/envs/{name}/{op} requires (a client
+    /// certificate cannot be used: the HTTP surface is plain HTTP). Without it, control over
+    /// HTTP is refused.
+    #[arg(long, value_name = "PATH")]
+    pub api_token_file: Option<PathBuf>,
     /// Default limit of queued jobs per function and priority (0: unlimited); the `maxqueue`
     /// admin command overrides it per function.
     #[arg(long)]
@@ -148,6 +170,10 @@ pub struct Settings {
     pub handle_host: String,
     pub http: Option<String>,
     pub history_file: Option<PathBuf>,
+    /// Where history, waits and TE states are kept; `None`: `--no-store`.
+    pub store: Option<tebroker_store::Database>,
+    pub history_days: u32,
+    pub api_token_file: Option<PathBuf>,
     /// Default per-function queue limit (0: unlimited).
     pub max_queue: i64,
     pub tls: Option<crate::tls::TlsFiles>,
@@ -180,6 +206,9 @@ impl Default for Settings {
             handle_host: host_name(),
             http: None,
             history_file: None,
+            store: None,
+            history_days: DEFAULT_HISTORY_DAYS,
+            api_token_file: None,
             max_queue: 0,
             tls: None,
             acl: None,
@@ -187,6 +216,9 @@ impl Default for Settings {
         }
     }
 }
+
+/// `--history-days` when not given.
+pub const DEFAULT_HISTORY_DAYS: u32 = 30;
 
 /// Enough for any worker (a testenv-client registers one function), small enough that one
 /// connection cannot grow the function table without bound.
@@ -233,11 +265,60 @@ impl Settings {
             max_queue: a.max_queue.unwrap_or(d.max_queue),
             http: a.http,
             history_file: a.history_file,
+            store: store_database(a.no_store.unwrap_or(false), a.data_dir, a.database)?,
+            history_days: a.history_days.unwrap_or(DEFAULT_HISTORY_DAYS),
+            api_token_file: a.api_token_file,
             tls: tls_files(a.ssl_cert, a.ssl_key, a.ssl_ca)?,
             acl: a.acl,
             callback_protection: a.callback_protection.unwrap_or(d.callback_protection),
         })
     }
+}
+
+fn store_database(
+    no_store: bool,
+    data_dir: Option<PathBuf>,
+    database: Option<String>,
+) -> anyhow::Result<Option<tebroker_store::Database>> {
+    if no_store {
+        anyhow::ensure!(
+            data_dir.is_none() && database.is_none(),
+            "--no-store cannot be combined with --data-dir or --database"
+        );
+        return Ok(None);
+    }
+    Ok(Some(match (data_dir, database) {
+        (Some(_), Some(_)) => anyhow::bail!("give --data-dir or --database, not both"),
+        (_, Some(url)) => tebroker_store::Database::postgres(&url)?,
+        (Some(dir), None) => tebroker_store::Database::Sqlite { dir },
+        (None, None) => tebroker_store::Database::Sqlite {
+            dir: default_data_dir(),
+        },
+    }))
+}
+
+/// /var/lib/tebroker when it exists and this user may write there (a packaged install),
+/// else the XDG state directory.
+pub fn default_data_dir() -> PathBuf {
+    let system = PathBuf::from("/var/lib/tebroker");
+    if writable_dir(&system) {
+        return system;
+    }
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(std::env::temp_dir);
+    state.join("tebroker")
+}
+
+fn writable_dir(dir: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: access() reads the NUL-terminated path we own.
+    dir.is_dir() && unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0
 }
 
 fn tls_files(
@@ -341,6 +422,34 @@ mod tests {
                 .unwrap()
                 .callback_protection
         );
+    }
+
+    #[test]
+    fn the_store_is_sqlite_by_default_postgres_on_request_and_none_with_no_store() {
+        let s = Settings::from_args(flags(&["--data-dir", "/tmp/x"])).unwrap();
+        assert_eq!(
+            s.store,
+            Some(tebroker_store::Database::Sqlite {
+                dir: "/tmp/x".into()
+            })
+        );
+        let s = Settings::from_args(flags(&[])).unwrap();
+        assert!(matches!(
+            s.store,
+            Some(tebroker_store::Database::Sqlite { .. })
+        ));
+        assert_eq!(s.history_days, 30);
+        let s = Settings::from_args(flags(&["--no-store"])).unwrap();
+        assert_eq!(s.store, None);
+        let s = Settings::from_args(flags(&["--database", "postgresql://u:p@h:5/db"])).unwrap();
+        assert!(matches!(
+            s.store,
+            Some(tebroker_store::Database::Postgres { .. })
+        ));
+        let bad = Settings::from_args(flags(&["--database", "postgresql://h:nope/db"]));
+        assert!(bad.is_err());
+        let both = file("data_dir = \"/a\"\nno_store = true\n");
+        assert!(Settings::from_args(both).is_err());
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub struct EdgeCounters {
     pub tls_handshake_failures: AtomicU64,
     /// Failed appends to the lease history file (the lines are kept and retried).
     pub history_write_errors: AtomicU64,
+    /// The durable store, whose writer counts what it recorded, wrote, dropped and failed.
+    pub store: std::sync::OnceLock<std::sync::Arc<crate::server_store::StoreLink>>,
 }
 
 impl EdgeCounters {
@@ -26,12 +28,34 @@ impl EdgeCounters {
     }
 
     /// Counters the core has no field for, as (name, value, help), for `stats` and `/metrics`.
-    pub fn extra(&self) -> [(&'static str, u64, &'static str); 1] {
-        [(
+    pub fn extra(&self) -> Vec<(&'static str, u64, &'static str)> {
+        let mut v = vec![(
             "history_write_errors",
             self.history_write_errors.load(Ordering::Relaxed),
             "Failed appends to the lease history file (the lines are kept and retried)",
-        )]
+        )];
+        if let Some(store) = self.store.get() {
+            let w = store.stats();
+            v.extend([
+                (
+                    "store_records",
+                    w.recorded,
+                    "Records (leases, waits, TE states) queued for the store",
+                ),
+                ("store_written", w.written, "Records committed to the store"),
+                (
+                    "store_dropped",
+                    w.dropped,
+                    "Records lost: the store's queue was full, or still unwritten at shutdown",
+                ),
+                (
+                    "store_errors",
+                    w.errors,
+                    "Failed store writes and failed attempts to open it (retried)",
+                ),
+            ]);
+        }
+        v
     }
 
     /// Adds [`EdgeCounters::extra`] to the core's answer to the `stats` admin command.

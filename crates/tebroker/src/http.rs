@@ -31,6 +31,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +76,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/api/metrics",
             get(|State(s): State<Arc<Shared>>| async move { json(&s, |b, _| b.metrics()).await }),
         )
+        .merge(crate::http_api::routes())
         .with_state(shared)
 }
 
@@ -126,9 +128,11 @@ pub fn escape_label_value(value: &str) -> String {
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let edge = shared.edge.clone();
     let copied = shared
-        .inspect_within(CORE_WAIT, |b, _| (b.metrics(), b.function_status()))
+        .inspect_within(CORE_WAIT, |b, now| {
+            (b.metrics(), b.function_status(), b.envs(now))
+        })
         .await;
-    let (numbers, functions) = match copied {
+    let (numbers, functions, envs) = match copied {
         Ok(v) => v,
         Err(e) => return unavailable(e),
     };
@@ -184,6 +188,40 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         "Workers registered, by function",
         workers,
     );
+    let by_state = Family::<Vec<(String, String)>, Gauge>::default();
+    for e in &envs {
+        by_state
+            .get_or_create(&vec![("state".to_string(), e.state.as_str().to_string())])
+            .inc();
+    }
+    registry.register("envs", "TEs the broker knows, by state", by_state);
+    registry.register(
+        "lease_wait_seconds",
+        "How long lock requests waited for a TE (granted ones)",
+        shared.lease_metrics.wait.clone(),
+    );
+    registry.register(
+        "lease_duration_seconds",
+        "How long ended leases lasted",
+        shared.lease_metrics.duration.clone(),
+    );
+    if let Some(store) = shared.store() {
+        let w = store.stats();
+        let depth: Gauge = Gauge::default();
+        depth.set((w.queue_depth + w.pending) as i64);
+        registry.register(
+            "store_backlog",
+            "Records queued or held for the store, not yet written",
+            depth,
+        );
+        let up: Gauge = Gauge::default();
+        up.set(i64::from(w.store_up));
+        registry.register(
+            "store_up",
+            "1 if the store's last write or open succeeded",
+            up,
+        );
+    }
     let mut body = String::new();
     if encode(&mut body, &registry).is_err() {
         return (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed").into_response();
@@ -232,6 +270,34 @@ pub fn serve_on_own_thread(
     bound_rx
         .recv()
         .map_err(|_| anyhow::anyhow!("the HTTP thread ended before it listened"))?
+}
+
+/// Histograms of how long lock requests waited and leases lasted, in seconds, filled as leases
+/// end (outside the broker lock).
+#[derive(Clone)]
+pub struct LeaseHistograms {
+    wait: Histogram,
+    duration: Histogram,
+}
+
+impl Default for LeaseHistograms {
+    fn default() -> LeaseHistograms {
+        // 1 s to ~9 h for waits; 10 s to ~28 h for leases.
+        LeaseHistograms {
+            wait: Histogram::new(exponential_buckets(1.0, 3.0, 10)),
+            duration: Histogram::new(exponential_buckets(10.0, 3.0, 10)),
+        }
+    }
+}
+
+impl LeaseHistograms {
+    pub fn observe(&self, ended: &[broker_core::EndedLease]) {
+        for l in ended {
+            self.wait.observe(l.waited_ms as f64 / 1000.0);
+            self.duration
+                .observe(l.ended_ms.saturating_sub(l.started_ms) as f64 / 1000.0);
+        }
+    }
 }
 
 /// Serves the operator surface on `addr` until `stop` is cancelled; returns the bound address.

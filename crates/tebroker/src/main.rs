@@ -15,6 +15,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(*args),
         Command::Admin(args) => std::process::exit(tebroker::admin_cli::run(args)?),
         Command::CheckConfig(args) => std::process::exit(tebroker::check_config::run(&args)),
+        Command::Api(command) => std::process::exit(tebroker::http_cli::run(cli.api, command)?),
     }
 }
 

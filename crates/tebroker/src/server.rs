@@ -50,6 +50,12 @@ pub struct Shared {
     pub(crate) edge: Arc<EdgeCounters>,
     pub(crate) timer: crate::timer::Timer,
     history: HistoryWriter,
+    /// The durable store (`None`: `--no-store`).
+    pub(crate) store: Option<Arc<crate::server_store::StoreLink>>,
+    /// Wait and lease-duration histograms.
+    pub(crate) lease_metrics: crate::http::LeaseHistograms,
+    /// The bearer token API control requires (`--api-token-file`).
+    api_token: Option<Vec<u8>>,
     pub(crate) reload: crate::reload::Reloadable,
     clock: crate::clock::Clock,
 }
@@ -105,6 +111,7 @@ impl Shared {
                         self.edge.copy_into(b.stats_mut());
                         b.admin(id, &line, now, &mut actions);
                         self.edge.annotate_stats(&line, id, &mut actions);
+                        self.annotate_position(&line, id, &mut actions);
                     }
                 }
                 Frame::Malformed { reason, .. } => b.malformed(id, &reason, &mut actions),
@@ -124,14 +131,73 @@ impl Shared {
     fn after_apply(&self, mut state: MutexGuard<'_, State>, woken: Vec<Arc<Outbox>>) {
         let next = state.broker.next_deadline(self.now());
         let ended = state.broker.take_new_history();
+        // Taken even without a store, so the core's buffer never fills.
+        let waits = state.broker.take_ended_waits();
         drop(state);
         self.timer.rearm(next);
         for o in woken {
             o.push();
         }
         if !ended.is_empty() {
-            self.history.append(ended);
+            self.record_ended(ended);
         }
+        if let (Some(store), false) = (&self.store, waits.is_empty()) {
+            store.waits_ended(&waits);
+        }
+    }
+
+    fn record_ended(&self, ended: Vec<broker_core::EndedLease>) {
+        self.lease_metrics.observe(&ended);
+        if let Some(store) = &self.store {
+            store.leases_ended(&ended);
+        }
+        self.history.append(ended);
+    }
+
+    /// Adds the estimated wait in seconds to tebroker's `position` answer: `OK N TOTAL` becomes
+    /// `OK N TOTAL EST_SECS` when the store has recent grants (older clients read the first
+    /// two numbers only).
+    fn annotate_position(&self, line: &str, conn: ConnId, actions: &mut [Action]) {
+        let Some(store) = &self.store else { return };
+        if line.split_whitespace().next() != Some("position") {
+            return;
+        }
+        for action in actions.iter_mut().rev() {
+            let Action::Text(c, text) = action else {
+                continue;
+            };
+            if *c != conn {
+                continue;
+            }
+            let words: Vec<&str> = text.split_whitespace().collect();
+            if let ["OK", n, _total] = words.as_slice() {
+                if let Some(est) = n.parse().ok().and_then(|n| store.estimate_secs(n)) {
+                    *text = format!("{} {est}\n", text.trim_end());
+                }
+            }
+            return;
+        }
+    }
+
+    pub(crate) fn api_token(&self) -> Option<&[u8]> {
+        self.api_token.as_deref()
+    }
+
+    /// Carries out an operator's control command on TE `env` (see
+    /// [`Broker::control_env`]).
+    pub fn control_env(
+        &self,
+        op: testenv_proto::agent::ControlOp,
+        env: &str,
+        hold_secs: Option<u64>,
+        requested_by: &str,
+    ) -> Result<broker_core::ControlTarget, broker_core::ControlError> {
+        self.apply(|b, out| b.control_env(op, env, hold_secs, requested_by, out))
+    }
+
+    /// The durable store, when there is one.
+    pub fn store(&self) -> Option<&Arc<crate::server_store::StoreLink>> {
+        self.store.as_ref()
     }
 
     fn deliver(&self, state: &mut State, action: Action, woken: &mut Vec<Arc<Outbox>>) {
@@ -286,7 +352,7 @@ impl Shared {
     fn flush_history(&self) {
         let ended = self.lock().broker.take_new_history();
         if !ended.is_empty() {
-            self.history.append(ended);
+            self.record_ended(ended);
         }
         self.history.finish();
     }
@@ -302,6 +368,31 @@ impl Shared {
     pub(crate) fn with_broker<R>(&self, f: impl FnOnce(&mut Broker) -> R) -> R {
         f(&mut self.lock().broker)
     }
+}
+
+/// Records TE state changes every [`crate::server_store::ENV_SCAN_EVERY`] (the core compares
+/// its inventory with the last one under the lock; the records are queued outside it).
+async fn scan_envs(shared: Arc<Shared>, link: Arc<crate::server_store::StoreLink>) {
+    loop {
+        let now = shared.now();
+        let changed = shared.with_broker(|b| b.take_env_changes(now));
+        link.envs_changed(&changed);
+        link.refresh_grant_interval().await;
+        tokio::time::sleep(crate::server_store::ENV_SCAN_EVERY).await;
+    }
+}
+
+/// The token file's first line; an empty one is refused (it would let anyone in).
+fn read_token(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the API token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the API token in {} is shorter than 16 characters",
+        path.display()
+    );
+    Ok(token.as_bytes().to_vec())
 }
 
 /// Why the broker core could not be read.
@@ -357,13 +448,27 @@ impl Server {
         let edge = Arc::new(EdgeCounters::default());
         let history = HistoryWriter::start(settings.history_file.clone(), edge.clone())?;
         let reload = crate::reload::Reloadable::new(&settings, acl.as_ref());
+        let api_token = match &settings.api_token_file {
+            Some(path) => Some(read_token(path)?),
+            None => None,
+        };
+        let store = settings.store.clone().map(|db| {
+            Arc::new(crate::server_store::StoreLink::start(
+                db,
+                format!("{}:{}", settings.handle_host, settings.port),
+                settings.history_days,
+            ))
+        });
         let mut broker = Broker::new(broker_core::BrokerConfig {
             handle_host: settings.handle_host.clone(),
             pid: std::process::id(),
-            version: format!("{} (tebroker)", env!("CARGO_PKG_VERSION")),
+            version: format!("tebroker {}", env!("CARGO_PKG_VERSION")),
             max_functions_per_conn: settings.max_functions_per_conn,
         });
         broker.set_security(crate::reload::security(&settings, acl));
+        if let Some(link) = &store {
+            let _ = edge.store.set(link.clone());
+        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 broker,
@@ -378,6 +483,9 @@ impl Server {
             edge,
             timer: crate::timer::Timer::default(),
             history,
+            store,
+            api_token,
+            lease_metrics: crate::http::LeaseHistograms::default(),
             reload,
             clock: crate::clock::Clock::start(),
         });
@@ -404,6 +512,15 @@ impl Server {
     pub async fn run(self) -> anyhow::Result<()> {
         let shared = self.shared.clone();
         let timer = tokio::spawn(crate::timer::run(shared.clone()));
+        let store_tasks = shared.store.clone().map(|link| {
+            (
+                tokio::spawn(crate::server_store::retention(
+                    link.clone(),
+                    shared.stop.clone(),
+                )),
+                tokio::spawn(scan_envs(shared.clone(), link)),
+            )
+        });
         loop {
             tokio::select! {
                 _ = shared.stop_accepting.cancelled() => break,
@@ -456,6 +573,21 @@ impl Server {
         }
         timer.abort();
         shared.flush_history();
+        if let Some((retention, scan)) = store_tasks {
+            retention.abort();
+            scan.abort();
+        }
+        if let Some(link) = shared.store.clone() {
+            let flushed = tokio::task::spawn_blocking(move || {
+                let done = link.flush(Duration::from_secs(5));
+                link.close_reader();
+                done
+            })
+            .await;
+            if !matches!(flushed, Ok(true)) {
+                tracing::warn!("the store did not take every record before shutdown");
+            }
+        }
         tracing::info!("stopped");
         Ok(())
     }

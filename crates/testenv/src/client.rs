@@ -352,8 +352,9 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
             },
             _ = report.tick() => {
                 let place = match queue_position(&servers, lockenv.server(), lockenv.handle()).await {
-                    Some((0, _)) => " (a worker has the request)".to_string(),
-                    Some((n, total)) => format!(" (position {n} of {total} in the queue)"),
+                    Some((0, _, _)) => " (a worker has the request)".to_string(),
+                    Some((n, total, None)) => format!(" (position {n} of {total} in the queue)"),
+                    Some((n, total, Some(est))) => format!(" (position {n} of {total} in the queue, about {est}s to wait)"),
                     None => String::new(),
                 };
                 eprintln!(
@@ -517,7 +518,7 @@ async fn queue_position(
     servers: &[ServerAddr],
     server: &str,
     handle: &str,
-) -> Option<(usize, usize)> {
+) -> Option<(usize, usize, Option<u64>)> {
     let server = servers.iter().find(|s| s.to_string() == server)?;
     let answer = gearman_client::admin::query(
         server,
@@ -528,5 +529,10 @@ async fn queue_position(
     .ok()?;
     let mut words = answer.first()?.split_whitespace();
     (words.next()? == "OK").then_some(())?;
-    Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+    // tebroker with a store adds the estimated wait in seconds; older ones do not.
+    Some((
+        words.next()?.parse().ok()?,
+        words.next()?.parse().ok()?,
+        words.next().and_then(|w| w.parse().ok()),
+    ))
 }

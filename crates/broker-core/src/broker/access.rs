@@ -109,6 +109,46 @@ impl Broker {
         reply
     }
 
+    /// With ACLs on, `drain|undrain|hold|release|rebuild TE` need what the change amounts to:
+    /// for an agent's TE, invoke permission for the agent's control function (the command is a
+    /// job of it); for a plain TE, whose rotation the broker changes itself, grant permission.
+    pub(crate) fn control_denied(
+        &mut self,
+        conn: ConnId,
+        env: &str,
+    ) -> Option<gearman_proto::AdminError> {
+        let acl = self.security.acl.as_ref()?;
+        let identity = self.conns.get(&conn).and_then(|c| c.identity.as_deref());
+        let agents: Vec<String> = match env.split_once('/') {
+            Some((agent, _)) => vec![agent.to_string()],
+            None => self
+                .inventory
+                .agents_reporting(env, self.now)
+                .iter()
+                .map(|a| a.report.agent.clone())
+                .collect(),
+        };
+        let allowed = if agents.is_empty() {
+            acl.can_grant(identity)
+        } else {
+            agents.iter().all(|agent| {
+                acl.can_invoke(
+                    identity,
+                    testenv_proto::agent::control_function(agent).as_bytes(),
+                )
+            })
+        };
+        if allowed {
+            return None;
+        }
+        self.stats.acl_admin_denied += 1;
+        tracing::info!(%conn, subject = identity.unwrap_or("(none)"), env, "TE control command denied by ACL");
+        Some(gearman_proto::AdminError::Other(
+            "PERMISSION_DENIED",
+            String::new(),
+        ))
+    }
+
     /// With ACLs on, admin commands that change the server need more than a TCP connection:
     /// `cancel job` needs invoke permission for the job's function (as in geard); `shutdown` and
     /// `maxqueue` (which geard does not have) need grant permission.

@@ -170,7 +170,7 @@ impl Broker {
             .workers
             .insert(conn);
         if sleeping {
-            if self.has_work_for(&function) {
+            if self.has_work_for(&function) && self.may_take(conn, &function) {
                 self.set_awake(conn);
                 self.send_noop(conn, out);
             } else if let Some(f) = self.functions.get_mut(&function) {

@@ -21,6 +21,8 @@ impl Broker {
                     queued += 1;
                 }
             }
+            f.check_tenant_queues(|id| self.jobs.get(&id).and_then(|j| j.tenant().cloned()))
+                .map_err(|e| format!("function {}: {e}", String::from_utf8_lossy(name)))?;
             running += f.running();
             for w in &f.workers {
                 let c = self.conns.get(w).ok_or("worker of function missing")?;

@@ -30,6 +30,10 @@ impl Broker {
         if !self.may_invoke(conn, &function) {
             return self.reply_error(conn, "PERMISSION_DENIED", "Permission denied by ACL", out);
         }
+        if function == crate::inventory::REPORT_FUNCTION.as_bytes() {
+            let background = !matches!(how, Submit::Foreground(_));
+            return self.consume_report(conn, &data, background, out);
+        }
         if !self.may_hand_out(&function) {
             tracing::debug!(%conn, function = %show(&function), "submit refused: shutting down");
             return self.reply_error(conn, "SHUTTING_DOWN", "server shutting down", out);
@@ -76,6 +80,8 @@ impl Broker {
             }
         }
 
+        let lock = testenv_proto::is_lockenv(&function)
+            .then(|| Box::new(crate::testenv::lease_request(&data)));
         let id = self.next_job;
         self.next_job += 1;
         let handle = Bytes::from(format!("{}{id}", self.handle_prefix));
@@ -103,6 +109,8 @@ impl Broker {
                 numerator: Bytes::new(),
                 denominator: Bytes::new(),
                 retries: 0,
+                submitted: self.now,
+                lock,
             },
         );
         if !background {
@@ -124,7 +132,7 @@ impl Broker {
         let c = self.conns.get(&conn).expect("known connection");
         let mut best: Option<(usize, i64, JobId, Option<u32>)> = None;
         for (name, timeout) in &c.abilities {
-            if !self.may_hand_out(name) {
+            if !self.may_hand_out(name) || !self.may_take(conn, name) {
                 continue;
             }
             let Some((p, seq, id)) = self.functions.get(name).and_then(Function::head) else {
@@ -148,6 +156,13 @@ impl Broker {
         });
         debug_assert_eq!(self.jobs[&id].state, JobState::Queued { seq });
         debug_assert_eq!(self.jobs[&id].priority as usize, p);
+        let job = &self.jobs[&id];
+        if let Some(tenant) = job.tenant().cloned() {
+            let (function, priority) = (job.function.clone(), job.priority);
+            if let Some(f) = self.functions.get_mut(&function) {
+                f.served(priority, &tenant);
+            }
+        }
         self.move_job(
             id,
             JobState::Running {
@@ -271,7 +286,13 @@ impl Broker {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
-        self.leave_state(id, &job.function, job.priority, job.state);
+        if matches!(
+            job.state,
+            JobState::Queued { .. } | JobState::Scheduled { .. }
+        ) {
+            self.leases.wait_ended(&job, self.now, None);
+        }
+        self.leave_state(id, &job.function, job.priority, job.tenant(), job.state);
         let f = self
             .functions
             .get_mut(&job.function)
@@ -289,7 +310,7 @@ impl Broker {
                 c.attached.remove(&id);
             }
         }
-        self.leases.job_ended(id, &job.handle, self.now);
+        self.lease_ended(id, &job.handle);
         self.gc_function(&job.function);
     }
 
@@ -305,7 +326,7 @@ impl Broker {
         let (function, handle) = (job.function.clone(), job.handle.clone());
         self.move_job(id, JobState::Queued { seq });
         self.leases.set_outcome(id, "worker lost");
-        self.leases.job_ended(id, &handle, self.now);
+        self.lease_ended(id, &handle);
         self.wake_one(&function, out);
     }
 
@@ -332,9 +353,8 @@ impl Broker {
         match job.state {
             JobState::Queued { seq } => {
                 let p = job.priority as usize;
-                let queues = f.queues();
-                let ahead: usize = queues[..p].iter().map(BTreeMap::len).sum::<usize>()
-                    + queues[p].range(..seq).count();
+                let ahead: usize = f.queues()[..p].iter().map(BTreeMap::len).sum::<usize>()
+                    + f.ahead_in_priority(job.priority, job.tenant(), seq);
                 Some((ahead + 1, total))
             }
             JobState::Scheduled { .. } => Some((total + 1, total)),
@@ -368,6 +388,42 @@ impl Broker {
         self.gc_function(function);
     }
 
+    /// Queues a background job the broker itself submits (a control command for an agent);
+    /// returns its handle.
+    pub(super) fn enqueue_background(
+        &mut self,
+        function: Bytes,
+        data: Bytes,
+        out: &mut Vec<Action>,
+    ) -> Bytes {
+        let id = self.next_job;
+        self.next_job += 1;
+        let handle = Bytes::from(format!("{}{id}", self.handle_prefix));
+        self.functions.entry(function.clone()).or_default();
+        let seq = self.next_tail_seq();
+        self.add_job(
+            id,
+            Job {
+                handle: handle.clone(),
+                function: function.clone(),
+                unique: Bytes::new(),
+                data,
+                priority: Priority::Normal,
+                background: true,
+                clients: Vec::new(),
+                state: JobState::Queued { seq },
+                numerator: Bytes::new(),
+                denominator: Bytes::new(),
+                retries: 0,
+                submitted: self.now,
+                lock: None,
+            },
+        );
+        self.stats.jobs_submitted += 1;
+        self.wake_one(&function, out);
+        handle
+    }
+
     /// The sequence number of a job joining the back of its queue.
     fn next_tail_seq(&mut self) -> i64 {
         let seq = self.next_seq;
@@ -378,8 +434,9 @@ impl Broker {
     /// Adds a new job in its initial state (queued or scheduled).
     fn add_job(&mut self, id: JobId, job: Job) {
         let (function, priority, state) = (job.function.clone(), job.priority, job.state);
+        let tenant = job.tenant().cloned();
         self.jobs.insert(id, job);
-        self.enter_state(id, &function, priority, state);
+        self.enter_state(id, &function, priority, tenant.as_ref(), state);
     }
 
     /// Moves job `id` to `state`. With [`Broker::add_job`] and [`Broker::remove_job`], the only
@@ -390,16 +447,24 @@ impl Broker {
             return;
         };
         let old = std::mem::replace(&mut job.state, state);
-        let (function, priority) = (job.function.clone(), job.priority);
-        self.leave_state(id, &function, priority, old);
-        self.enter_state(id, &function, priority, state);
+        let (function, priority, tenant) =
+            (job.function.clone(), job.priority, job.tenant().cloned());
+        self.leave_state(id, &function, priority, tenant.as_ref(), old);
+        self.enter_state(id, &function, priority, tenant.as_ref(), state);
     }
 
-    fn enter_state(&mut self, id: JobId, function: &[u8], priority: Priority, state: JobState) {
+    fn enter_state(
+        &mut self,
+        id: JobId,
+        function: &[u8],
+        priority: Priority,
+        tenant: Option<&Bytes>,
+        state: JobState,
+    ) {
         self.functions
             .get_mut(function)
             .expect("function of job")
-            .enter(id, priority, state);
+            .enter(id, priority, tenant, state);
         match state {
             JobState::Queued { .. } => {}
             JobState::Scheduled { at } => {
@@ -416,11 +481,18 @@ impl Broker {
         }
     }
 
-    fn leave_state(&mut self, id: JobId, function: &[u8], priority: Priority, state: JobState) {
+    fn leave_state(
+        &mut self,
+        id: JobId,
+        function: &[u8],
+        priority: Priority,
+        tenant: Option<&Bytes>,
+        state: JobState,
+    ) {
         self.functions
             .get_mut(function)
             .expect("function of job")
-            .leave(priority, state);
+            .leave(priority, tenant, state);
         match state {
             JobState::Queued { .. } => {}
             JobState::Scheduled { at } => {

@@ -14,6 +14,7 @@ use indexmap::IndexMap;
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::function::Function;
+use crate::inventory::Inventory;
 use crate::security::{CallbackGuard, Security};
 use crate::testenv::{EndedLease, LeaseTracker};
 use crate::types::{parse_num, show, Action, ConnId, Job, JobId, JobState, Millis, Now};
@@ -23,9 +24,11 @@ mod dispatch;
 mod drain;
 mod invariants;
 mod jobs;
+mod pool;
 mod wake;
 
 pub use drain::RunningJobs;
+pub use pool::{ControlError, ControlTarget};
 pub use wake::WAKE_RETRY_MS;
 
 /// Takes the first timer of `timers` if it is due at `now`.
@@ -44,7 +47,8 @@ pub struct BrokerConfig {
     pub handle_host: String,
     /// Answer to the `getpid` admin command.
     pub pid: u32,
-    /// Answer to the `version` admin command.
+    /// Answer to the `version` admin command; testenv-agents send state reports to a broker whose
+    /// version starts with `tebroker` ([`testenv_proto::agent::TEBROKER_VERSION_PREFIX`]).
     pub version: String,
     /// Most functions one connection may register (0: no limit).
     pub max_functions_per_conn: usize,
@@ -55,7 +59,7 @@ impl Default for BrokerConfig {
         BrokerConfig {
             handle_host: "tebroker".into(),
             pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: format!("tebroker {}", env!("CARGO_PKG_VERSION")),
             max_functions_per_conn: 0,
         }
     }
@@ -84,6 +88,11 @@ pub struct Stats {
     pub acl_invoke_denied: u64,
     pub acl_admin_denied: u64,
     pub callback_hijacks_refused: u64,
+    /// Agents' state reports taken into the inventory, and refused as malformed.
+    pub agent_reports: u64,
+    pub agent_reports_refused: u64,
+    /// `drain|undrain|hold|release|rebuild` commands carried out.
+    pub env_controls: u64,
 }
 
 #[derive(Debug)]
@@ -100,6 +109,8 @@ pub(crate) struct Conn {
     pub attached: FxHashSet<JobId>,
     /// Common name of the TLS client certificate, if any: the subject ACLs apply to.
     pub identity: Option<String>,
+    /// When (wall clock) its TE, if it is a plain testenv-worker, entered its current state.
+    pub te_since: Millis,
 }
 
 /// The whole state of the job server.
@@ -120,10 +131,13 @@ pub struct Broker {
     /// Woken workers to check on (monotonic): one that does not grab in time passes its wake-up on.
     wake_checks: BTreeSet<(Millis, ConnId)>,
     /// The latest time the network layer passed in.
-    now: Now,
+    pub(crate) now: Now,
     /// `H:<handle_host>:`, the start of every job handle.
     handle_prefix: String,
     pub(crate) leases: LeaseTracker,
+    pub(crate) inventory: Inventory,
+    /// What [`Broker::take_env_changes`] last handed out, by (TE, agent).
+    pub(crate) last_envs: FxHashMap<(String, Option<String>), pool::EnvMark>,
     /// Set by [`Broker::begin_shutdown`]: no new work is handed out.
     shutting_down: bool,
     pub(crate) stats: Stats,
@@ -148,6 +162,8 @@ impl Broker {
             wake_checks: BTreeSet::new(),
             now: Now::default(),
             leases: LeaseTracker::default(),
+            inventory: Inventory::default(),
+            last_envs: FxHashMap::default(),
             shutting_down: false,
             stats: Stats::default(),
             security: Security::default(),
@@ -191,6 +207,12 @@ impl Broker {
         self.leases.take_unflushed()
     }
 
+    /// Lock requests that stopped waiting (granted or abandoned) since the last call, oldest
+    /// first: for a store of waits. At most 10,000 are kept between calls.
+    pub fn take_ended_waits(&mut self) -> Vec<crate::EndedWait> {
+        self.leases.take_ended_waits()
+    }
+
     /// A new connection from `peer` (an IP address, as shown by the `workers` command).
     pub fn connect(&mut self, conn: ConnId, peer: impl Into<String>) {
         self.connect_as(conn, peer, None);
@@ -209,6 +231,7 @@ impl Broker {
                 running: FxHashSet::default(),
                 attached: FxHashSet::default(),
                 identity,
+                te_since: self.now.wall,
             },
         );
     }
@@ -218,6 +241,7 @@ impl Broker {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
+        self.note_gone_worker(conn, &c);
         // Detach first, so a connection that was its own client is not sent its own failure.
         for id in c.attached {
             let Some(job) = self.jobs.get_mut(&id) else {
@@ -269,7 +293,7 @@ impl Broker {
     }
 
     /// The monotonic time at which [`Broker::tick`] has something to do (a CAN_DO_TIMEOUT, a
-    /// wake check, a scheduled job). A scheduled job is due in wall time; its monotonic
+    /// wake check, a scheduled job, the end of a broker-side hold). A scheduled job is due in wall time; its monotonic
     /// estimate assumes the wall clock does not step before then, so a caller that sleeps until
     /// this deadline should also wake now and then (e.g. every second) to notice a step.
     pub fn next_deadline(&self, now: Now) -> Option<Millis> {
@@ -281,6 +305,7 @@ impl Broker {
             self.timeouts.first().map(|&(t, _)| t),
             scheduled,
             self.wake_checks.first().map(|&(t, _)| t),
+            self.inventory.next_hold_end(),
         ]
         .into_iter()
         .flatten()
@@ -291,6 +316,7 @@ impl Broker {
     pub fn tick(&mut self, now: Now, out: &mut Vec<Action>) {
         self.now = self.now.advanced_to(now);
         self.check_woken_workers(out);
+        self.end_due_holds(out);
         self.queue_due_jobs(out);
         self.fail_overdue_jobs(out);
     }

@@ -16,10 +16,18 @@ impl Broker {
         if !self.may_hand_out(function) {
             return;
         }
-        let Some(f) = self.functions.get_mut(function) else {
+        let Some(f) = self.functions.get(function) else {
             return;
         };
-        let Some(worker) = f.sleeping.pop() else {
+        // The most recent sleeper that may take this work (a drained plain TE may not).
+        let Some(index) = f.sleeping.iter().rposition(|&w| self.may_take(w, function)) else {
+            return;
+        };
+        let Some(worker) = self
+            .functions
+            .get_mut(function)
+            .and_then(|f| f.sleeping.swap_remove_index(index))
+        else {
             return;
         };
         self.set_awake(worker);
@@ -57,7 +65,10 @@ impl Broker {
     pub(super) fn pre_sleep(&mut self, conn: ConnId, out: &mut Vec<Action>) {
         self.conn(conn).woken_at = None;
         let c = self.conns.get(&conn).expect("known connection");
-        let work_waiting = c.abilities.keys().any(|name| self.has_work_for(name));
+        let work_waiting = c
+            .abilities
+            .keys()
+            .any(|name| self.has_work_for(name) && self.may_take(conn, name));
         if work_waiting {
             self.send_noop(conn, out);
             return;

@@ -68,6 +68,11 @@ impl Server {
         let mut cmd = Command::new(tebroker_bin());
         cmd.args(["serve", "-p", "0", "-L", "127.0.0.1"])
             .args(extra);
+        // Tests that do not name a store get none, rather than sharing the default directory.
+        let store_flags = ["--data-dir", "--database", "--no-store", "--config"];
+        if !extra.iter().any(|a| store_flags.contains(a)) {
+            cmd.arg("--no-store");
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }

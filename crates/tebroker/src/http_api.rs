@@ -1,0 +1,498 @@
+//! API v1: JSON views of the TEs, leases, queue, workers and history, and TE control.
+//!
+//! | Path | What |
+//! | --- | --- |
+//! | `GET /api/v1/envs` | every TE: the broker's live inventory, plus TEs only the store knows (`live: false`: seen before a restart, or by another broker sharing the database) |
+//! | `GET /api/v1/envs/{name}` | one TE with its recent leases and state changes |
+//! | `GET /api/v1/leases` | TEs leased now |
+//! | `GET /api/v1/queue` | lock requests waiting, in serving order, with the estimated wait |
+//! | `GET /api/v1/workers` | connections and what they registered |
+//! | `GET /api/v1/history?env=&job=&since=&until=&outcome=&limit=&cursor=` | ended leases, newest first; `next` is the cursor of the following page |
+//! | `GET /api/v1/stats` | the store writer's counters |
+//! | `GET /api/v1/charts?hours=` | the dashboard's series: queue length and mean wait per 15 minutes, leases per hour by outcome |
+//! | `POST /api/v1/envs/{name}/{drain,undrain,hold,release,rebuild}` | control (bearer token from `--api-token-file`); `hold` takes `?secs=` |
+//!
+//! Read-only endpoints are open; errors are `{"error": CODE, "message": TEXT}` with the status.
+//! The broker lock is held only to copy; store queries run on blocking threads.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use tebroker_store::{Cursor, HistoryQuery, InventoryQuery, Outcome, WaitQuery};
+use testenv_proto::agent::ControlOp;
+
+use crate::http::CORE_WAIT;
+use crate::server::Shared;
+
+pub fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/api/v1/envs", get(envs))
+        .route("/api/v1/envs/{name}", get(env))
+        .route("/api/v1/envs/{name}/{op}", post(control))
+        .route("/api/v1/leases", get(leases))
+        .route("/api/v1/queue", get(queue))
+        .route("/api/v1/workers", get(workers))
+        .route("/api/v1/history", get(history))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/charts", get(charts))
+        .route("/api/v1/{*rest}", get(not_found).post(not_found))
+}
+
+/// An error answer: status plus `{"error", "message"}`.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn no_store() -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_store",
+            "this broker runs with --no-store: no history is kept",
+        )
+    }
+    fn store(e: tebroker_store::StoreError) -> ApiError {
+        tracing::warn!(error = %e, "store query failed");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+    }
+    fn core(e: crate::server::CoreUnavailable) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "core_unavailable",
+            e.to_string(),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({"error": self.code, "message": self.message})),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok<T: Serialize>(v: T) -> ApiResult {
+    Ok(Json(v).into_response())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API path")
+}
+
+/// A TE as the API shows it.
+#[derive(Debug, Serialize)]
+struct ApiEnv {
+    #[serde(flatten)]
+    info: serde_json::Value,
+    /// Whether this broker knows the TE now (else: the store's last record of it).
+    live: bool,
+}
+
+fn inventory_query() -> InventoryQuery {
+    InventoryQuery {
+        last_outcomes: broker_core::OUTCOMES_KEPT as u32,
+        window_start_ms: tebroker_store::now_ms().saturating_sub(7 * 86_400_000),
+    }
+}
+
+async fn all_envs(shared: &Arc<Shared>) -> Result<Vec<ApiEnv>, ApiError> {
+    let live = shared
+        .inspect_within(CORE_WAIT, |b, now| b.envs(now))
+        .await
+        .map_err(ApiError::core)?;
+    let mut out: Vec<ApiEnv> = live
+        .iter()
+        .map(|e| ApiEnv {
+            info: serde_json::to_value(e).unwrap_or_default(),
+            live: true,
+        })
+        .collect();
+    if let Some(store) = shared.store() {
+        // A store that is down leaves the live view standing.
+        if let Ok(stored) = store.read(|s| s.inventory(&inventory_query())).await {
+            for s in stored {
+                if live.iter().any(|e| e.name == s.latest.env) {
+                    continue;
+                }
+                out.push(ApiEnv {
+                    info: stored_env_json(&s),
+                    live: false,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.info["name"].as_str().cmp(&b.info["name"].as_str()));
+    Ok(out)
+}
+
+/// A stored TE in the live inventory's shape.
+fn stored_env_json(s: &tebroker_store::EnvSummary) -> serde_json::Value {
+    serde_json::json!({
+        "name": s.latest.env,
+        "source": "store",
+        "agent": s.latest.agent,
+        "host": "",
+        "labels": s.latest.labels,
+        "state": s.latest.state.as_str(),
+        "since_ms": s.latest.since_ms,
+        "holder": s.latest.holder,
+        "detail": s.latest.detail,
+        "last_outcomes": s.last_outcomes.iter().map(|o| o.as_str()).collect::<Vec<_>>(),
+        "failure_rate": s.failure_rate(),
+    })
+}
+
+async fn envs(State(shared): State<Arc<Shared>>) -> ApiResult {
+    ok(all_envs(&shared).await?)
+}
+
+async fn env(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> ApiResult {
+    let all = all_envs(&shared).await?;
+    let Some(found) = all.into_iter().find(|e| e.info["name"] == name.as_str()) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_te",
+            format!("no TE named {name}"),
+        ));
+    };
+    let (recent, states) = match shared.store() {
+        Some(store) => {
+            let n = name.clone();
+            store
+                .read(move |s| {
+                    let page = s.history(&HistoryQuery {
+                        env: Some(n.clone()),
+                        limit: 20,
+                        ..HistoryQuery::default()
+                    })?;
+                    Ok((page.leases, s.env_states(&n, 20)?))
+                })
+                .await
+                .map_err(ApiError::store)?
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    ok(serde_json::json!({
+        "env": found,
+        "recent_leases": recent,
+        "state_changes": states,
+    }))
+}
+
+async fn leases(State(shared): State<Arc<Shared>>) -> ApiResult {
+    ok(shared
+        .inspect_within(CORE_WAIT, |b, now| b.leases(now))
+        .await
+        .map_err(ApiError::core)?)
+}
+
+async fn workers(State(shared): State<Arc<Shared>>) -> ApiResult {
+    ok(shared
+        .inspect_within(CORE_WAIT, |b, _| b.connections())
+        .await
+        .map_err(ApiError::core)?)
+}
+
+#[derive(Debug, Serialize)]
+struct QueuedRequest {
+    #[serde(flatten)]
+    request: broker_core::WaitingRequest,
+    /// Position × the mean time between recent grants (rounded up to seconds); `None` without
+    /// history.
+    estimated_wait_ms: Option<u64>,
+}
+
+async fn queue(State(shared): State<Arc<Shared>>) -> ApiResult {
+    let waiting = shared
+        .inspect_within(CORE_WAIT, |b, now| b.waiting_requests(now))
+        .await
+        .map_err(ApiError::core)?;
+    let store = shared.store();
+    ok(waiting
+        .into_iter()
+        .map(|request| QueuedRequest {
+            estimated_wait_ms: store
+                .and_then(|s| s.estimate_secs(request.position as u64))
+                .map(|secs| secs.saturating_mul(1000)),
+            request,
+        })
+        .collect::<Vec<_>>())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HistoryParams {
+    env: Option<String>,
+    job: Option<String>,
+    since: Option<i64>,
+    until: Option<i64>,
+    outcome: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn history(
+    State(shared): State<Arc<Shared>>,
+    params: Result<Query<HistoryParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let outcome = match &p.outcome {
+        Some(o) => Some(Outcome::parse_known(o).map_err(|e| ApiError::bad_request(e.to_string()))?),
+        None => None,
+    };
+    let after = match &p.cursor {
+        Some(c) => Some(
+            c.parse::<Cursor>()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let q = HistoryQuery {
+        env: p.env,
+        job: p.job,
+        since: p.since,
+        until: p.until,
+        outcome,
+        limit: p.limit.unwrap_or(0),
+        after,
+    };
+    let store = shared.store().ok_or_else(ApiError::no_store)?;
+    ok(store
+        .read(move |s| s.history(&q))
+        .await
+        .map_err(ApiError::store)?)
+}
+
+async fn stats(State(shared): State<Arc<Shared>>) -> ApiResult {
+    let Some(store) = shared.store() else {
+        return ok(serde_json::json!({"store": null}));
+    };
+    let w = store.stats();
+    ok(serde_json::json!({
+        "store": store.database().to_string(),
+        "recorded": w.recorded,
+        "written": w.written,
+        "dropped": w.dropped,
+        "errors": w.errors,
+        "queue_depth": w.queue_depth,
+        "pending": w.pending,
+        "store_up": w.store_up,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ControlParams {
+    secs: Option<u64>,
+}
+
+/// Whether the request carries the bearer token (compared in constant time).
+fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = shared.api_token() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "control_disabled",
+            "control over HTTP needs the broker started with --api-token-file",
+        ));
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    use subtle::ConstantTimeEq;
+    if bool::from(given.as_bytes().ct_eq(token)) && !given.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer TOKEN` is required",
+        ))
+    }
+}
+
+async fn control(
+    State(shared): State<Arc<Shared>>,
+    Path((name, op)): Path<(String, String)>,
+    headers: HeaderMap,
+    params: Result<Query<ControlParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    authorized(&shared, &headers)?;
+    let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let op = ControlOp::parse(&op)
+        .filter(|o| *o != ControlOp::Status)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_operation",
+                "operations: drain, undrain, hold, release, rebuild",
+            )
+        })?;
+    match shared.control_env(op, &name, p.secs, "http api") {
+        Ok(broker_core::ControlTarget::Agent { agent, handle }) => ok(serde_json::json!({
+            "env": name, "op": op.as_str(), "applied_by": "agent", "agent": agent, "handle": handle,
+        })),
+        Ok(broker_core::ControlTarget::Broker) => ok(serde_json::json!({
+            "env": name, "op": op.as_str(), "applied_by": "broker",
+        })),
+        Err(e) => {
+            let (code, text) = e.code_and_text();
+            let status = match e {
+                broker_core::ControlError::UnknownTe(_) => StatusCode::NOT_FOUND,
+                broker_core::ControlError::AmbiguousTe(_) => StatusCode::CONFLICT,
+                broker_core::ControlError::AgentUnreachable(_) => StatusCode::BAD_GATEWAY,
+                broker_core::ControlError::NotSupported(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            Err(ApiError::new(status, code, text))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChartParams {
+    hours: Option<u32>,
+}
+
+/// Buckets of the wait series.
+const WAIT_BUCKET_MS: i64 = 15 * 60 * 1000;
+const HOUR_MS: i64 = 3_600_000;
+/// Most leases and waits a chart reads.
+const CHART_ROWS: u32 = 50_000;
+
+#[derive(Debug, Serialize, PartialEq)]
+struct WaitPoint {
+    at_ms: i64,
+    /// Requests waiting at `at_ms`.
+    queued: usize,
+    /// Mean wait of the requests granted in the bucket ending at `at_ms`; `None` if none.
+    mean_wait_ms: Option<i64>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+struct HourPoint {
+    start_ms: i64,
+    /// Leases that ended in the hour, by outcome.
+    outcomes: std::collections::BTreeMap<String, u64>,
+}
+
+fn wait_series(waits: &[tebroker_store::WaitRecord], from: i64, to: i64) -> Vec<WaitPoint> {
+    let mut out = Vec::new();
+    let mut t = from;
+    while t <= to {
+        let end = t.saturating_add(WAIT_BUCKET_MS);
+        let queued = waits
+            .iter()
+            .filter(|w| w.queued_ms <= end && w.end.at_ms() > end)
+            .count();
+        let granted: Vec<i64> = waits
+            .iter()
+            .filter(|w| {
+                matches!(w.end, tebroker_store::WaitEnd::Granted { .. })
+                    && w.end.at_ms() > t
+                    && w.end.at_ms() <= end
+            })
+            .map(|w| w.waited_ms())
+            .collect();
+        let mean =
+            (!granted.is_empty()).then(|| granted.iter().sum::<i64>() / granted.len() as i64);
+        out.push(WaitPoint {
+            at_ms: end,
+            queued,
+            mean_wait_ms: mean,
+        });
+        t = end;
+    }
+    out
+}
+
+fn hour_series(leases: &[tebroker_store::StoredLease], from: i64, to: i64) -> Vec<HourPoint> {
+    let mut out: Vec<HourPoint> = Vec::new();
+    let mut t = from;
+    while t < to {
+        out.push(HourPoint {
+            start_ms: t,
+            outcomes: Default::default(),
+        });
+        t = t.saturating_add(HOUR_MS);
+    }
+    for l in leases {
+        let i = (l.lease.ended_ms - from).div_euclid(HOUR_MS);
+        if let Some(p) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
+            *p.outcomes
+                .entry(l.lease.outcome.as_str().to_string())
+                .or_default() += 1;
+        }
+    }
+    out
+}
+
+async fn charts(
+    State(shared): State<Arc<Shared>>,
+    params: Result<Query<ChartParams>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let hours = p.hours.unwrap_or(12).clamp(1, 7 * 24);
+    let store = shared.store().ok_or_else(ApiError::no_store)?;
+    let now = tebroker_store::now_ms();
+    let since = now.saturating_sub(i64::from(hours) * HOUR_MS);
+    let (waits, leases) = store
+        .read(move |s| {
+            let waits = s.waits(&WaitQuery {
+                function: None,
+                since: Some(since),
+                granted_only: false,
+                limit: CHART_ROWS,
+            })?;
+            let mut leases = Vec::new();
+            let mut q = HistoryQuery {
+                since: Some(since),
+                limit: tebroker_store::MAX_PAGE,
+                ..HistoryQuery::default()
+            };
+            loop {
+                let page = s.history(&q)?;
+                leases.extend(page.leases);
+                match page.next {
+                    Some(c) if leases.len() < CHART_ROWS as usize => q.after = Some(c),
+                    _ => break,
+                }
+            }
+            Ok((waits, leases))
+        })
+        .await
+        .map_err(ApiError::store)?;
+    let hour_start = since - since.rem_euclid(HOUR_MS);
+    let bucket_start = since - since.rem_euclid(WAIT_BUCKET_MS);
+    ok(serde_json::json!({
+        "now_ms": now,
+        "hours": hours,
+        "waits": wait_series(&waits, bucket_start, now.saturating_sub(WAIT_BUCKET_MS)),
+        "leases_per_hour": hour_series(&leases, hour_start, now),
+    }))
+}

@@ -1,0 +1,439 @@
+//! API v1 against a real broker and real testenv-protocol peers: a lease recorded in the SQLite
+//! store, queried through `/api/v1/history` (filters, paging), surviving a broker restart;
+//! `/api/v1/envs` before and after; control refused without the bearer token and applied with
+//! it; JSON errors.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use gearman_client::{Client, JobRequest, ServerAddr, Worker};
+use harness::Server;
+
+mod harness;
+
+const SECRET: &str = "PRIVATE-KEY-MATERIAL";
+const TOKEN: &str = "t0ken-for-the-api-v1-test";
+
+/// One HTTP/1.1 request; returns (status code, body).
+fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, body.to_string())
+}
+
+fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (code, body) = request(addr, "GET", path, None);
+    assert_eq!(code, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
+
+fn start(dir: &Path) -> Server {
+    let token = dir.join("token");
+    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    Server::tebroker_with(&[
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        harness::path(&dir.join("data")),
+        "--api-token-file",
+        harness::path(&token),
+    ])
+}
+
+/// One full lease of TE `te` by job `job` (a testenv-worker, a CI job's callback worker and
+/// client, all on real sockets), released.
+fn lease_once(port: u16, te: &str, job: &str) {
+    let addr = ServerAddr::localhost(port);
+    test_support::block_on_within(Duration::from_secs(60), async {
+        let worker = Worker::with_options(
+            [addr.clone()],
+            gearman_client::WorkerOptions {
+                client_id: Some(te.into()),
+                ..Default::default()
+            },
+        );
+        worker.register("lockenv");
+        let callback = Worker::new([addr.clone()]);
+        callback.register("callback_api1");
+        worker
+            .wait_for_server(Duration::from_secs(10))
+            .await
+            .unwrap();
+        callback
+            .wait_for_server(Duration::from_secs(10))
+            .await
+            .unwrap();
+        let client = Client::connect([addr.clone()]).await.unwrap();
+        let body = format!(
+            r#"{{"callback_name": "callback_api1", "timeout": "600", "ssh_key": "{SECRET}", "job_identifier": "{job}"}}"#
+        );
+        let lockenv = client
+            .submit(JobRequest::new("lockenv", body))
+            .await
+            .unwrap();
+        let lease = worker.grab_job().await.unwrap();
+        lease.complete("").await.unwrap();
+        lockenv.result().await.unwrap();
+    });
+}
+
+fn history_has(http: SocketAddr, query: &str, want: usize) -> serde_json::Value {
+    test_support::wait_until(&format!("{want} leases in /api/v1/history?{query}"), || {
+        let page = get_json(http, &format!("/api/v1/history?{query}"));
+        (page["leases"].as_array().unwrap().len() == want).then_some(page)
+    })
+}
+
+#[test]
+fn history_and_inventory_survive_a_restart_and_control_needs_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start(dir.path());
+    let http = broker.http.unwrap();
+    lease_once(broker.port, "testenv-worker-api1", "job-1");
+    lease_once(broker.port, "testenv-worker-api1", "job-2");
+    lease_once(broker.port, "testenv-worker-api2", "job-3");
+
+    let page = history_has(http, "", 3);
+    assert_eq!(page["leases"][0]["job_identifier"], "job-3", "newest first");
+    assert_eq!(page["leases"][0]["outcome"], "released");
+    let one = history_has(http, "env=testenv-worker-api1&limit=1", 1);
+    let cursor = one["next"].as_str().expect("a next cursor").to_string();
+    let two = history_has(
+        http,
+        &format!("env=testenv-worker-api1&limit=1&cursor={cursor}"),
+        1,
+    );
+    assert_eq!(one["leases"][0]["job_identifier"], "job-2");
+    assert_eq!(two["leases"][0]["job_identifier"], "job-1");
+    history_has(http, "job=job-3&outcome=released", 1);
+    history_has(http, "outcome=failed", 0);
+
+    // Bad input: a JSON error with a status, nothing else lost.
+    let (code, body) = request(http, "GET", "/api/v1/history?outcome=exploded", None);
+    assert_eq!(code, 400, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"], "bad_request");
+    assert!(
+        err["message"].as_str().unwrap().contains("released"),
+        "{body}"
+    );
+    let (code, body) = request(http, "GET", "/api/v1/history?cursor=zz", None);
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = request(http, "GET", "/api/v1/nothing-here", None);
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("not_found"));
+
+    // The TEs are gone (their workers disconnected) but listed, with their outcomes.
+    let envs = get_json(http, "/api/v1/envs");
+    let names: Vec<&str> = envs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"testenv-worker-api1") && names.contains(&"testenv-worker-api2"),
+        "{envs}"
+    );
+    let te = get_json(http, "/api/v1/envs/testenv-worker-api1");
+    assert_eq!(te["recent_leases"].as_array().unwrap().len(), 2, "{te}");
+    let (code, _) = request(http, "GET", "/api/v1/envs/no-such-te", None);
+    assert_eq!(code, 404);
+
+    // Control: refused without the token or with a wrong one; a known TE drained with it.
+    for token in [None, Some("wrong-token-of-good-length")] {
+        let (code, body) = request(
+            http,
+            "POST",
+            "/api/v1/envs/testenv-worker-api1/drain",
+            token,
+        );
+        assert_eq!(code, 401, "{body}");
+        assert!(body.contains("unauthorized"), "{body}");
+    }
+    let (code, body) = request(http, "POST", "/api/v1/envs/no-such-te/drain", Some(TOKEN));
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = request(
+        http,
+        "POST",
+        "/api/v1/envs/testenv-worker-api1/explode",
+        Some(TOKEN),
+    );
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("unknown_operation"), "{body}");
+
+    // The TEs' states reach the store (scanned every 2 s) before the restart.
+    test_support::wait_until("TE states in the store", || {
+        let states = get_json(http, "/api/v1/envs/testenv-worker-api2");
+        (!states["state_changes"].as_array().unwrap().is_empty()).then_some(())
+    });
+    for path in [
+        "/api/v1/history",
+        "/api/v1/envs",
+        "/api/v1/envs/testenv-worker-api1",
+        "/api/v1/workers",
+        "/api/v1/leases",
+        "/api/v1/queue",
+    ] {
+        let (_, body) = request(http, "GET", path, None);
+        assert!(!body.contains(SECRET), "{path} leaks TE data: {body}");
+    }
+
+    // Metrics: histograms of waits and lease durations, TEs by state, the store's counters.
+    let metrics = test_support::wait_until("the store's counters in /metrics", || {
+        let (_, m) = request(http, "GET", "/metrics", None);
+        m.contains("tebroker_store_written_total ").then_some(m)
+    });
+    for line in [
+        "tebroker_lease_wait_seconds_count 3",
+        "tebroker_lease_duration_seconds_count 3",
+        "tebroker_store_dropped_total 0",
+        "tebroker_store_errors_total 0",
+        "tebroker_store_up 1",
+        "# TYPE tebroker_lease_wait_seconds histogram",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("tebroker_envs{state=\"gone\"} 2"),
+        "{metrics}"
+    );
+    let stats = get_json(http, "/api/v1/stats");
+    assert_eq!(stats["dropped"], 0);
+    assert!(
+        stats["written"].as_u64().unwrap() >= 6,
+        "3 leases and 3 waits: {stats}"
+    );
+
+    broker.signal(libc::SIGTERM);
+    broker.wait_exit(Duration::from_secs(30));
+    assert!(!broker.log_text().contains(SECRET));
+
+    // A new broker on the same data directory has the history and the TEs.
+    let broker = start(dir.path());
+    let http = broker.http.unwrap();
+    let page = history_has(http, "", 3);
+    assert_eq!(page["leases"][2]["job_identifier"], "job-1");
+    let envs = get_json(http, "/api/v1/envs");
+    let api2 = envs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "testenv-worker-api2")
+        .unwrap_or_else(|| panic!("the stored TE after a restart: {envs}"));
+    assert_eq!(api2["live"], false);
+    assert_eq!(api2["last_outcomes"][0], "released");
+}
+
+#[test]
+fn without_a_token_file_control_is_refused_and_without_a_store_history_says_so() {
+    let broker = Server::tebroker_with(&["--http", "127.0.0.1:0", "--no-store"]);
+    let http = broker.http.unwrap();
+    let (code, body) = request(http, "POST", "/api/v1/envs/x/drain", Some(TOKEN));
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("control_disabled"));
+    let (code, body) = request(http, "GET", "/api/v1/history", None);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("no_store"));
+    assert_eq!(get_json(http, "/api/v1/queue"), serde_json::json!([]));
+}
+
+/// `tebroker ARGS... --url URL`; returns (exit code, stdout, stderr).
+fn cli(http: SocketAddr, args: &[&str]) -> (i32, String, String) {
+    let out = test_support::run_with_timeout(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tebroker"))
+            .args(args)
+            .args(["--url", &format!("http://{http}")])
+            .env_remove("TEBROKER_URL")
+            .env_remove("TEBROKER_TOKEN_FILE"),
+        Duration::from_secs(60),
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
+    use gearman_proto::PacketType as T;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path());
+    let http = broker.http.unwrap();
+    lease_once(broker.port, "testenv-worker-cli", "job-cli-1");
+    // A plain testenv-worker that stays: registered for lockenv, waiting for work.
+    let mut te = harness::Conn::connect(broker.port);
+    te.req(T::SetClientId, &["testenv-worker-cli"]);
+    te.req(T::CanDo, &["lockenv"]);
+    te.req(T::PreSleep, &[] as &[&str]);
+
+    let ready = test_support::wait_until("the TE ready in `tebroker envs`", || {
+        let (code, out, err) = cli(http, &["envs"]);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .find(|l| l.starts_with("testenv-worker-cli ") && l.contains(" ready "))
+            .map(str::to_string)
+    });
+    assert!(ready.contains("released"), "its last outcome: {ready}");
+    let (code, out, _) = cli(http, &["envs"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("TE "), "a table with a header: {out}");
+
+    let token = dir.path().join("token");
+    let (code, _, err) = cli(http, &["drain", "testenv-worker-cli"]);
+    assert_eq!(code, 1, "refused without a token");
+    assert!(err.contains("401") && err.contains("unauthorized"), "{err}");
+    let (code, out, err) = cli(
+        http,
+        &[
+            "drain",
+            "testenv-worker-cli",
+            "--token-file",
+            harness::path(&token),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("drain testenv-worker-cli: done by the broker"),
+        "{out}"
+    );
+    test_support::wait_until("the TE drained in `tebroker envs --json`", || {
+        let (_, out, _) = cli(http, &["envs", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "testenv-worker-cli" && e["state"] == "drained")
+            .then_some(())
+    });
+    let (code, _, err) = cli(
+        http,
+        &[
+            "undrain",
+            "testenv-worker-cli",
+            "--token-file",
+            harness::path(&token),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    test_support::wait_until("the TE ready again", || {
+        let (_, out, _) = cli(http, &["envs"]);
+        out.lines()
+            .any(|l| l.starts_with("testenv-worker-cli ") && l.contains(" ready "))
+            .then_some(())
+    });
+
+    let (code, out, err) = cli(http, &["history", "--env", "testenv-worker-cli"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("job-cli-1") && out.contains("released"),
+        "{out}"
+    );
+    let (code, _, err) = cli(http, &["history", "--outcome", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("400"), "{err}");
+    let (code, out, _) = cli(http, &["queue"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("POS"), "{out}");
+    drop(te);
+}
+
+/// Two brokers on one PostgreSQL database (a real throwaway cluster): each sees the other's
+/// leases in its history and the other's TEs in its inventory.
+#[test]
+fn two_brokers_share_history_and_inventory_through_postgresql() {
+    let Some(pg) = test_support::postgres::PgCluster::start_or_skip(
+        "two_brokers_share_history_and_inventory_through_postgresql",
+    ) else {
+        return;
+    };
+    let url = pg.url();
+    let start_pg = || Server::tebroker_with(&["--http", "127.0.0.1:0", "--database", &url]);
+    let a = start_pg();
+    let b = start_pg();
+    lease_once(a.port, "testenv-worker-on-a", "job-a");
+    lease_once(b.port, "testenv-worker-on-b", "job-b");
+    for broker in [&a, &b] {
+        let http = broker.http.unwrap();
+        let page = history_has(http, "", 2);
+        let jobs: Vec<&str> = page["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["job_identifier"].as_str().unwrap())
+            .collect();
+        assert!(jobs.contains(&"job-a") && jobs.contains(&"job-b"), "{page}");
+        test_support::wait_until("both TEs in the inventory", || {
+            let envs = get_json(http, "/api/v1/envs");
+            let names: Vec<String> = envs
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["name"].as_str().unwrap().to_string())
+                .collect();
+            (names.contains(&"testenv-worker-on-a".to_string())
+                && names.contains(&"testenv-worker-on-b".to_string()))
+            .then_some(())
+        });
+    }
+    drop((a, b));
+}
+
+/// With recent grants in the store, a waiting lock request gets an estimate: in the API's queue
+/// and as a third number of tebroker's `position` answer (`OK N TOTAL EST_SECS`).
+#[test]
+fn a_waiting_request_gets_an_estimated_wait() {
+    use gearman_proto::PacketType as T;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path());
+    let http = broker.http.unwrap();
+    for job in ["est-1", "est-2", "est-3"] {
+        lease_once(broker.port, "testenv-worker-est", job);
+    }
+    // No TE serves lockenv now: this request waits.
+    let mut client = harness::Conn::connect(broker.port);
+    client.req(
+        T::SubmitJob,
+        &[
+            "lockenv",
+            "",
+            r#"{"callback_name": "callback_w", "job_identifier": "est-wait"}"#,
+        ],
+    );
+    let created = client.expect(T::JobCreated);
+    let handle = String::from_utf8_lossy(created.arg(0)).into_owned();
+    let queued = test_support::wait_until("an estimate in /api/v1/queue", || {
+        let q = get_json(http, "/api/v1/queue");
+        q[0]["estimated_wait_ms"].as_u64().map(|_| q)
+    });
+    assert_eq!(queued[0]["job_identifier"], "est-wait");
+    assert_eq!(queued[0]["position"], 1);
+    let answer = broker.admin_line(&format!("position {handle}"));
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(words.len(), 4, "OK N TOTAL EST_SECS: {answer:?}");
+    assert_eq!(&words[..3], ["OK", "1", "1"], "{answer:?}");
+    let est: u64 = words[3].parse().unwrap();
+    assert_eq!(
+        est * 1000,
+        queued[0]["estimated_wait_ms"].as_u64().unwrap(),
+        "the same estimate"
+    );
+}
