@@ -157,7 +157,7 @@ fn tls_files_are_loaded_as_serve_loads_them() {
     // A certificate where the key should be: named, and no key material printed.
     refused(
         &check_config(&config(dir.path(), &tls(&server.cert, &server.cert))),
-        &["no private key found", &server.cert.display().to_string()],
+        &["no private key in", &server.cert.display().to_string()],
     );
     let other = pki.issue("other");
     let mismatched = check_config(&config(dir.path(), &tls(&server.cert, &other.key)));

@@ -16,6 +16,7 @@ pub fn answers_with_list(command: &str) -> bool {
             | ["acl", "list"]
             | ["show", ..]
             | ["leases"]
+            | ["envs"]
             | ["prioritystatus"]
     )
 }

@@ -524,10 +524,20 @@ fn reports_go_to_tebroker_only_and_sigusr2_drains_the_host() {
     let broker = tebroker();
     let agent = te(broker);
     agent.wait_state("te1", EnvState::Ready);
-    // This tebroker does not consume reports yet, so they queue as jobs of the report function.
+    // tebroker consumes the reports (never queued) into its inventory: te1 is listed as the
+    // agent's, ready.
     wait_until("a state report reached tebroker", || {
-        function_status(broker, "tebroker:te-report").filter(|r| r.0 >= 1)
+        test_support::admin(broker, "envs")
+            .into_iter()
+            .find(|line| {
+                let cols: Vec<&str> = line.split('\t').collect();
+                cols.len() >= 5 && cols[0] == "te1" && cols[1] == "ready" && !cols[4].is_empty()
+            })
     });
+    assert!(
+        function_status(broker, "tebroker:te-report").is_none_or(|r| r.0 == 0),
+        "reports are consumed, not queued"
+    );
     wait_until("te1 registered lockenv:ovb", || {
         function_status(broker, "lockenv:ovb").filter(|r| r.2 == 1)
     });
