@@ -140,7 +140,8 @@ fn default_tenum(source: &Source) -> String {
     format!("{}:{}", host_name(), path.display())
 }
 
-fn host_name() -> String {
+/// This machine's host name (`localhost` when it has none); names TEs and agents by default.
+pub fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes into buf.
     let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
