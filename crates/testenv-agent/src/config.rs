@@ -86,11 +86,39 @@ pub struct OnDemandFile {
     pub max_concurrent_creates: u32,
     #[serde(default)]
     pub create_retries: u32,
+    #[serde(default = "three")]
+    pub destroy_retries: u32,
+    #[serde(default = "default_on_demand_pattern")]
+    pub name_pattern: String,
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 fn one() -> u32 {
     1
 }
+
+fn three() -> u32 {
+    3
+}
+
+fn default_on_demand_pattern() -> String {
+    "od{n}".into()
+}
+
+/// The on-demand limits, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnDemand {
+    pub max_envs: u32,
+    pub min_ready: u32,
+    pub max_concurrent_creates: u32,
+    pub create_retries: u32,
+    pub destroy_retries: u32,
+    pub labels: Vec<String>,
+}
+
+/// The most on-demand TEs one agent manages (each has a worker connection per broker).
+const MAX_ON_DEMAND: u32 = 1000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,6 +155,8 @@ pub struct Hooks {
     pub health: Option<String>,
     pub cleanup: Option<String>,
     pub rebuild: Option<String>,
+    pub create: Option<String>,
+    pub destroy: Option<String>,
     pub timeout: Duration,
 }
 
@@ -139,6 +169,18 @@ pub struct Policy {
     pub early_failure: Duration,
 }
 
+/// Where a TE comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TeKind {
+    /// A `[[te]]` entry: its datafile is there.
+    Static,
+    /// Carved from the host: `setup` writes the datafile before the first health check.
+    Carved,
+    /// A slot of `[on_demand]`: `create` makes a TE in it (writing the datafile) and
+    /// `destroy` removes it after one lease.
+    OnDemand,
+}
+
 /// One TE with every setting resolved.
 #[derive(Debug, Clone)]
 pub struct TeConfig {
@@ -149,8 +191,7 @@ pub struct TeConfig {
     pub labels: Vec<String>,
     pub hooks: Hooks,
     pub policy: Policy,
-    /// Carved: `setup` writes the datafile before the first health check.
-    pub carved: bool,
+    pub kind: TeKind,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +203,7 @@ pub struct Config {
     pub control_socket: PathBuf,
     pub lease: testenv::lease::LeaseSettings,
     pub tes: Vec<TeConfig>,
+    pub on_demand: Option<OnDemand>,
 }
 
 /// A duration as `10m`, `30s`, `1h30m`, `2d`, `250ms` or a bare number of seconds.
@@ -226,6 +268,8 @@ fn hooks(where_: &str, base: &HooksFile, over: &HooksFile) -> anyhow::Result<Hoo
         health: pick(&over.health, &base.health),
         cleanup: pick(&over.cleanup, &base.cleanup),
         rebuild: pick(&over.rebuild, &base.rebuild),
+        create: pick(&over.create, &base.create),
+        destroy: pick(&over.destroy, &base.destroy),
         timeout: duration(
             where_,
             "hooks.timeout",
@@ -345,7 +389,7 @@ impl Config {
                 labels: te.labels.clone(),
                 hooks: hooks(&where_, &file.hooks, &te.hooks)?,
                 policy: policy(&where_, &file.policy, &te.policy)?,
-                carved: false,
+                kind: TeKind::Static,
             });
         }
         if let Some(carve) = &file.carve {
@@ -373,14 +417,19 @@ impl Config {
                     labels: carve.labels.clone(),
                     hooks: base_hooks.clone(),
                     policy: policy("carve", &file.policy, &PolicyFile::default())?,
-                    carved: true,
+                    kind: TeKind::Carved,
                 });
             }
         }
+        let mut on_demand = None;
         if let Some(od) = &file.on_demand {
             anyhow::ensure!(
                 file.hooks.create.is_some() && file.hooks.destroy.is_some(),
                 "on_demand: hooks.create and hooks.destroy are required"
+            );
+            anyhow::ensure!(
+                (1..=MAX_ON_DEMAND).contains(&od.max_envs),
+                "on_demand: max_envs must be 1 to {MAX_ON_DEMAND}"
             );
             anyhow::ensure!(
                 od.max_envs >= od.min_ready,
@@ -394,10 +443,39 @@ impl Config {
                 od.create_retries <= 100,
                 "on_demand: create_retries is more than 100"
             );
-            anyhow::bail!(
-                "on_demand: on-demand TEs are not implemented by this testenv-agent yet; \
-                 use testenv-worker CREATE_SCRIPT DESTROY_SCRIPT"
+            anyhow::ensure!(
+                od.destroy_retries <= 100,
+                "on_demand: destroy_retries is more than 100"
             );
+            for label in &od.labels {
+                testenv_proto::agent::check_name("label", label)
+                    .map_err(|e| anyhow::anyhow!("on_demand: labels: {e}"))?;
+            }
+            let base_hooks = hooks("on_demand", &file.hooks, &HooksFile::default())?;
+            let base_policy = policy("on_demand", &file.policy, &PolicyFile::default())?;
+            let datafiles = crate::on_demand::datafile_dir(&file.state_dir);
+            for num in 1..=od.max_envs {
+                let name = od.name_pattern.replace("{n}", &num.to_string());
+                testenv_proto::agent::check_name("TE", &name)
+                    .map_err(|e| anyhow::anyhow!("on_demand: name_pattern: {e}"))?;
+                tes.push(TeConfig {
+                    datafile: datafiles.join(format!("{name}.json")),
+                    name,
+                    num,
+                    labels: od.labels.clone(),
+                    hooks: base_hooks.clone(),
+                    policy: base_policy.clone(),
+                    kind: TeKind::OnDemand,
+                });
+            }
+            on_demand = Some(OnDemand {
+                max_envs: od.max_envs,
+                min_ready: od.min_ready,
+                max_concurrent_creates: od.max_concurrent_creates,
+                create_retries: od.create_retries,
+                destroy_retries: od.destroy_retries,
+                labels: od.labels.clone(),
+            });
         }
         let mut seen = std::collections::HashSet::new();
         for te in &tes {
@@ -409,7 +487,7 @@ impl Config {
         }
         anyhow::ensure!(
             !tes.is_empty(),
-            "no TE: give [[te]] entries or a [carve] section"
+            "no TE: give [[te]] entries, a [carve] or an [on_demand] section"
         );
         Ok(Config {
             agent,
@@ -423,6 +501,7 @@ impl Config {
             control_socket: file.control_socket.clone(),
             lease,
             tes,
+            on_demand,
         })
     }
 
@@ -443,49 +522,107 @@ impl Config {
             self.control_socket.display().to_string()
         );
         let _ = writeln!(out, "lease = {:?}", self.lease);
-        for te in &self.tes {
+        for te in self.tes.iter().filter(|t| t.kind != TeKind::OnDemand) {
             let _ = writeln!(
                 out,
                 "\n[te {}] num = {}{}",
                 te.name,
                 te.num,
-                if te.carved { " (carved)" } else { "" }
+                if te.kind == TeKind::Carved {
+                    " (carved)"
+                } else {
+                    ""
+                }
             );
             let _ = writeln!(
                 out,
                 "  datafile = {:?}{}",
                 te.datafile.display().to_string(),
-                if te.datafile.exists() || te.carved {
+                if te.datafile.exists() || te.kind == TeKind::Carved {
                     ""
                 } else {
                     "  (MISSING: the TE will be unhealthy)"
                 }
             );
             let _ = writeln!(out, "  labels = {:?}", te.labels);
-            let h = &te.hooks;
-            for (k, v) in [
-                ("setup", &h.setup),
-                ("health", &h.health),
-                ("cleanup", &h.cleanup),
-                ("rebuild", &h.rebuild),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "  hooks.{k} = {}",
-                    v.as_deref()
-                        .map_or("(none)".to_string(), |c| format!("{c:?}"))
-                );
-            }
-            let _ = writeln!(out, "  hooks.timeout = {:?}", h.timeout);
-            let p = &te.policy;
+            describe_hooks_and_policy(&mut out, te, false);
+        }
+        if let Some(od) = &self.on_demand {
+            let slots: Vec<&TeConfig> = self
+                .tes
+                .iter()
+                .filter(|t| t.kind == TeKind::OnDemand)
+                .collect();
+            let _ = writeln!(out, "\n[on_demand]");
+            let _ = writeln!(out, "  max_envs = {}", od.max_envs);
+            let _ = writeln!(out, "  min_ready = {}", od.min_ready);
             let _ = writeln!(
                 out,
-                "  policy: health_interval = {:?}, max_failed_leases = {}, max_rebuilds = {}, hold_on_failure = {:?}, early_failure = {:?}",
-                p.health_interval, p.max_failed_leases, p.max_rebuilds, p.hold_on_failure, p.early_failure
+                "  max_concurrent_creates = {}",
+                od.max_concurrent_creates
             );
+            let _ = writeln!(out, "  create_retries = {}", od.create_retries);
+            let _ = writeln!(out, "  destroy_retries = {}", od.destroy_retries);
+            let _ = writeln!(out, "  labels = {:?}", od.labels);
+            if let (Some(first), Some(last)) = (slots.first(), slots.last()) {
+                let _ = writeln!(
+                    out,
+                    "  names = {} .. {} ({} TEs at most)",
+                    first.name,
+                    last.name,
+                    slots.len()
+                );
+                let _ = writeln!(
+                    out,
+                    "  datafiles = {:?} (written by hooks.create)",
+                    first
+                        .datafile
+                        .parent()
+                        .unwrap_or(Path::new(""))
+                        .display()
+                        .to_string()
+                );
+                describe_hooks_and_policy(&mut out, first, true);
+            }
         }
         out
     }
+}
+
+fn describe_hooks_and_policy(out: &mut String, te: &TeConfig, on_demand: bool) {
+    use std::fmt::Write;
+    let h = &te.hooks;
+    let which = if on_demand {
+        [
+            ("create", &h.create),
+            ("destroy", &h.destroy),
+            ("health", &h.health),
+        ]
+        .to_vec()
+    } else {
+        [
+            ("setup", &h.setup),
+            ("health", &h.health),
+            ("cleanup", &h.cleanup),
+            ("rebuild", &h.rebuild),
+        ]
+        .to_vec()
+    };
+    for (k, v) in which {
+        let _ = writeln!(
+            out,
+            "  hooks.{k} = {}",
+            v.as_deref()
+                .map_or("(none)".to_string(), |c| format!("{c:?}"))
+        );
+    }
+    let _ = writeln!(out, "  hooks.timeout = {:?}", h.timeout);
+    let p = &te.policy;
+    let _ = writeln!(
+        out,
+        "  policy: health_interval = {:?}, max_failed_leases = {}, max_rebuilds = {}, hold_on_failure = {:?}, early_failure = {:?}",
+        p.health_interval, p.max_failed_leases, p.max_rebuilds, p.hold_on_failure, p.early_failure
+    );
 }
 
 #[cfg(test)]

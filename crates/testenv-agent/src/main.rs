@@ -12,6 +12,7 @@ mod carve;
 mod config;
 mod control;
 mod hooks;
+mod on_demand;
 mod pool;
 
 use config::Config;
@@ -197,10 +198,19 @@ async fn serve(config: Config) -> anyhow::Result<i32> {
     let servers = config.tls.servers(&config.brokers.join(","))?;
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| anyhow::anyhow!("state_dir {}: {e}", config.state_dir.display()))?;
+    if config.on_demand.is_some() {
+        let dir = on_demand::datafile_dir(&config.state_dir);
+        std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    }
     let local = tokio::task::LocalSet::new();
     local
         .run_until(async move {
-            let pool = Rc::new(pool::Pool::new(config.agent.clone(), host_name(), config.tes.clone()));
+            let pool = Rc::new(pool::Pool::new(
+                config.agent.clone(),
+                host_name(),
+                config.tes.clone(),
+                config.on_demand.clone(),
+            ));
             control::serve_socket(pool.clone(), &config.control_socket).await?;
             let mut usr1 = signal(SignalKind::user_defined1())?;
             let mut usr2 = signal(SignalKind::user_defined2())?;
@@ -212,9 +222,15 @@ async fn serve(config: Config) -> anyhow::Result<i32> {
                 state_dir: config.state_dir.clone(),
             });
             let mut tasks = Vec::new();
-            for i in 0..pool.tes.len() {
-                tasks.push(tokio::task::spawn_local(pool::run_te(pool.clone(), i, rt.clone())));
+            on_demand::destroy_orphans(&pool, &config.state_dir);
+            for (i, te) in pool.tes.iter().enumerate() {
+                tasks.push(if te.kind == config::TeKind::OnDemand {
+                    tokio::task::spawn_local(on_demand::run_slot(pool.clone(), i, rt.clone()))
+                } else {
+                    tokio::task::spawn_local(pool::run_te(pool.clone(), i, rt.clone()))
+                });
             }
+            on_demand::demand_forever(pool.clone(), servers.clone());
             let ctl_worker = control::serve_gearman(pool.clone(), servers.clone());
             control::report_forever(pool.clone(), servers.clone());
             tracing::info!(agent = pool.agent, tes = pool.tes.len(), brokers = ?config.brokers, "serving");

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use gearman_client::{Client, ServerAddr, Worker, WorkerOptions};
+use gearman_client::{Client, Job, ServerAddr, Worker, WorkerOptions};
 use testenv::journal::{BootClock, Journal, PreviousLease};
 use testenv::lease::{lease, Interrupt, Interrupts, LeaseContext, LeaseSettings, Outcome, Source};
 use testenv_proto::agent::{
@@ -20,7 +20,7 @@ use testenv_proto::{LockRequest, TeData, LOCKENV};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::TeConfig;
+use crate::config::{TeConfig, TeKind};
 use crate::hooks::{self, HookError};
 
 /// How long a held TE stays held when the command names no time.
@@ -44,6 +44,10 @@ pub struct EnvStatus {
     pub drain: bool,
     pub hold_until: Option<Instant>,
     pub rebuild_requested: bool,
+    /// A TE is there: always for static and carved TEs; for an on-demand slot, from the moment
+    /// its creation is recorded until its destroy succeeds. Slots with no TE are left out of
+    /// reports unless drained.
+    pub present: bool,
 }
 
 pub struct Pool {
@@ -55,14 +59,21 @@ pub struct Pool {
     stopping: Cell<bool>,
     /// Signalled on every state change (the reporter sends a report).
     pub changed: Notify,
+    /// The on-demand slots' shared state, with `[on_demand]`.
+    pub on_demand: Option<crate::on_demand::Demand>,
 }
 
 impl Pool {
-    pub fn new(agent: String, host: String, tes: Vec<TeConfig>) -> Pool {
+    pub fn new(
+        agent: String,
+        host: String,
+        tes: Vec<TeConfig>,
+        on_demand: Option<crate::config::OnDemand>,
+    ) -> Pool {
         let now = testenv::journal::now_ms();
         let status = tes
             .iter()
-            .map(|_| EnvStatus {
+            .map(|te| EnvStatus {
                 state: EnvState::Provisioning,
                 since_ms: now,
                 holder: None,
@@ -72,9 +83,11 @@ impl Pool {
                 drain: false,
                 hold_until: None,
                 rebuild_requested: false,
+                present: te.kind != TeKind::OnDemand,
             })
             .collect();
         let wake = tes.iter().map(|_| Notify::new()).collect();
+        let on_demand = on_demand.map(|od| crate::on_demand::Demand::new(od, tes.len()));
         Pool {
             agent,
             host,
@@ -83,6 +96,7 @@ impl Pool {
             wake,
             stopping: Cell::new(false),
             changed: Notify::new(),
+            on_demand,
         }
     }
 
@@ -90,12 +104,29 @@ impl Pool {
         self.status.borrow()[i].clone()
     }
 
-    fn update(&self, i: usize, f: impl FnOnce(&mut EnvStatus)) {
-        f(&mut self.status.borrow_mut()[i]);
-        self.changed.notify_one();
+    /// The status of every TE, in config order.
+    pub fn statuses(&self) -> Vec<EnvStatus> {
+        self.status.borrow().clone()
     }
 
-    fn set_state(&self, i: usize, state: EnvState, detail: Option<String>) {
+    pub(crate) fn update(&self, i: usize, f: impl FnOnce(&mut EnvStatus)) {
+        f(&mut self.status.borrow_mut()[i]);
+        self.changed.notify_one();
+        if let Some(od) = &self.on_demand {
+            od.changed.notify_one();
+        }
+    }
+
+    /// Wakes TE `i`'s task to look at its status again.
+    pub(crate) fn wake(&self, i: usize) {
+        self.wake[i].notify_one();
+    }
+
+    pub(crate) async fn woken(&self, i: usize) {
+        self.wake[i].notified().await;
+    }
+
+    pub(crate) fn set_state(&self, i: usize, state: EnvState, detail: Option<String>) {
         let name = &self.tes[i].name;
         self.update(i, |s| {
             if s.state != state {
@@ -118,7 +149,7 @@ impl Pool {
         });
     }
 
-    fn unhealthy(&self, i: usize, e: &HookError) {
+    pub(crate) fn unhealthy(&self, i: usize, e: &HookError) {
         tracing::error!("{e}");
         self.set_state(i, EnvState::Unhealthy, Some(e.to_string()));
     }
@@ -127,6 +158,9 @@ impl Pool {
         self.stopping.set(true);
         for w in &self.wake {
             w.notify_one();
+        }
+        if let Some(od) = &self.on_demand {
+            od.changed.notify_one();
         }
     }
 
@@ -145,6 +179,7 @@ impl Pool {
                 .tes
                 .iter()
                 .zip(status.iter())
+                .filter(|(_, s)| s.present || s.drain)
                 .map(|(te, s)| EnvReport {
                     name: te.name.clone(),
                     state: s.state,
@@ -168,6 +203,19 @@ impl Pool {
             (0..self.tes.len()).collect()
         } else {
             match self.tes.iter().position(|t| t.name == cmd.env) {
+                Some(i)
+                    if !self.status(i).present
+                        && !matches!(cmd.op, ControlOp::Drain | ControlOp::Undrain) =>
+                {
+                    return ControlReply {
+                        ok: false,
+                        message: format!(
+                            "agent {}: the on-demand TE {:?} is not created now",
+                            self.agent, cmd.env
+                        ),
+                        report: Some(self.report()),
+                    }
+                }
                 Some(i) => vec![i],
                 None => {
                     return ControlReply {
@@ -236,9 +284,9 @@ impl Pool {
 
 /// A TE's interrupts during a lease: only the agent stopping cuts a lease short; a drain
 /// arriving meanwhile marks it draining, and the TE leaves rotation when the lease ends.
-struct TeInterrupts {
-    pool: Rc<Pool>,
-    i: usize,
+pub(crate) struct TeInterrupts {
+    pub(crate) pool: Rc<Pool>,
+    pub(crate) i: usize,
 }
 
 impl Interrupts for TeInterrupts {
@@ -270,7 +318,7 @@ fn check_datafile(te: &TeConfig) -> Result<(), HookError> {
     Ok(())
 }
 
-async fn health(te: &TeConfig) -> Result<(), HookError> {
+pub(crate) async fn health(te: &TeConfig) -> Result<(), HookError> {
     check_datafile(te)?;
     hooks::run(te, "health", te.hooks.health.as_deref()).await
 }
@@ -300,11 +348,16 @@ pub struct TeRuntime {
     pub state_dir: PathBuf,
 }
 
-/// Runs TE `i` until the agent stops.
-pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
-    let te = pool.tes[i].clone();
-    let tenum = format!("{}:{}", pool.agent, te.name);
-    let journal = match Journal::open(&rt.state_dir, &tenum) {
+/// Opens TE `i`'s lease journal and, after a lease of a previous run, sits out the rest of its
+/// holder's grace. None: the journal cannot be opened (the TE is `failed`) or the agent stops.
+pub(crate) async fn open_journal(
+    pool: &Pool,
+    i: usize,
+    rt: &TeRuntime,
+    tenum: &str,
+) -> Option<Journal> {
+    let te = &pool.tes[i];
+    let journal = match Journal::open(&rt.state_dir, tenum) {
         Ok(j) => j,
         Err(e) => {
             let e = HookError(format!(
@@ -312,8 +365,9 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
                 te.name
             ));
             tracing::error!("{e}");
+            pool.update(i, |s| s.present = true);
             pool.set_state(i, EnvState::Failed, Some(e.0));
-            return;
+            return None;
         }
     };
     if let Some(previous) = journal.previous() {
@@ -325,6 +379,7 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
             );
         }
         let wait = Journal::quarantine_left(&previous, rt.settings.holder_grace, &BootClock::now());
+        pool.update(i, |s| s.present = true);
         pool.set_state(
             i,
             EnvState::Provisioning,
@@ -335,17 +390,22 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
         );
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = wait_stop(&pool, i) => return,
+            _ = wait_stop(pool, i) => return None,
         }
         if let Err(e) = journal.clear() {
             tracing::error!(te = te.name, error = %e, "cannot clear the lease journal");
         }
     }
+    Some(journal)
+}
 
+/// TE `i`'s worker, paused: `lockenv` and one function per label, its client id the TE name
+/// (so the brokers' `workers` listings name the TE).
+pub(crate) fn te_worker(te: &TeConfig, rt: &TeRuntime) -> Worker {
     let worker = Worker::with_options(
         rt.servers.clone(),
         WorkerOptions {
-            client_id: Some(format!("testenv-agent-{tenum}")),
+            client_id: Some(te.name.clone()),
             ..WorkerOptions::default()
         },
     );
@@ -354,6 +414,151 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
     for label in &te.labels {
         worker.register(label_function(label));
     }
+    worker
+}
+
+/// While TE `i` is held, waits for the hold to end (or a command). True if it was held: the
+/// caller looks at the status again.
+pub(crate) async fn sit_out_hold(pool: &Pool, i: usize) -> bool {
+    let s = pool.status(i);
+    let Some(until) = s.hold_until else {
+        return false;
+    };
+    if until > Instant::now() {
+        pool.set_state(
+            i,
+            EnvState::Held,
+            s.detail.clone().filter(|_| s.state == EnvState::Held),
+        );
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => pool.update(i, |s| s.hold_until = None),
+            _ = pool.woken(i) => {}
+        }
+        return true;
+    }
+    pool.update(i, |s| s.hold_until = None);
+    false
+}
+
+/// Offers ready TE `i` until a lock request arrives. None when a command woke the TE, or after
+/// the periodic health check (which marks the TE unhealthy if it failed).
+pub(crate) async fn offer(
+    pool: &Pool,
+    i: usize,
+    worker: &Worker,
+    last_health: &mut Instant,
+) -> Option<Job> {
+    let te = &pool.tes[i];
+    pool.set_state(i, EnvState::Ready, None);
+    worker.resume();
+    let next_health = *last_health + te.policy.health_interval;
+    let job = tokio::select! {
+        job = worker.grab_job() => job,
+        _ = pool.woken(i) => None,
+        _ = tokio::time::sleep_until(next_health) => {
+            worker.pause();
+            refuse_queued(worker, &te.name).await;
+            if let Err(e) = health(te).await {
+                pool.unhealthy(i, &e);
+            }
+            *last_health = Instant::now();
+            return None;
+        }
+    };
+    if job.is_none() {
+        worker.pause();
+        refuse_queued(worker, &te.name).await;
+    }
+    // Not paused during the lease: gearmand hands a running job out again when its worker
+    // sends CANT_DO for the function meanwhile. No second job is grabbed, since nobody
+    // waits in `grab_job` until the TE is ready again.
+    job
+}
+
+/// How [`serve`] ended.
+pub(crate) enum Served {
+    /// The agent stops.
+    Stop,
+    /// Nothing was handed over (a refused or too-big request): the TE is as it was.
+    NotLeased,
+    /// The TE was leased; the holder's grace is over.
+    Leased(testenv::lease::LeaseEnd),
+}
+
+/// Leases TE `i` for `job`, then (state `cleaning`) waits for its holder to be gone.
+pub(crate) async fn serve(
+    pool: &Pool,
+    i: usize,
+    ctx: &mut LeaseContext<'_, TeInterrupts>,
+    job: Job,
+) -> Served {
+    let holder = LockRequest::parse(job.data())
+        .map(|r| r.job_identifier)
+        .unwrap_or_default();
+    pool.update(i, |s| s.holder = Some(holder).filter(|h| !h.is_empty()));
+    let leased_state = if pool.status(i).drain {
+        EnvState::Draining
+    } else {
+        EnvState::Leased
+    };
+    pool.set_state(i, leased_state, None);
+    let end = lease(ctx, job).await;
+    // lockenv is answered: out of rotation until the loop finds the TE ready again.
+    ctx.worker.pause();
+    if end.outcome.stops_worker() {
+        return Served::Stop;
+    }
+    if let Outcome::TooSmall { has, needs } = end.outcome {
+        pool.set_state(
+            i,
+            EnvState::Ready,
+            Some(format!(
+                "stepped aside: a request needed {needs} nodes, this TE has {has}"
+            )),
+        );
+        // The client submits the request again at once; stepping aside for a moment lets
+        // a bigger TE (of this agent or another) take it instead of this one again.
+        tokio::select! {
+            _ = tokio::time::sleep(STEP_ASIDE) => {}
+            _ = wait_stop(pool, i) => return Served::Stop,
+        }
+    }
+    if !end.outcome.leased() {
+        return Served::NotLeased;
+    }
+    pool.set_state(i, EnvState::Cleaning, None);
+    if ctx.sit_out_holder(&end.outcome).await {
+        return Served::Stop;
+    }
+    Served::Leased(end)
+}
+
+/// With `hold_on_failure`, holds TE `i` after a lease whose command failed (Zuul's autohold).
+pub(crate) fn autohold(pool: &Pool, i: usize, end: &testenv::lease::LeaseEnd) {
+    let te = &pool.tes[i];
+    let command_failed = matches!(end.exit_status, Some(c) if c != 0);
+    if command_failed && !te.policy.hold_on_failure.is_zero() {
+        let job = end.job_identifier.clone();
+        pool.update(i, |s| {
+            s.hold_until = Instant::now().checked_add(te.policy.hold_on_failure);
+            s.holder = Some(job.clone()).filter(|j| !j.is_empty());
+        });
+        pool.set_state(
+            i,
+            EnvState::Held,
+            Some(format!("autohold: the job {job:?} failed")),
+        );
+    }
+}
+
+/// Runs static or carved TE `i` until the agent stops.
+pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
+    let te = pool.tes[i].clone();
+    let tenum = format!("{}:{}", pool.agent, te.name);
+    let Some(journal) = open_journal(&pool, i, &rt, &tenum).await else {
+        return;
+    };
+    let worker = te_worker(&te, &rt);
     let client = Client::new(rt.servers.clone());
     let source = Source::Static(te.datafile.clone());
     let mut interrupts = TeInterrupts {
@@ -377,7 +582,7 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
 
     pool.set_state(i, EnvState::Provisioning, None);
     let mut healthy = true;
-    if te.carved {
+    if te.kind == TeKind::Carved {
         if let Err(e) = hooks::run(&te, "setup", te.hooks.setup.as_deref()).await {
             pool.unhealthy(i, &e);
             healthy = false;
@@ -395,24 +600,12 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
         if ctx.wait_for_journal().await {
             break;
         }
-        let s = pool.status(i);
-        if let Some(until) = s.hold_until {
-            if until > Instant::now() {
-                pool.set_state(
-                    i,
-                    EnvState::Held,
-                    s.detail.clone().filter(|_| s.state == EnvState::Held),
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => pool.update(i, |s| s.hold_until = None),
-                    _ = pool.wake[i].notified() => {}
-                }
-                continue;
-            }
-            pool.update(i, |s| s.hold_until = None);
+        if sit_out_hold(&pool, i).await {
+            continue;
         }
+        let s = pool.status(i);
         if s.state == EnvState::Failed && !s.rebuild_requested {
-            pool.wake[i].notified().await;
+            pool.woken(i).await;
             continue;
         }
         if s.rebuild_requested || s.state == EnvState::Unhealthy {
@@ -455,74 +648,18 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
         }
         if s.drain {
             pool.set_state(i, EnvState::Drained, None);
-            pool.wake[i].notified().await;
+            pool.woken(i).await;
             continue;
         }
 
-        pool.set_state(i, EnvState::Ready, None);
-        worker.resume();
-        let next_health = last_health + te.policy.health_interval;
-        let job = tokio::select! {
-            job = worker.grab_job() => job,
-            _ = pool.wake[i].notified() => None,
-            _ = tokio::time::sleep_until(next_health) => {
-                worker.pause();
-                refuse_queued(&worker, &te.name).await;
-                if let Err(e) = health(&te).await {
-                    pool.unhealthy(i, &e);
-                }
-                last_health = Instant::now();
-                continue;
-            }
-        };
-        let Some(job) = job else {
-            worker.pause();
-            refuse_queued(&worker, &te.name).await;
+        let Some(job) = offer(&pool, i, &worker, &mut last_health).await else {
             continue;
         };
-        // Not paused during the lease: gearmand hands a running job out again when its worker
-        // sends CANT_DO for the function meanwhile. No second job is grabbed, since nobody
-        // waits in `grab_job` until the TE is ready again.
-
-        let holder = LockRequest::parse(job.data())
-            .map(|r| r.job_identifier)
-            .unwrap_or_default();
-        pool.update(i, |s| s.holder = Some(holder).filter(|h| !h.is_empty()));
-        let leased_state = if pool.status(i).drain {
-            EnvState::Draining
-        } else {
-            EnvState::Leased
+        let end = match serve(&pool, i, &mut ctx, job).await {
+            Served::Stop => break,
+            Served::NotLeased => continue,
+            Served::Leased(end) => end,
         };
-        pool.set_state(i, leased_state, None);
-        let end = lease(&mut ctx, job).await;
-        // lockenv is answered: out of rotation until the loop finds the TE ready again.
-        worker.pause();
-        if end.outcome.stops_worker() {
-            break;
-        }
-        if let Outcome::TooSmall { has, needs } = end.outcome {
-            pool.set_state(
-                i,
-                EnvState::Ready,
-                Some(format!(
-                    "stepped aside: a request needed {needs} nodes, this TE has {has}"
-                )),
-            );
-            // The client submits the request again at once; stepping aside for a moment lets
-            // a bigger TE (of this agent or another) take it instead of this one again.
-            tokio::select! {
-                _ = tokio::time::sleep(STEP_ASIDE) => {}
-                _ = wait_stop(&pool, i) => break,
-            }
-        }
-        if !end.outcome.leased() {
-            // Nothing was handed over (a refused or too-big request): the TE is as it was.
-            continue;
-        }
-        pool.set_state(i, EnvState::Cleaning, None);
-        if ctx.sit_out_holder(&end.outcome).await {
-            break;
-        }
         if end.outcome == Outcome::NoEnvironment {
             if let Err(e) = check_datafile(&te) {
                 pool.unhealthy(i, &e);
@@ -530,19 +667,7 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
             }
         }
         let failure = lease_failed(&te, &end);
-        let command_failed = matches!(end.exit_status, Some(c) if c != 0);
-        if command_failed && !te.policy.hold_on_failure.is_zero() {
-            let job = end.job_identifier.clone();
-            pool.update(i, |s| {
-                s.hold_until = Instant::now().checked_add(te.policy.hold_on_failure);
-                s.holder = Some(job.clone()).filter(|j| !j.is_empty());
-            });
-            pool.set_state(
-                i,
-                EnvState::Held,
-                Some(format!("autohold: the job {job:?} failed")),
-            );
-        }
+        autohold(&pool, i, &end);
         if let Err(e) = hooks::run(&te, "cleanup", te.hooks.cleanup.as_deref()).await {
             pool.unhealthy(i, &e);
         }
@@ -570,7 +695,7 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
 
 /// A lockenv the broker assigned while the TE was being taken out of rotation: failed, so its
 /// client submits it again for another TE.
-async fn refuse_queued(worker: &Worker, te: &str) {
+pub(crate) async fn refuse_queued(worker: &Worker, te: &str) {
     while let Ok(Some(job)) = tokio::time::timeout(Duration::ZERO, worker.grab_job()).await {
         tracing::info!(
             te,
@@ -580,7 +705,7 @@ async fn refuse_queued(worker: &Worker, te: &str) {
     }
 }
 
-async fn wait_stop(pool: &Pool, i: usize) {
+pub(crate) async fn wait_stop(pool: &Pool, i: usize) {
     while !pool.stopping() {
         pool.wake[i].notified().await;
     }

@@ -405,6 +405,38 @@ async fn lease_outcome<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Jo
     outcome
 }
 
+/// Answers a request with `notice` in place of TE data, leasing nothing: testenv-agent tells a
+/// waiting client `Failed creating OVB stack: ...` when its on-demand TE could not be created.
+/// Ends as [`Outcome::NoEnvironment`] once the holder has taken the notice (or
+/// [`Outcome::Refused`] for a request that cannot be served at all).
+pub async fn decline<I: Interrupts>(
+    ctx: &mut LeaseContext<'_, I>,
+    lockenv: Job,
+    notice: String,
+) -> Outcome {
+    let request = match LockRequest::parse_valid(lockenv.data()) {
+        Ok(r) => r,
+        Err(e) => return refuse(ctx, lockenv, e).await,
+    };
+    tracing::warn!(
+        tenum = ctx.tenum,
+        holder = request.callback_name,
+        job = request.job_identifier,
+        "no environment for the request: {}",
+        notice.lines().next().unwrap_or("")
+    );
+    let hold_for = ctx.settings.timeout;
+    let delivered = hand_over(ctx, &request.callback_name, notice, hold_for, None, None).await;
+    if let Err(e) = lockenv.complete("").await {
+        tracing::warn!(tenum = ctx.tenum, error = %e, "could not complete lockenv");
+    }
+    if delivered.stops_worker() {
+        delivered
+    } else {
+        Outcome::NoEnvironment
+    }
+}
+
 /// A request that cannot be served: its client (if the request names a usable callback) is
 /// told why, as a failed environment; otherwise lockenv fails. Nothing was leased.
 async fn refuse(
