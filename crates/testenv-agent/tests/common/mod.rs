@@ -1,0 +1,194 @@
+//! What the testenv-agent end-to-end tests share: the real agent binary started on a config in
+//! a temp dir, real testenv-clients, tebroker in this process or Debian's gearmand, and hook
+//! scripts. Every wait has a deadline.
+#![allow(dead_code)] // each test file uses its own part
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use test_support::{run_with_timeout, wait_until, Peer, PeerServer};
+use testenv_proto::agent::{AgentReport, EnvState};
+
+pub const AGENT_BIN: &str = env!("CARGO_BIN_EXE_testenv-agent");
+pub const LONG: Duration = Duration::from_secs(60);
+
+/// testenv-client, built next to this test binary (by `cargo test --workspace`, or here).
+pub fn client_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("testenv-client");
+    if !bin.exists() {
+        let out = run_with_timeout(
+            Command::new(env!("CARGO")).args(["build", "-p", "testenv", "--bin", "testenv-client"]),
+            Duration::from_secs(600),
+        );
+        assert!(out.status.success(), "cannot build testenv-client: {out:?}");
+    }
+    bin
+}
+
+/// tebroker on a free loopback port, served by a thread of this test process.
+pub fn tebroker() -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let settings = tebroker::config::Settings {
+                port: 0,
+                listen: "127.0.0.1".into(),
+                handle_host: "test".into(),
+                ..tebroker::config::Settings::default()
+            };
+            let server = tebroker::server::Server::bind(settings).await.unwrap();
+            tx.send(server.local_addr().unwrap()).unwrap();
+            let _ = server.run().await;
+        });
+    });
+    rx.recv_timeout(LONG).expect("tebroker started")
+}
+
+pub fn gearmand() -> PeerServer {
+    PeerServer::start(Peer::Gearmand { threads: 1 }, Duration::from_secs(10))
+}
+
+/// A running testenv-agent with its config, datafiles and hooks in a temp dir.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+}
+
+impl Agent {
+    /// `body` is the config after `brokers`, `state_dir` and `control_socket`; `{dir}` in it
+    /// stands for the agent's temp dir `dir`.
+    pub fn start_in(dir: tempfile::TempDir, broker: SocketAddr, body: &str) -> Agent {
+        let d = dir.path().display().to_string();
+        let config = format!(
+            "brokers = [\"{broker}\"]\nagent = \"test-agent\"\nstate_dir = \"{d}/state\"\n\
+             control_socket = \"{d}/ctl.sock\"\n{}",
+            body.replace("{dir}", &d)
+        );
+        std::fs::write(dir.path().join("agent.toml"), config).unwrap();
+        let child = Command::new(AGENT_BIN)
+            .arg("--config")
+            .arg(dir.path().join("agent.toml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Agent { dir, child }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        run_with_timeout(
+            Command::new(AGENT_BIN)
+                .arg("ctl")
+                .arg("--socket")
+                .arg(self.path("ctl.sock"))
+                .args(args),
+            LONG,
+        )
+    }
+
+    pub fn status(&self) -> Option<AgentReport> {
+        let out = self.ctl(&["status", "--json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn wait_state(&self, te: &str, want: EnvState) -> testenv_proto::agent::EnvReport {
+        wait_until(&format!("{te} {want}; log:\n{}", self.log()), || {
+            std::thread::sleep(Duration::from_millis(50));
+            self.status()?
+                .envs
+                .into_iter()
+                .find(|e| e.name == te && e.state == want)
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: a signal to our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes an executable script.
+pub fn script(path: &Path, body: &str) {
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+pub fn te_data(path: &Path, num: &str, nodes: usize) {
+    let nodes = vec!["{}"; nodes].join(",");
+    std::fs::write(
+        path,
+        format!("{{\"env-num\":\"{num}\",\"nodes\":[{nodes}]}}"),
+    )
+    .unwrap();
+}
+
+/// A testenv-client running `command` (sh -c) with the TE; its output and exit status.
+pub fn client(broker: SocketAddr, extra: &[&str], command: &str) -> Child {
+    Command::new(client_bin())
+        .args(["-b", &broker.to_string(), "-t", "300"])
+        .args(extra)
+        .args(["--", "sh", "-c", command])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+pub fn finish(child: Child) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(LONG) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("testenv-client did not finish within {LONG:?}");
+        }
+    }
+}
+
+/// The rows of admin `status` for `function`: (queued, running, workers).
+pub fn function_status(broker: SocketAddr, function: &str) -> Option<(u64, u64, u64)> {
+    test_support::parse_status(&test_support::admin(broker, "status"))
+        .into_iter()
+        .find(|r| r.function == function)
+        .map(|r| (r.total, r.running, r.workers))
+}
