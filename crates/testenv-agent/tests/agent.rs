@@ -525,3 +525,179 @@ fn a_high_priority_request_overtakes_waiting_low_ones_through_gearmand() {
     );
     assert_eq!(te.failed_leases, 0);
 }
+
+#[test]
+fn a_ready_te_failing_its_periodic_health_check_is_rebuilt_and_never_checked_during_a_lease() {
+    let broker = tebroker();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    te_data(&d.join("te1.json"), "1", 2);
+    // Every health run and rebuild is logged with the wall clock in ns; health fails while
+    // `sick` exists, and the rebuild mends it.
+    script(
+        &d.join("health.sh"),
+        &format!(
+            "echo \"health $(date +%s%N)\" >> {d}/hooks.log\n[ ! -e {d}/sick ] || {{ echo 'lost its IP'; exit 1; }}",
+            d = d.display()
+        ),
+    );
+    script(
+        &d.join("rebuild.sh"),
+        &format!(
+            "echo \"rebuild $(date +%s%N)\" >> {d}/hooks.log\nrm {d}/sick",
+            d = d.display()
+        ),
+    );
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+health = "{dir}/health.sh"
+rebuild = "{dir}/rebuild.sh"
+[policy]
+health_interval = "300ms"
+[lease]
+holder_grace = "1s"
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+"#,
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let log = |what: &str| -> Vec<u128> {
+        std::fs::read_to_string(agent.path("hooks.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix(what)?.trim().parse().ok())
+            .collect()
+    };
+    // Checked again and again while ready.
+    wait_until("3 health runs while ready", || {
+        (log("health").len() >= 3).then_some(())
+    });
+
+    // A lease of several health intervals: no health run inside it.
+    let lease_log = agent.path("lease.log");
+    let out = finish(client(
+        broker,
+        &[],
+        &format!(
+            "echo \"start $(date +%s%N)\" >> {0}; sleep 2; echo \"end $(date +%s%N)\" >> {0}",
+            lease_log.display()
+        ),
+    ));
+    assert!(out.status.success(), "{out:?}");
+    let lease = std::fs::read_to_string(&lease_log).unwrap();
+    let at = |what: &str| -> u128 {
+        lease
+            .lines()
+            .find_map(|l| l.strip_prefix(what)?.trim().parse().ok())
+            .unwrap()
+    };
+    let (start, end) = (at("start"), at("end"));
+    let runs = log("health");
+    assert!(
+        runs.iter().all(|&t| t < start || t > end),
+        "a health check ran during the lease {start}..{end}: {runs:?}"
+    );
+    wait_until("health checks again after the lease", || {
+        log("health").iter().any(|&t| t > end).then_some(())
+    });
+
+    // The TE falls ill while ready: unhealthy, rebuilt, checked, offered again, nobody acting.
+    std::fs::write(agent.path("sick"), "").unwrap();
+    wait_until("te1 rebuilt", || (!log("rebuild").is_empty()).then_some(()));
+    let te = agent.wait_state("te1", EnvState::Ready);
+    assert_eq!(te.failed_rebuilds, 0);
+    let text = agent.log();
+    let unhealthy = text
+        .find("from=ready to=unhealthy")
+        .unwrap_or_else(|| panic!("{text}"));
+    let rebuilding = text[unhealthy..]
+        .find("from=unhealthy to=rebuilding")
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        text[unhealthy + rebuilding..].contains("from=rebuilding to=ready"),
+        "{text}"
+    );
+    assert!(text.contains("TE te1: hook health: failed"), "{text}");
+    assert!(text.contains("lost its IP"), "{text}");
+    let rebuilt_at = log("rebuild")[0];
+    assert!(
+        log("health").iter().any(|&t| t > rebuilt_at),
+        "health runs after the rebuild before the TE is offered"
+    );
+    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// The worker lines of admin `workers` (`ID ADDRESS CLIENT-ID : FUNCTIONS`) as
+/// (client id, functions).
+fn workers(broker: SocketAddr) -> Vec<(String, Vec<String>)> {
+    test_support::admin(broker, "workers")
+        .into_iter()
+        .filter_map(|line| {
+            let (who, functions) = line.split_once(" :")?;
+            let id = who.split_whitespace().nth(2).unwrap_or("").to_string();
+            Some((id, functions.split_whitespace().map(String::from).collect()))
+        })
+        .collect()
+}
+
+#[test]
+fn te_workers_carry_their_te_name_as_client_id_in_tebroker_and_gearmand() {
+    let body = "[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\nlabels = [\"ovb\"]\n\
+                [[te]]\nname = \"te2\"\ndatafile = \"{dir}/te1.json\"\n";
+    let broker = tebroker();
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    let agent = Agent::start_in(dir, broker, body);
+    agent.wait_state("te1", EnvState::Ready);
+    agent.wait_state("te2", EnvState::Ready);
+    let named = |broker: SocketAddr| {
+        wait_until("both TEs' workers named in `workers`", || {
+            let w = workers(broker);
+            let has = |te: &str, f: &str| {
+                w.iter()
+                    .any(|(id, fs)| id == te && fs.iter().any(|x| x == f))
+            };
+            (has("te1", "lockenv") && has("te1", "lockenv:ovb") && has("te2", "lockenv"))
+                .then_some(w)
+        })
+    };
+    named(broker);
+    // tebroker's inventory lists each TE once, as the agent's: the TE workers are not also
+    // taken for plain testenv-workers.
+    wait_until("te1 and te2 listed once each by tebroker", || {
+        let envs = test_support::admin(broker, "envs");
+        let names: Vec<&str> = envs.iter().filter_map(|l| l.split('\t').next()).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        (sorted == ["te1", "te2"]).then_some(())
+    });
+
+    let server = gearmand();
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    let agent = Agent::start_in(dir, server.addr(), body);
+    agent.wait_state("te1", EnvState::Ready);
+    named(server.addr());
+    // Debian's gearadmin shows the same.
+    let out = run_with_timeout(
+        Command::new("gearadmin").args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &server.addr().port().to_string(),
+            "--workers",
+        ]),
+        LONG,
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.contains(" te1 : lockenv")),
+        "{out:?}"
+    );
+}
