@@ -449,13 +449,12 @@ fn after_kill_9_the_restarted_agent_destroys_every_te_left_and_leaks_none() {
     let restarted_at = now_ns();
     let dir = std::mem::replace(&mut agent.dir, tempfile::tempdir().unwrap());
     drop(agent);
+    // Restarted with one slot fewer: the TE in the slot that is gone is destroyed too.
     let agent = Agent::start_in(
         dir,
         broker,
-        &format!(
-            "[hooks]\ncreate = \"{{dir}}/create.sh\"\ndestroy = \"{{dir}}/destroy.sh\"\n\
-         [lease]\nholder_grace = \"1s\"\n[on_demand]\n{body}\n"
-        ),
+        "[hooks]\ncreate = \"{dir}/create.sh\"\ndestroy = \"{dir}/destroy.sh\"\n\
+         [lease]\nholder_grace = \"1s\"\n[on_demand]\nmax_envs = 2\nmin_ready = 2\n",
     );
     // Every TE the first run left is destroyed; then min_ready TEs are made afresh.
     wait_for(&agent, "the 3 TEs left destroyed", || {
@@ -543,4 +542,43 @@ labels = ["ovb"]
             "{out:?}"
         );
     }
+}
+
+#[test]
+fn a_create_outliving_its_waiter_adds_a_warm_te_that_the_next_client_gets_at_once() {
+    let broker = tebroker();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("create-blocks"), "").unwrap();
+    let agent = od_agent(broker, dir, "max_envs = 3\nmin_ready = 0");
+    wait_for(&agent, "the agent up", || agent.status());
+    // A client gives up (-t) while its TE is being created.
+    let impatient = std::process::Command::new(client_bin())
+        .args(["-b", &broker.to_string(), "-t", "3", "--", "true"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&agent, "a create for the waiting client", || {
+        (count(&events(&agent), "create-start", false) == 1).then_some(())
+    });
+    let out = finish(impatient);
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    // The create then finishes: the TE is warm, not handed to anyone, and no other create runs
+    // for the request that has gone.
+    std::fs::remove_file(agent.path("create-blocks")).unwrap();
+    let te = wait_for(&agent, "the TE ready", || {
+        in_state(&agent, EnvState::Ready).into_iter().next()
+    });
+    assert_eq!(te.holder, None);
+    let before_client = now_ns();
+    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("\"env-num\":\"{}\"", te.name)));
+    let ev = events(&agent);
+    assert_eq!(count(&ev, "create-start", false), 1, "{ev:?}");
+    assert!(
+        ev.iter()
+            .all(|e| e.what != "create-start" || e.at_ns < before_client),
+        "the second client took the warm TE without a create: {ev:?}"
+    );
 }
