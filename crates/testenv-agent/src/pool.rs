@@ -200,7 +200,14 @@ impl Pool {
         let targets: Vec<usize> = if cmd.op == ControlOp::Status {
             vec![]
         } else if cmd.env == ALL_ENVS {
-            (0..self.tes.len()).collect()
+            // An empty on-demand slot can only be drained or undrained (no TE to hold or
+            // rebuild).
+            (0..self.tes.len())
+                .filter(|&i| {
+                    self.status(i).present
+                        || matches!(cmd.op, ControlOp::Drain | ControlOp::Undrain)
+                })
+                .collect()
         } else {
             match self.tes.iter().position(|t| t.name == cmd.env) {
                 Some(i)
