@@ -17,9 +17,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gearman_client::{Client, ServerAddr, Worker};
+use gearman_client::ServerAddr;
 use serde::{Deserialize, Serialize};
-use testenv::lease::{decline, LeaseContext, Source};
+use testenv::lease::{decline, LeaseContext};
 use testenv_proto::agent::{label_function, EnvState};
 use testenv_proto::tedata::OVB_FAILED_PREFIX;
 use testenv_proto::LOCKENV;
@@ -412,31 +412,15 @@ pub async fn run_slot(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
     };
     let od = demand.settings.clone();
     let te = pool.tes[i].clone();
-    let tenum = format!("{}:{}", pool.agent, te.name);
-    let Some(journal) = pool::open_journal(&pool, i, &rt, &tenum).await else {
+    let Some(link) = pool::TeLink::open(&pool, i, &rt).await else {
         return;
     };
-    let worker: Worker = pool::te_worker(&te, &rt);
-    let client = Client::new(rt.servers.clone());
-    let source = Source::Static(te.datafile.clone());
+    let worker = &link.worker;
     let mut interrupts = TeInterrupts {
         pool: pool.clone(),
         i,
     };
-    let mut ctx = LeaseContext {
-        settings: &rt.settings,
-        tenum: &tenum,
-        source: &source,
-        journal: &journal,
-        client: &client,
-        worker: &worker,
-        interrupts: &mut interrupts,
-        check_size: true,
-        exit_status: None,
-        leasing: false,
-        pause_after_lease: false,
-        journal_failing: false,
-    };
+    let mut ctx = link.context(&rt, &mut interrupts);
 
     if record_path(&te).exists() {
         tracing::warn!(
@@ -506,7 +490,7 @@ pub async fn run_slot(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
             }
             continue;
         }
-        let Some(job) = pool::offer(&pool, i, &worker, &mut last_health).await else {
+        let Some(job) = pool::offer(&pool, i, worker, &mut last_health).await else {
             continue;
         };
         match pool::serve(&pool, i, &mut ctx, job).await {

@@ -558,34 +558,65 @@ pub(crate) fn autohold(pool: &Pool, i: usize, end: &testenv::lease::LeaseEnd) {
     }
 }
 
+/// What TE `i`'s task leases with, for the life of the task.
+pub(crate) struct TeLink {
+    tenum: String,
+    journal: Journal,
+    pub(crate) worker: Worker,
+    client: Client,
+    source: Source,
+}
+
+impl TeLink {
+    /// The journal (after any quarantine), a paused worker and a client. None: see
+    /// [`open_journal`].
+    pub(crate) async fn open(pool: &Pool, i: usize, rt: &TeRuntime) -> Option<TeLink> {
+        let te = &pool.tes[i];
+        let tenum = format!("{}:{}", pool.agent, te.name);
+        let journal = open_journal(pool, i, rt, &tenum).await?;
+        Some(TeLink {
+            tenum,
+            journal,
+            worker: te_worker(te, rt),
+            client: Client::new(rt.servers.clone()),
+            source: Source::Static(te.datafile.clone()),
+        })
+    }
+
+    pub(crate) fn context<'a>(
+        &'a self,
+        rt: &'a TeRuntime,
+        interrupts: &'a mut TeInterrupts,
+    ) -> LeaseContext<'a, TeInterrupts> {
+        LeaseContext {
+            settings: &rt.settings,
+            tenum: &self.tenum,
+            source: &self.source,
+            journal: &self.journal,
+            client: &self.client,
+            worker: &self.worker,
+            interrupts,
+            check_size: true,
+            exit_status: None,
+            leasing: false,
+            pause_after_lease: false,
+            journal_failing: false,
+        }
+    }
+}
+
 /// Runs static or carved TE `i` until the agent stops.
 pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
     let te = pool.tes[i].clone();
-    let tenum = format!("{}:{}", pool.agent, te.name);
-    let Some(journal) = open_journal(&pool, i, &rt, &tenum).await else {
+    let Some(link) = TeLink::open(&pool, i, &rt).await else {
         return;
     };
-    let worker = te_worker(&te, &rt);
-    let client = Client::new(rt.servers.clone());
-    let source = Source::Static(te.datafile.clone());
     let mut interrupts = TeInterrupts {
         pool: pool.clone(),
         i,
     };
-    let mut ctx = LeaseContext {
-        settings: &rt.settings,
-        tenum: &tenum,
-        source: &source,
-        journal: &journal,
-        client: &client,
-        worker: &worker,
-        interrupts: &mut interrupts,
-        check_size: true,
-        exit_status: None,
-        leasing: false,
-        pause_after_lease: false,
-        journal_failing: false,
-    };
+    let mut ctx = link.context(&rt, &mut interrupts);
+    let worker = &link.worker;
 
     pool.set_state(i, EnvState::Provisioning, None);
     let mut healthy = true;
@@ -659,7 +690,7 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
             continue;
         }
 
-        let Some(job) = offer(&pool, i, &worker, &mut last_health).await else {
+        let Some(job) = offer(&pool, i, worker, &mut last_health).await else {
             continue;
         };
         let end = match serve(&pool, i, &mut ctx, job).await {
