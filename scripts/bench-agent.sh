@@ -52,6 +52,19 @@ wall() {
 }
 echo "client-wall through the agent ($TES TEs): $(wall "$P") per lease"
 kill "$AGENT"; wait "$AGENT" 2>/dev/null || true
+{
+  echo "brokers = [\"127.0.0.1:$P\"]"; echo "agent = \"bench-od\""
+  echo "state_dir = \"$T/odstate\""; echo "control_socket = \"$T/odctl.sock\""
+  echo "[hooks]"; echo "create = \"cp $T/te.json \$TE_DATAFILE\""; echo "destroy = \"true\""
+  echo "[on_demand]"; echo "max_envs = 4"; echo "min_ready = 2"; echo "max_concurrent_creates = 2"
+} >"$T/od.toml"
+"$BIN/testenv-agent" --config "$T/od.toml" >"$T/od.log" 2>&1 & AGENT=$!; PIDS+=($AGENT)
+for _ in $(seq 1 300); do
+  n=$("$BIN/testenv-agent" ctl --socket "$T/odctl.sock" status --json 2>/dev/null | grep -c '"state": "ready"' || true)
+  [ "$n" = 2 ] && break; sleep 0.1
+done
+echo "client-wall through on-demand TEs (min_ready 2): $(wall "$P") per lease"
+kill "$AGENT"; wait "$AGENT" 2>/dev/null || true
 "$BIN/testenv-worker" -b "127.0.0.1:$P" -n bench-worker --state-dir "$T/wstate" "$T/te.json" >"$T/worker.log" 2>&1 & PIDS+=($!)
 sleep 1
 echo "client-wall through one testenv-worker:  $(wall "$P") per lease"
