@@ -598,3 +598,43 @@ fn a_create_outliving_its_waiter_adds_a_warm_te_that_the_next_client_gets_at_onc
         "the second client took the warm TE without a create: {ev:?}"
     );
 }
+
+#[test]
+fn draining_every_te_destroys_the_warm_ones_and_undraining_makes_them_again() {
+    let broker = tebroker();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = od_agent(broker, dir, "max_envs = 3\nmin_ready = 2");
+    wait_for(&agent, "2 TEs ready", || {
+        (in_state(&agent, EnvState::Ready).len() == 2).then_some(())
+    });
+    let out = agent.ctl(&["drain", "--all"]);
+    assert!(out.status.success(), "{out:?}");
+    // Drained: the warm TEs are destroyed and every slot is listed drained; none is created.
+    let drained = wait_for(&agent, "every slot drained, no TE left", || {
+        let s = agent.status()?;
+        let ev = events(&agent);
+        (s.envs.len() == 3
+            && s.envs.iter().all(|e| e.state == EnvState::Drained)
+            && alive(&ev).is_empty())
+        .then_some(ev)
+    });
+    assert_eq!(count(&drained, "create-start", false), 2, "{drained:?}");
+    assert!(records(&agent).is_empty());
+    // A hold needs a TE: refused for an empty slot, with the reason.
+    let out = agent.ctl(&["hold", "od1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not created now"),
+        "{out:?}"
+    );
+
+    let out = agent.ctl(&["undrain", "--all"]);
+    assert!(out.status.success(), "{out:?}");
+    let ready = wait_for(&agent, "2 TEs ready again", || {
+        let s = agent.status()?;
+        (s.envs.len() == 2 && s.envs.iter().all(|e| e.state == EnvState::Ready)).then_some(s.envs)
+    });
+    let names: Vec<String> = ready.into_iter().map(|e| e.name).collect();
+    assert_eq!(records(&agent), names);
+    assert_eq!(count(&events(&agent), "create-start", false), 4);
+}
