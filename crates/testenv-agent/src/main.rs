@@ -199,8 +199,14 @@ async fn serve(config: Config) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| anyhow::anyhow!("state_dir {}: {e}", config.state_dir.display()))?;
     if config.on_demand.is_some() {
+        // The create hook writes TE data (SSH keys, passwords) there: for the agent's user only.
+        use std::os::unix::fs::DirBuilderExt;
         let dir = on_demand::datafile_dir(&config.state_dir);
-        std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     }
     let local = tokio::task::LocalSet::new();
     local

@@ -205,6 +205,12 @@ fn min_ready_tes_are_created_ahead_and_each_is_destroyed_after_one_lease() {
         ready.iter().all(|e| record(&agent, &e.name).exists()),
         "each TE is recorded in state_dir"
     );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(agent.path("state/on-demand"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "TE data is for the agent's user only");
     let before_client = now_ns();
     let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
     assert!(out.status.success(), "{out:?}\n{}", agent.log());
