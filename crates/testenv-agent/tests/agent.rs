@@ -15,20 +15,10 @@ use testenv_proto::agent::EnvState;
 #[test]
 fn a_flaky_te_is_rebuilt_by_itself_and_only_then_offered() {
     let broker = tebroker();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    te_data(&d.join("te1.json"), "1", 2);
     // te1's health fails until its rebuild hook has run; every health run is logged.
-    script(
-        &d.join("health.sh"),
-        &format!(
-            "echo \"$TE_NAME\" >> {d}/health.log\n[ -e {d}/rebuilt ] || {{ echo 'lost its IP'; exit 1; }}",
-            d = d.display()
-        ),
-    );
-    script(
-        &d.join("rebuild.sh"),
-        &format!("touch {}/rebuilt", d.display()),
+    let dir = te1_with_health_and_rebuild(
+        "echo \"$TE_NAME\" >> {d}/health.log\n[ -e {d}/rebuilt ] || { echo 'lost its IP'; exit 1; }",
+        "touch {d}/rebuilt",
     );
     let agent = Agent::start_in(
         dir,
@@ -529,24 +519,11 @@ fn a_high_priority_request_overtakes_waiting_low_ones_through_gearmand() {
 #[test]
 fn a_ready_te_failing_its_periodic_health_check_is_rebuilt_and_never_checked_during_a_lease() {
     let broker = tebroker();
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    te_data(&d.join("te1.json"), "1", 2);
     // Every health run and rebuild is logged with the wall clock in ns; health fails while
     // `sick` exists, and the rebuild mends it.
-    script(
-        &d.join("health.sh"),
-        &format!(
-            "echo \"health $(date +%s%N)\" >> {d}/hooks.log\n[ ! -e {d}/sick ] || {{ echo 'lost its IP'; exit 1; }}",
-            d = d.display()
-        ),
-    );
-    script(
-        &d.join("rebuild.sh"),
-        &format!(
-            "echo \"rebuild $(date +%s%N)\" >> {d}/hooks.log\nrm {d}/sick",
-            d = d.display()
-        ),
+    let dir = te1_with_health_and_rebuild(
+        "echo \"health $(date +%s%N)\" >> {d}/hooks.log\n[ ! -e {d}/sick ] || { echo 'lost its IP'; exit 1; }",
+        "echo \"rebuild $(date +%s%N)\" >> {d}/hooks.log\nrm {d}/sick",
     );
     let agent = Agent::start_in(
         dir,

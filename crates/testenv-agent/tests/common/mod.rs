@@ -192,3 +192,15 @@ pub fn function_status(broker: SocketAddr, function: &str) -> Option<(u64, u64, 
         .find(|r| r.function == function)
         .map(|r| (r.total, r.running, r.workers))
 }
+
+/// A temp dir with `te1.json` (2 nodes) and the hooks `health.sh` and `rebuild.sh` running
+/// `health` and `rebuild`, in which `{d}` stands for the dir.
+pub fn te1_with_health_and_rebuild(health: &str, rebuild: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    te_data(&d.join("te1.json"), "1", 2);
+    let here = d.display().to_string();
+    script(&d.join("health.sh"), &health.replace("{d}", &here));
+    script(&d.join("rebuild.sh"), &rebuild.replace("{d}", &here));
+    dir
+}
