@@ -644,3 +644,25 @@ fn draining_every_te_destroys_the_warm_ones_and_undraining_makes_them_again() {
     assert_eq!(records(&agent), names);
     assert_eq!(count(&events(&agent), "create-start", false), 4);
 }
+
+#[test]
+fn a_waiting_client_gets_a_te_created_for_it_through_geard() {
+    let server = test_support::PeerServer::start(test_support::Peer::Geard, LONG);
+    let broker = server.addr();
+    let dir = tempfile::tempdir().unwrap();
+    // No TE ahead: only the waiting request, read from geard's admin `status`, asks for one.
+    let agent = od_agent(
+        broker,
+        dir,
+        "max_envs = 2\nmin_ready = 0\nlabels = [\"ovb\"]",
+    );
+    wait_for(&agent, "the agent up", || agent.status());
+    let out = finish(client(broker, &["--label", "ovb"], "cat $TE_DATAFILE"));
+    assert!(out.status.success(), "{out:?}\n{}", agent.log());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"env-num\":\"od1\""));
+    wait_for(&agent, "the TE destroyed after its lease", || {
+        let ev = events(&agent);
+        (count(&ev, "destroy-end", false) == 1 && alive(&ev).is_empty()).then_some(())
+    });
+    assert_eq!(count(&events(&agent), "create-end", false), 1);
+}
