@@ -22,12 +22,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use broker_core::ControlOutcome;
 use serde::{Deserialize, Serialize};
 use tebroker_store::{Cursor, HistoryQuery, InventoryQuery, Outcome, WaitQuery};
 use testenv_proto::agent::ControlOp;
 
 use crate::http::CORE_WAIT;
-use crate::server::Shared;
+use crate::server::{ControlDone, Shared};
 
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
@@ -354,11 +355,13 @@ async fn control(
                 "operations: drain, undrain, hold, release, rebuild",
             )
         })?;
-    match shared.control_env(op, &name, p.secs, "http api") {
-        Ok(broker_core::ControlTarget::Agent { agent, handle }) => ok(serde_json::json!({
-            "env": name, "op": op.as_str(), "applied_by": "agent", "agent": agent, "handle": handle,
-        })),
-        Ok(broker_core::ControlTarget::Broker) => ok(serde_json::json!({
+    match shared.control_env(op, &name, p.secs, "http api").await {
+        Ok(ControlDone::Agent {
+            agent,
+            handle,
+            outcome,
+        }) => agent_answer(&name, op, agent, handle, outcome),
+        Ok(ControlDone::Broker) => ok(serde_json::json!({
             "env": name, "op": op.as_str(), "applied_by": "broker",
         })),
         Err(e) => {
@@ -371,6 +374,41 @@ async fn control(
             };
             Err(ApiError::new(status, code, text))
         }
+    }
+}
+
+/// The answer to a control command an agent carried out, refused, failed or left unanswered.
+fn agent_answer(
+    env: &str,
+    op: ControlOp,
+    agent: String,
+    handle: String,
+    outcome: ControlOutcome,
+) -> ApiResult {
+    match outcome {
+        ControlOutcome::Replied {
+            ok: true, message, ..
+        } => ok(serde_json::json!({
+            "env": env, "op": op.as_str(), "applied_by": "agent", "agent": agent,
+            "handle": handle, "reply": message,
+        })),
+        ControlOutcome::Replied {
+            ok: false, message, ..
+        } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "refused",
+            format!("agent {agent}: {message}"),
+        )),
+        ControlOutcome::Failed { why, .. } => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_failed",
+            format!("agent {agent}: {why}"),
+        )),
+        timed_out @ ControlOutcome::TimedOut { .. } => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "agent_timeout",
+            timed_out.timeout_text(),
+        )),
     }
 }
 

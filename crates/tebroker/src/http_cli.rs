@@ -377,11 +377,11 @@ fn history_table(v: &serde_json::Value) -> String {
 fn control_line(v: &serde_json::Value) -> String {
     match v["applied_by"].as_str() {
         Some("agent") => format!(
-            "{} {}: sent to agent {} (job {})\n",
+            "{} {}: agent {}: {}\n",
             text(&v["op"]),
             text(&v["env"]),
             text(&v["agent"]),
-            text(&v["handle"])
+            text(&v["reply"])
         ),
         _ => format!(
             "{} {}: done by the broker\n",

@@ -437,3 +437,182 @@ fn a_waiting_request_gets_an_estimated_wait() {
         "the same estimate"
     );
 }
+
+/// An agent's side on raw sockets: its report of `te1`, then its control function served by
+/// `ctl` (registered, asleep).
+fn agent_with_te1(port: u16) -> harness::Conn {
+    use gearman_proto::PacketType as T;
+    let report = testenv_proto::agent::AgentReport {
+        agent: "host1".into(),
+        host: "host1.example".into(),
+        version: "testenv-agent 0.1.0".into(),
+        sent_ms: 1,
+        envs: vec![testenv_proto::agent::EnvReport {
+            name: "te1".into(),
+            state: testenv_proto::agent::EnvState::Ready,
+            since_ms: 1,
+            labels: vec![],
+            holder: None,
+            detail: None,
+            failed_leases: 0,
+            failed_rebuilds: 0,
+        }],
+    };
+    let mut ctl = harness::Conn::connect(port);
+    ctl.req(
+        T::SubmitJobBg,
+        &["tebroker:te-report", "", &report.to_json()],
+    );
+    ctl.expect(T::JobCreated);
+    ctl.req(T::CanDo, &["testenv-agent:ctl:host1"]);
+    ctl.req(T::PreSleep, &[] as &[&str]);
+    ctl
+}
+
+/// The agent takes the next control command and answers it with `ok` / `message`; returns
+/// the command.
+fn answer_control(ctl: &mut harness::Conn, ok: bool, message: &str) -> serde_json::Value {
+    use gearman_proto::PacketType as T;
+    ctl.expect(T::Noop);
+    ctl.req(T::GrabJobUniq, &[] as &[&str]);
+    let job = ctl.expect(T::JobAssignUniq);
+    let reply = testenv_proto::agent::ControlReply {
+        ok,
+        message: message.into(),
+        report: None,
+    };
+    ctl.req(T::WorkComplete, &[job.arg(0), reply.to_json().as_bytes()]);
+    ctl.req(T::PreSleep, &[] as &[&str]);
+    serde_json::from_slice(job.arg(3)).unwrap()
+}
+
+/// Starts `tebroker ARGS...` without waiting (its answer waits for the agent's).
+fn spawn_tebroker(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tebroker"))
+        .args(args)
+        .env_remove("TEBROKER_URL")
+        .env_remove("TEBROKER_TOKEN_FILE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// (exit code, stdout, stderr) of a child started by [`spawn_tebroker`].
+fn finish(child: std::process::Child) -> (i32, String, String) {
+    let out = test_support::wait_until_within("the tebroker command", Duration::from_secs(60), {
+        let mut child = Some(child);
+        move || {
+            let c = child.as_mut().unwrap();
+            c.try_wait()
+                .unwrap()
+                .map(|_| child.take().unwrap().wait_with_output().unwrap())
+        }
+    });
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn control_of_an_agents_te_answers_with_the_agents_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path());
+    let http = broker.http.unwrap();
+    let port = broker.port.to_string();
+    let token = dir.path().join("token");
+    let mut ctl = agent_with_te1(broker.port);
+
+    // `tebroker admin`: the agent's word, both ways.
+    let admin = spawn_tebroker(&["admin", "-b", &format!("127.0.0.1:{port}"), "drain", "te1"]);
+    let cmd = answer_control(&mut ctl, true, "drain te1");
+    assert_eq!(
+        (cmd["op"].as_str(), cmd["env"].as_str()),
+        (Some("drain"), Some("te1"))
+    );
+    let (code, out, err) = finish(admin);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "OK drain te1: agent host1: drain te1\n");
+    let admin = spawn_tebroker(&[
+        "admin",
+        "-b",
+        &format!("127.0.0.1:{port}"),
+        "release",
+        "te1",
+    ]);
+    answer_control(&mut ctl, false, "te1 is not held");
+    let (code, _, err) = finish(admin);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("ERR refused "), "{err}");
+    assert!(
+        err.contains("te1") && err.contains("not") && err.contains("held"),
+        "{err}"
+    );
+
+    // The API.
+    let api = std::thread::spawn(move || {
+        request(http, "POST", "/api/v1/envs/te1/hold?secs=60", Some(TOKEN))
+    });
+    let cmd = answer_control(&mut ctl, true, "hold te1");
+    assert_eq!(cmd["hold_secs"], 60);
+    let (code, body) = api.join().unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["applied_by"], "agent");
+    assert_eq!(v["reply"], "hold te1");
+    let api =
+        std::thread::spawn(move || request(http, "POST", "/api/v1/envs/te1/release", Some(TOKEN)));
+    answer_control(&mut ctl, false, "te1 is not held");
+    let (code, body) = api.join().unwrap();
+    assert_eq!(code, 409, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "refused");
+    assert_eq!(v["message"], "agent host1: te1 is not held");
+
+    // The CLI (through the API).
+    let url = format!("http://{http}");
+    let token_arg = harness::path(&token);
+    let cli = spawn_tebroker(&["undrain", "te1", "--url", &url, "--token-file", token_arg]);
+    answer_control(&mut ctl, true, "undrain te1");
+    let (code, out, err) = finish(cli);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "undrain te1: agent host1: undrain te1\n");
+
+    // An agent that takes nothing: the command is withdrawn at the deadline, and said so.
+    let started = std::time::Instant::now();
+    let (code, body) = request_within(http, "/api/v1/envs/te1/drain", Duration::from_secs(30));
+    assert_eq!(code, 504, "{body}");
+    assert!(
+        body.contains("agent_timeout") && body.contains("withdrawn"),
+        "{body}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(broker_core::CONTROL_REPLY_TIMEOUT_MS));
+    assert!(
+        !broker
+            .admin_block("status")
+            .iter()
+            .any(|l| l.starts_with("testenv-agent:ctl:host1\t1")),
+        "the withdrawn command is not queued: {:?}",
+        broker.admin_block("status")
+    );
+}
+
+/// A POST with the token and a longer read timeout than [`request`]'s.
+fn request_within(addr: SocketAddr, path: &str, wait: Duration) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    (
+        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        body.to_string(),
+    )
+}
