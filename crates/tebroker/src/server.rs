@@ -146,10 +146,12 @@ impl Shared {
     /// Releases the lock, then writes what was queued, hands ended leases to the history
     /// file, and tells the timer when the next deadline moved earlier.
     fn after_apply(&self, mut state: MutexGuard<'_, State>, woken: Vec<Arc<Outbox>>) {
-        let next = state.broker.next_deadline(self.now());
+        let now = self.now();
+        let next = state.broker.next_deadline(now);
         let ended = state.broker.take_new_history();
         // Taken even without a store, so the core's buffer never fills.
         let waits = state.broker.take_ended_waits();
+        let pauses = state.broker.take_pause_changes(now);
         drop(state);
         self.timer.rearm(next);
         for o in woken {
@@ -160,6 +162,9 @@ impl Shared {
         }
         if let (Some(store), false) = (&self.store, waits.is_empty()) {
             store.waits_ended(&waits);
+        }
+        if let (Some(store), false) = (&self.store, pauses.is_empty()) {
+            store.pauses_changed(&pauses);
         }
     }
 
@@ -528,8 +533,10 @@ impl Server {
             max_functions_per_conn: settings.max_functions_per_conn,
         });
         broker.set_security(crate::reload::security(&settings, acl));
+        let clock = crate::clock::Clock::start();
         if let Some(link) = &store {
             let _ = edge.store.set(link.clone());
+            link.restore_pauses(&mut broker, clock.now());
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -551,7 +558,7 @@ impl Server {
             next_control_token: AtomicU64::new(1),
             lease_metrics: crate::http::LeaseHistograms::default(),
             reload,
-            clock: crate::clock::Clock::start(),
+            clock,
         });
         Ok(Server { listener, shared })
     }

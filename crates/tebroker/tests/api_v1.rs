@@ -616,3 +616,97 @@ fn request_within(addr: SocketAddr, path: &str, wait: Duration) -> (u16, String)
         body.to_string(),
     )
 }
+
+/// A plain testenv-worker named `name` on raw sockets: registered for lockenv, asleep.
+fn plain_te(port: u16, name: &str) -> harness::Conn {
+    use gearman_proto::PacketType as T;
+    let mut te = harness::Conn::connect(port);
+    te.req(T::SetClientId, &[name]);
+    te.req(T::CanDo, &["lockenv"]);
+    te.req(T::PreSleep, &[] as &[&str]);
+    te
+}
+
+/// TE `name`'s state in `tebroker admin envs` (waits until the TE is listed in `state`).
+fn wait_admin_state(broker: &Server, name: &str, state: &str) {
+    test_support::wait_until(&format!("{name} {state} in `envs`"), || {
+        broker
+            .admin_block("envs")
+            .iter()
+            .map(|l| l.split('\t').map(str::to_string).collect::<Vec<_>>())
+            .find(|f| f[0] == name && f[1] == state)
+    });
+}
+
+#[test]
+fn broker_side_drains_and_holds_of_plain_tes_survive_a_restart() {
+    use gearman_proto::PacketType as T;
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start(dir.path());
+    let http = broker.http.unwrap();
+    let (drained, held, back) = ("plain-drained", "plain-held", "plain-back");
+    let conns: Vec<_> = [drained, held, back]
+        .iter()
+        .map(|n| plain_te(broker.port, n))
+        .collect();
+    wait_admin_state(&broker, back, "ready");
+    assert!(broker
+        .admin_line(&format!("drain {drained}"))
+        .starts_with("OK drain"));
+    let (code, body) = request(
+        http,
+        "POST",
+        &format!("/api/v1/envs/{held}/hold?secs=3600"),
+        Some(TOKEN),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(broker.admin_line(&format!("hold {back}")).starts_with("OK"));
+    assert!(broker
+        .admin_line(&format!("release {back}"))
+        .starts_with("OK"));
+    wait_admin_state(&broker, drained, "drained");
+    wait_admin_state(&broker, held, "held");
+    drop(conns);
+    // SIGTERM writes out what the store writer holds.
+    broker.signal(libc::SIGTERM);
+    broker.wait_exit(Duration::from_secs(30));
+
+    let broker = start(dir.path());
+    let mut conns: Vec<_> = [drained, held, back]
+        .iter()
+        .map(|n| plain_te(broker.port, n))
+        .collect();
+    wait_admin_state(&broker, drained, "drained");
+    wait_admin_state(&broker, held, "held");
+    wait_admin_state(&broker, back, "ready");
+    let envs = get_json(broker.http.unwrap(), "/api/v1/envs");
+    let row = envs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == held && e["live"] == true)
+        .unwrap_or_else(|| panic!("{held} in {envs}"));
+    let detail = row["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with("held by the broker for 35"),
+        "the hold keeps its end: {row}"
+    );
+
+    // Still out of rotation: a lock request goes to the TE in rotation only.
+    let mut client = harness::Conn::connect(broker.port);
+    client.req(
+        T::SubmitJob,
+        &[
+            "lockenv",
+            "",
+            r#"{"callback_name": "callback_restart", "timeout": "60"}"#,
+        ],
+    );
+    client.expect(T::JobCreated);
+    for te in &mut conns[..2] {
+        te.req(T::GrabJobUniq, &[] as &[&str]);
+        te.expect(T::NoJob);
+    }
+    conns[2].req(T::GrabJobUniq, &[] as &[&str]);
+    conns[2].expect(T::JobAssignUniq);
+}
