@@ -134,9 +134,12 @@ broker_pid=$!
 listening() { grep -q '^tebroker listening on ' "$scratch/broker.out" 2>/dev/null; }
 wait_for 30 "listening line from tebroker serve" listening
 addr=$(sed -n 's/^tebroker listening on //p' "$scratch/broker.out")
+# Two nodes: the agent serves a request only with the nodes it needs (envsize, default 2).
 cat >"$scratch/te1.json" <<'JSON'
 {"env-num": "1", "host-ip": "192.0.2.1", "seed-ip": "192.0.2.11", "ssh-user": "root",
  "nodes": [{"mac": ["52:54:00:00:01:01"], "cpu": "1", "memory": "3072", "disk": "40",
+            "arch": "i386", "pm_type": "pxe_ssh", "pm_addr": "192.0.2.1", "pm_user": "root"},
+           {"mac": ["52:54:00:00:01:02"], "cpu": "1", "memory": "3072", "disk": "40",
             "arch": "i386", "pm_type": "pxe_ssh", "pm_addr": "192.0.2.1", "pm_user": "root"}]}
 JSON
 /usr/bin/testenv-worker -b "$addr" -n te1 --state-dir "$scratch/state" --once \
