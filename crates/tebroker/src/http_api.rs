@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tebroker_store::{Cursor, HistoryQuery, InventoryQuery, Outcome, WaitQuery};
 use testenv_proto::agent::ControlOp;
 
-use crate::http::CORE_WAIT;
+use crate::http::{ClientCert, CORE_WAIT};
 use crate::server::{ControlDone, Shared};
 
 pub fn routes() -> Router<Arc<Shared>> {
@@ -311,13 +311,34 @@ pub struct ControlParams {
     secs: Option<u64>,
 }
 
-/// Whether the request carries the bearer token (compared in constant time).
-fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Whether the request may control: it came with a client certificate signed by
+/// `--http-client-ca` (rustls verified it), or it carries the bearer token (compared in
+/// constant time). Returns who asked, for the logs and the agent.
+fn authorized(
+    shared: &Shared,
+    cert: Option<&ClientCert>,
+    headers: &HeaderMap,
+) -> Result<String, ApiError> {
+    if let Some(cert) = cert {
+        return Ok(format!("http api (certificate {})", cert.common_name));
+    }
+    let client_ca = shared
+        .settings()
+        .http_tls
+        .as_ref()
+        .is_some_and(|t| t.ca.is_some());
     let Some(token) = shared.api_token() else {
+        if client_ca {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "control needs a client certificate signed by the broker's --http-client-ca",
+            ));
+        }
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "control_disabled",
-            "control over HTTP needs the broker started with --api-token-file",
+            "control over HTTP needs the broker started with --api-token-file or --http-client-ca",
         ));
     };
     let given = headers
@@ -328,7 +349,7 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
         .unwrap_or_default();
     use subtle::ConstantTimeEq;
     if bool::from(given.as_bytes().ct_eq(token)) && !given.is_empty() {
-        Ok(())
+        Ok("http api".to_string())
     } else {
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -341,10 +362,11 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn control(
     State(shared): State<Arc<Shared>>,
     Path((name, op)): Path<(String, String)>,
+    cert: Option<axum::Extension<ClientCert>>,
     headers: HeaderMap,
     params: Result<Query<ControlParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
-    authorized(&shared, &headers)?;
+    let requested_by = authorized(&shared, cert.as_ref().map(|c| &c.0), &headers)?;
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let op = ControlOp::parse(&op)
         .filter(|o| *o != ControlOp::Status)
@@ -355,7 +377,7 @@ async fn control(
                 "operations: drain, undrain, hold, release, rebuild",
             )
         })?;
-    match shared.control_env(op, &name, p.secs, "http api").await {
+    match shared.control_env(op, &name, p.secs, &requested_by).await {
         Ok(ControlDone::Agent {
             agent,
             handle,

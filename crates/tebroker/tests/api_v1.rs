@@ -710,3 +710,133 @@ fn broker_side_drains_and_holds_of_plain_tes_survive_a_restart() {
     conns[2].req(T::GrabJobUniq, &[] as &[&str]);
     conns[2].expect(T::JobAssignUniq);
 }
+
+/// `curl` over HTTPS trusting `ca`, with a client certificate when given; returns (curl's exit
+/// code, HTTP status, body).
+fn curl(
+    ca: &Path,
+    cert: Option<&test_support::Files>,
+    method: &str,
+    url: &str,
+) -> (i32, u16, String) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let body = out_dir.path().join("body");
+    let mut cmd = std::process::Command::new(test_support::require_program("curl"));
+    cmd.args(["-sS", "--max-time", "20", "-X", method, "--cacert"])
+        .arg(ca)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_code}", url]);
+    if let Some(c) = cert {
+        cmd.arg("--cert").arg(&c.cert).arg("--key").arg(&c.key);
+    }
+    let out = test_support::run_with_timeout(&mut cmd, Duration::from_secs(30));
+    let code = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (
+        out.status.code().unwrap_or(-1),
+        code,
+        std::fs::read_to_string(&body).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn over_https_a_client_certificate_of_the_client_ca_may_control_and_reading_stays_open() {
+    let pki = test_support::Pki::new("tebroker test CA");
+    let server = pki.issue("localhost");
+    let operator = pki.issue("operator-alice");
+    let stranger_ca = test_support::Pki::new("some other CA");
+    let stranger = stranger_ca.issue("mallory");
+    let broker = Server::tebroker_with(&[
+        "--http",
+        "127.0.0.1:0",
+        "--no-store",
+        "--http-tls-cert",
+        harness::path(&server.cert),
+        "--http-tls-key",
+        harness::path(&server.key),
+        "--http-client-ca",
+        harness::path(&pki.ca()),
+    ]);
+    let http = broker.http.unwrap();
+    let _te = plain_te(broker.port, "plain-https");
+    wait_admin_state(&broker, "plain-https", "ready");
+    let base = format!("https://127.0.0.1:{}", http.port());
+    let drain = format!("{base}/api/v1/envs/plain-https/drain");
+    let ca = pki.ca();
+
+    // Reading needs no certificate.
+    let (rc, code, body) = curl(&ca, None, "GET", &format!("{base}/api/v1/envs"));
+    assert_eq!((rc, code), (0, 200), "{body}");
+    assert!(body.contains("plain-https"), "{body}");
+    // Control without one is refused, with a JSON error that says what is needed.
+    let (rc, code, body) = curl(&ca, None, "POST", &drain);
+    assert_eq!((rc, code), (0, 401), "{body}");
+    assert!(body.contains("client certificate"), "{body}");
+    assert!(broker
+        .admin_block("envs")
+        .iter()
+        .any(|l| l.starts_with("plain-https\tready\t")));
+    // A certificate of another CA does not get through the handshake.
+    let (rc, code, body) = curl(&ca, Some(&stranger), "POST", &drain);
+    assert_ne!(
+        rc, 0,
+        "a stranger's certificate was accepted: {code} {body}"
+    );
+    // Plain HTTP on the HTTPS port gets no answer.
+    let (code, _) = {
+        let mut s = TcpStream::connect(http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = write!(s, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        (
+            String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"),
+            raw.len(),
+        )
+    };
+    assert!(!code, "plain HTTP answered on the HTTPS port");
+    assert!(broker
+        .admin_block("envs")
+        .iter()
+        .any(|l| l.starts_with("plain-https\tready\t")));
+
+    // The operator's certificate may.
+    let (rc, code, body) = curl(&ca, Some(&operator), "POST", &drain);
+    assert_eq!((rc, code), (0, 200), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["applied_by"], "broker");
+    wait_admin_state(&broker, "plain-https", "drained");
+    broker.wait_log("certificate operator-alice");
+
+    // The CLI over HTTPS: reading with the CA alone, control with the certificate.
+    let tls_cli = |args: &[&str], cert: Option<&test_support::Files>| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--url", &base, "--ca", harness::path(&ca)]);
+        if let Some(c) = cert {
+            all.extend([
+                "--cert",
+                harness::path(&c.cert),
+                "--key",
+                harness::path(&c.key),
+            ]);
+        }
+        finish(spawn_tebroker(&all))
+    };
+    let (code, out, err) = tls_cli(&["envs"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("plain-https ") && l.contains("drained")),
+        "{out}"
+    );
+    let (code, _, err) = tls_cli(&["undrain", "plain-https"], None);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("error 401 unauthorized"), "{err}");
+    let (code, out, err) = tls_cli(&["undrain", "plain-https"], Some(&operator));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "undrain plain-https: done by the broker\n");
+    wait_admin_state(&broker, "plain-https", "ready");
+}
