@@ -735,3 +735,148 @@ pub async fn client_wall(
     }
     result
 }
+
+/// The paths an API reader polls, in turn: what the dashboard and scripts read.
+pub const READER_PATHS: [&str; 4] = ["/api/v1/envs", "/api/v1/leases", "/api/v1/queue", "/"];
+
+/// HTTP readers polling tebroker's surface in a loop while a workload runs.
+pub struct Readers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, u64)>>,
+    started: Instant,
+}
+
+/// What the readers did.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadersResult {
+    pub readers: usize,
+    /// Answers with status 200, per second over the readers' whole run.
+    pub per_sec: f64,
+    /// Failed requests (connection errors, non-200 answers).
+    pub errors: u64,
+}
+
+impl Readers {
+    /// Starts `n` readers of `http`, each on its own keep-alive connection (reopened when the
+    /// server closes it), asking for [`READER_PATHS`] one after the other without pause.
+    pub fn start(http: SocketAddr, n: usize) -> Readers {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|i| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let (mut ok, mut errors) = (0u64, 0u64);
+                    let mut conn: Option<tokio::io::BufStream<TcpStream>> = None;
+                    let mut k = i;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let path = READER_PATHS[k % READER_PATHS.len()];
+                        k += 1;
+                        if conn.is_none() {
+                            match TcpStream::connect(http).await {
+                                Ok(s) => {
+                                    let _ = s.set_nodelay(true);
+                                    conn = Some(tokio::io::BufStream::new(s));
+                                }
+                                Err(_) => {
+                                    errors += 1;
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                    continue;
+                                }
+                            }
+                        }
+                        let stream = conn.as_mut().expect("connected above");
+                        let answer = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            http_get(stream, http, path),
+                        )
+                        .await;
+                        match answer {
+                            Ok(Ok(200)) => ok += 1,
+                            Ok(Ok(_)) => errors += 1,
+                            // Closed by the server (its connection lifetime) or broken.
+                            Ok(Err(_)) | Err(_) => conn = None,
+                        }
+                    }
+                    (ok, errors)
+                })
+            })
+            .collect();
+        Readers {
+            stop,
+            tasks,
+            started: Instant::now(),
+        }
+    }
+
+    pub async fn stop(self) -> ReadersResult {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
+        let readers = self.tasks.len();
+        let (mut ok, mut errors) = (0, 0);
+        for t in self.tasks {
+            if let Ok((o, e)) = t.await {
+                ok += o;
+                errors += e;
+            }
+        }
+        ReadersResult {
+            readers,
+            per_sec: ok as f64 / elapsed,
+            errors,
+        }
+    }
+}
+
+/// One keep-alive HTTP/1.1 GET; returns the status once the whole body is read.
+async fn http_get(
+    stream: &mut tokio::io::BufStream<TcpStream>,
+    host: SocketAddr,
+    path: &str,
+) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    stream.flush().await?;
+    let mut status = None;
+    let mut length = None;
+    let mut chunked = false;
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await? == 0 {
+            bail!("connection closed");
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if status.is_none() {
+            status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+            continue;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse::<usize>().ok();
+        } else if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+            chunked = true;
+        }
+    }
+    if chunked {
+        // Chunk size lines, then the chunks, until the empty one.
+        loop {
+            let mut size = String::new();
+            stream.read_line(&mut size).await?;
+            let n = usize::from_str_radix(size.trim(), 16).context("chunk size")?;
+            let mut chunk = vec![0; n + 2];
+            stream.read_exact(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+        }
+    } else {
+        let n = length.context("an answer without content-length")?;
+        let mut body = vec![0; n];
+        stream.read_exact(&mut body).await?;
+    }
+    status.context("no status line")
+}
