@@ -161,8 +161,8 @@ impl Broker {
                     return Err(denied);
                 }
                 let waiter = ControlWaiter::Admin(conn);
-                match self.control_env_awaiting(op, &env, hold_secs, "tebroker admin", waiter, out)
-                {
+                let by = "tebroker admin";
+                match self.control_env_awaiting(op, &env, hold_secs, by, waiter, now, out) {
                     Ok(ControlTarget::Agent { .. }) => Ok(None),
                     Ok(ControlTarget::Broker) => Ok(Some(format!(
                         "OK {} {env} done by the broker (plain testenv-worker)\n",

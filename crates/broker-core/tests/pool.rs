@@ -251,19 +251,6 @@ fn an_agents_own_worker_connections_are_not_listed_twice() {
     assert_eq!(envs[0].connections, vec![te_conn.0]);
 }
 
-/// The admin answers `c` got since the last call.
-fn texts(sim: &mut Sim, c: ConnId) -> String {
-    let mut text = String::new();
-    sim.out.retain(|a| match a {
-        Action::Text(to, t) if *to == c => {
-            text.push_str(t);
-            false
-        }
-        _ => true,
-    });
-    text
-}
-
 /// The agent completes control job `handle` with its reply.
 fn answer(sim: &mut Sim, agent: ConnId, handle: &[u8], ok: bool, message: &str) {
     let reply = ControlReply {
@@ -308,10 +295,10 @@ fn an_agents_refusal_and_failure_reach_the_admin_and_answers_keep_their_order() 
     let (second, ..) = sim.grab(agent).expect("drain");
     // The second is answered first: still nothing, the first waits.
     sim.send(agent, T::WorkFail, &[&second]);
-    assert_eq!(texts(&mut sim, admin), "");
+    assert_eq!(sim.texts(admin), "");
     answer(&mut sim, agent, &first, false, "te1 is not held");
     assert_eq!(
-        texts(&mut sim, admin),
+        sim.texts(admin),
         "ERR refused agent+host1:+te1+is+not+held\r\n\
          OK test\n\
          ERR agent_failed agent+host1:+its+worker+failed+the+job\r\n"
@@ -323,7 +310,7 @@ fn an_agents_refusal_and_failure_reach_the_admin_and_answers_keep_their_order() 
     assert_eq!(sim.admin(admin, "drain te1"), "");
     let (h, ..) = sim.grab(agent).expect("drain");
     sim.send(agent, T::WorkComplete, &[&h, b"done\nreally"]);
-    let text = texts(&mut sim, admin);
+    let text = sim.texts(admin);
     assert!(
         text.starts_with("ERR agent_failed agent+host1:+its+answer+is+not+a+control+reply"),
         "{text}"
@@ -345,9 +332,9 @@ fn a_control_command_nobody_answers_times_out_and_is_withdrawn_if_not_taken() {
         .expect("the reply deadline");
     assert!(due <= sim.now.mono + CONTROL_REPLY_TIMEOUT_MS, "{due}");
     sim.advance(CONTROL_REPLY_TIMEOUT_MS - 1);
-    assert_eq!(texts(&mut sim, admin), "");
+    assert_eq!(sim.texts(admin), "");
     sim.advance(1);
-    let text = texts(&mut sim, admin);
+    let text = sim.texts(admin);
     assert!(
         text.starts_with("ERR agent_timeout agent+host1+took+the+command"),
         "{text}"
@@ -363,7 +350,15 @@ fn a_control_command_nobody_answers_times_out_and_is_withdrawn_if_not_taken() {
     let edge = broker_core::ControlWaiter::Edge(7);
     let target = sim
         .broker
-        .control_env_awaiting(ControlOp::Hold, "te2", Some(60), "api", edge, &mut sim.out)
+        .control_env_awaiting(
+            ControlOp::Hold,
+            "te2",
+            Some(60),
+            "api",
+            edge,
+            sim.now,
+            &mut sim.out,
+        )
         .unwrap();
     assert!(matches!(target, ControlTarget::Agent { .. }), "{target:?}");
     assert_eq!(sim.broker.job_count(), 2);
@@ -420,15 +415,14 @@ fn control_commands_reach_the_agent_that_reported_the_te() {
     assert_eq!(cmd.hold_secs, Some(600));
     assert_eq!(cmd.requested_by.as_deref(), Some("tebroker admin"));
     answer(&mut sim, agent, &handle, true, "hold te1");
-    assert_eq!(
-        texts(&mut sim, admin),
-        "OK hold te1: agent host1: hold te1\n"
-    );
+    assert_eq!(sim.texts(admin), "OK hold te1: agent host1: hold te1\n");
 
     assert_eq!(sim.admin(admin, "rebuild host1/te1"), "");
     let (handle, ..) = sim.grab(agent).expect("the rebuild command");
     answer(&mut sim, agent, &handle, true, "rebuild te1");
-    assert!(texts(&mut sim, admin).starts_with("OK rebuild host1/te1: agent host1: "));
+    assert!(sim
+        .texts(admin)
+        .starts_with("OK rebuild host1/te1: agent host1: "));
     let unknown = sim.admin(admin, "drain te9");
     assert!(unknown.starts_with("ERR unknown_te "), "{unknown}");
     assert!(sim
@@ -574,7 +568,9 @@ fn with_acls_te_control_needs_permission() {
     assert_eq!(sim.broker.job_count(), 1);
     let (h, ..) = sim.grab(agent).expect("the drain command");
     answer(&mut sim, agent, &h, true, "drain te1");
-    assert!(texts(&mut sim, ops_agent).starts_with("OK drain te1: agent host1"));
+    assert!(sim
+        .texts(ops_agent)
+        .starts_with("OK drain te1: agent host1"));
     // A plain TE (or an unknown name) needs grant.
     assert_eq!(
         sim.admin(ops_agent, "drain te9"),
@@ -690,4 +686,52 @@ fn state_changes_and_ended_waits_are_handed_out_once() {
     sim.submit(client, T::SubmitJobBg, "busy", "", "x");
     sim.grab(w).unwrap();
     assert!(sim.broker.take_ended_waits().is_empty());
+}
+
+#[test]
+fn a_hold_and_a_reply_deadline_count_from_the_time_passed_in_not_the_last_event() {
+    let mut sim = Sim::new();
+    plain_worker(&mut sim, 2, "testenv-worker-te1");
+    let agent = agent_with_control(&mut sim, 3);
+    // Nothing happened for 5 s (no event, no tick): the core's own time is 5 s old.
+    let later = broker_core::Now {
+        mono: sim.now.mono + 5_000,
+        wall: sim.now.wall + 5_000,
+    };
+    let edge = broker_core::ControlWaiter::Edge(1);
+    sim.broker
+        .control_env_awaiting(
+            ControlOp::Hold,
+            "testenv-worker-te1",
+            Some(60),
+            "api",
+            edge,
+            later,
+            &mut sim.out,
+        )
+        .unwrap();
+    let envs = sim.broker.envs(later);
+    let detail = env(&sim, "testenv-worker-te1", &envs).detail.clone();
+    assert_eq!(detail.as_deref(), Some("held by the broker for 60s more"));
+    sim.broker
+        .control_env_awaiting(
+            ControlOp::Drain,
+            "te1",
+            None,
+            "api",
+            edge,
+            later,
+            &mut sim.out,
+        )
+        .unwrap();
+    assert!(sim.grab(agent).is_some());
+    let early = broker_core::Now {
+        mono: later.mono + CONTROL_REPLY_TIMEOUT_MS - 1,
+        wall: later.wall + CONTROL_REPLY_TIMEOUT_MS - 1,
+    };
+    sim.broker.tick(early, &mut sim.out);
+    assert!(
+        !sim.out.iter().any(|a| matches!(a, Action::ControlDone(..))),
+        "timed out before its deadline"
+    );
 }

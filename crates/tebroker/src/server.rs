@@ -219,8 +219,10 @@ impl Shared {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.waiters().insert(token, tx);
         let waiter = broker_core::ControlWaiter::Edge(token);
-        let target = self
-            .apply(|b, out| b.control_env_awaiting(op, env, hold_secs, requested_by, waiter, out));
+        let now = self.now();
+        let target = self.apply(|b, out| {
+            b.control_env_awaiting(op, env, hold_secs, requested_by, waiter, now, out)
+        });
         let (agent, handle) = match target {
             Ok(broker_core::ControlTarget::Agent { agent, handle }) => (agent, handle),
             other => {

@@ -18,8 +18,19 @@ const TOKEN: &str = "t0ken-for-the-api-v1-test";
 
 /// One HTTP/1.1 request; returns (status code, body).
 fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    request_within(addr, method, path, token, Duration::from_secs(10))
+}
+
+/// [`request`], waiting at most `wait` for the answer.
+fn request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    wait: Duration,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -257,19 +268,17 @@ fn without_a_token_file_control_is_refused_and_without_a_store_history_says_so()
 
 /// `tebroker ARGS... --url URL`; returns (exit code, stdout, stderr).
 fn cli(http: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let out = test_support::run_with_timeout(
-        std::process::Command::new(env!("CARGO_BIN_EXE_tebroker"))
-            .args(args)
-            .args(["--url", &format!("http://{http}")])
-            .env_remove("TEBROKER_URL")
-            .env_remove("TEBROKER_TOKEN_FILE"),
-        Duration::from_secs(60),
-    );
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let url = format!("http://{http}");
+    let mut all = args.to_vec();
+    all.extend(["--url", &url]);
+    finish(spawn_tebroker(&all))
+}
+
+/// [`cli`] with `--token-file TOKEN`.
+fn cli_with_token(http: SocketAddr, args: &[&str], token: &Path) -> (i32, String, String) {
+    let mut all = args.to_vec();
+    all.extend(["--token-file", harness::path(token)]);
+    cli(http, &all)
 }
 
 #[test]
@@ -301,15 +310,7 @@ fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
     let (code, _, err) = cli(http, &["drain", "testenv-worker-cli"]);
     assert_eq!(code, 1, "refused without a token");
     assert!(err.contains("401") && err.contains("unauthorized"), "{err}");
-    let (code, out, err) = cli(
-        http,
-        &[
-            "drain",
-            "testenv-worker-cli",
-            "--token-file",
-            harness::path(&token),
-        ],
-    );
+    let (code, out, err) = cli_with_token(http, &["drain", "testenv-worker-cli"], &token);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("drain testenv-worker-cli: done by the broker"),
@@ -324,15 +325,7 @@ fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
             .any(|e| e["name"] == "testenv-worker-cli" && e["state"] == "drained")
             .then_some(())
     });
-    let (code, _, err) = cli(
-        http,
-        &[
-            "undrain",
-            "testenv-worker-cli",
-            "--token-file",
-            harness::path(&token),
-        ],
-    );
+    let (code, _, err) = cli_with_token(http, &["undrain", "testenv-worker-cli"], &token);
     assert_eq!(code, 0, "{err}");
     test_support::wait_until("the TE ready again", || {
         let (_, out, _) = cli(http, &["envs"]);
@@ -582,7 +575,13 @@ fn control_of_an_agents_te_answers_with_the_agents_reply() {
 
     // An agent that takes nothing: the command is withdrawn at the deadline, and said so.
     let started = std::time::Instant::now();
-    let (code, body) = request_within(http, "/api/v1/envs/te1/drain", Duration::from_secs(30));
+    let (code, body) = request_within(
+        http,
+        "POST",
+        "/api/v1/envs/te1/drain",
+        Some(TOKEN),
+        Duration::from_secs(30),
+    );
     assert_eq!(code, 504, "{body}");
     assert!(
         body.contains("agent_timeout") && body.contains("withdrawn"),
@@ -597,24 +596,6 @@ fn control_of_an_agents_te_answers_with_the_agents_reply() {
         "the withdrawn command is not queued: {:?}",
         broker.admin_block("status")
     );
-}
-
-/// A POST with the token and a longer read timeout than [`request`]'s.
-fn request_within(addr: SocketAddr, path: &str, wait: Duration) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(wait)).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-    (
-        head.split_whitespace().nth(1).unwrap().parse().unwrap(),
-        body.to_string(),
-    )
 }
 
 /// A plain testenv-worker named `name` on raw sockets: registered for lockenv, asleep.

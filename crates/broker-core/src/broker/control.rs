@@ -139,8 +139,9 @@ fn one_line(text: &str) -> String {
 }
 
 impl Broker {
-    /// [`Broker::control_env`], and for an agent's TE, `waiter` is told the agent's reply
-    /// (or the timeout). The plain-TE and error cases answer at once, as the result.
+    /// [`Broker::control_env`] at `now`, and for an agent's TE, `waiter` is told the agent's
+    /// reply (or the timeout). The plain-TE and error cases answer at once, as the result.
+    #[allow(clippy::too_many_arguments)]
     pub fn control_env_awaiting(
         &mut self,
         op: ControlOp,
@@ -148,8 +149,11 @@ impl Broker {
         hold_secs: Option<u64>,
         requested_by: &str,
         waiter: ControlWaiter,
+        now: crate::Now,
         out: &mut Vec<Action>,
     ) -> Result<ControlTarget, ControlError> {
+        // The reply deadline and a hold's end count from now, not from the last event.
+        self.now = self.now.advanced_to(now);
         let target = self.control_env(op, env, hold_secs, requested_by, out)?;
         if let ControlTarget::Agent { agent, handle } = &target {
             if let Some(id) = self.job_id_of_handle(handle.as_bytes()) {
