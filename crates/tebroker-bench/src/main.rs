@@ -18,7 +18,14 @@ use hdrhistogram::Histogram;
 use servers::{Installed, Kind, Server};
 use workloads::{EchoParams, IdleResult, LeaseParams, Throughput, WallResult, Window};
 
-const WORKLOADS: [&str; 5] = ["echo", "echo-idle", "lease", "lease-readers", "client-wall"];
+const WORKLOADS: [&str; 6] = [
+    "echo",
+    "echo-idle",
+    "lease",
+    "lease-readers",
+    "history-api",
+    "client-wall",
+];
 
 /// The TE description the lease and client-wall workloads hand out (the repo's demo TE).
 const DEMO_TE: &[u8] = include_bytes!("../../../demo/testenv-1.json");
@@ -27,13 +34,15 @@ const DEMO_TE: &[u8] = include_bytes!("../../../demo/testenv-1.json");
 #[command(
     version,
     about = "Benchmark tebroker against gearmand and geard: echo, echo-idle, lease, lease-readers, \
-             client-wall.",
+             history-api, client-wall.",
     after_help = "Workloads (default: all):\n  \
         echo         8 clients x 8 workers, 64-byte payload, one foreground job at a time per client\n  \
         echo-idle    echo again with 10,000 idle connections, each CAN_DO its own function\n  \
         lease        testenv lease cycles: 100 simulated TEs, 200 simulated clients holding 0 ms\n  \
         lease-readers  tebroker only: lease with and without --readers HTTP readers polling the\n  \
                      API and the dashboard page in a loop; the lease rates and their ratio\n  \
+        history-api  tebroker only, with --history-dir: filtered /api/v1/history pages over HTTP\n  \
+                     from a store store-bench filled, p50/p99 per kind of filter\n  \
         client-wall  wall time of the real `testenv-client -- true` with one free real testenv-worker\n\n\
         Servers missing on this machine are reported and skipped."
 )]
@@ -53,6 +62,14 @@ struct Args {
     /// HTTP readers for lease-readers.
     #[arg(long, default_value_t = 50)]
     readers: usize,
+    /// For history-api: a data directory with a filled SQLite store, made by
+    /// `store-bench --backend sqlite --data-dir D --seconds 0 --history-rows 1000000` (then
+    /// give D/history). Without it history-api is skipped.
+    #[arg(long, value_name = "DIR")]
+    history_dir: Option<std::path::PathBuf>,
+    /// Pages per kind of filter for history-api.
+    #[arg(long, default_value_t = 300)]
+    queries: usize,
     /// Comma-separated servers to measure.
     #[arg(long, default_value = "tebroker,gearmand,geard", value_delimiter = ',')]
     servers: Vec<String>,
@@ -74,6 +91,7 @@ struct Report {
     lease_store: BTreeMap<Kind, servers::StoreStats>,
     /// The lease workload without and with API readers (tebroker).
     readers: BTreeMap<Kind, Result<ReadersOutcome, String>>,
+    history: BTreeMap<Kind, Result<workloads::HistoryLatency, String>>,
 }
 
 /// The lease workload on two fresh servers with `--http`: without readers, then with them.
@@ -195,17 +213,21 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
     let mut report = Report::default();
     for workload in &selected {
         for inst in &installed {
-            let with_http = *workload == "lease-readers";
+            let with_http = matches!(*workload, "lease-readers" | "history-api");
             if with_http && inst.kind != Kind::Tebroker {
                 // Only tebroker has an HTTP surface to read.
                 continue;
             }
+            if *workload == "history-api" && args.history_dir.is_none() {
+                eprintln!("[{workload:<11}] skipped: give --history-dir (see --help)");
+                continue;
+            }
             wait_quiet().await;
             eprint!("[{workload:<11}] {:<9} ... ", inst.kind.name());
-            let started = if with_http {
-                Server::start_with_http(inst, tmp.path()).await
-            } else {
-                Server::start(inst, tmp.path()).await
+            let started = match (*workload, &args.history_dir) {
+                ("history-api", Some(dir)) => Server::start_on_store(inst, tmp.path(), dir).await,
+                _ if with_http => Server::start_with_http(inst, tmp.path()).await,
+                _ => Server::start(inst, tmp.path()).await,
             };
             let server = match started {
                 Ok(s) => s,
@@ -217,6 +239,7 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
                         "echo-idle" => drop(report.idle.insert(inst.kind, Err(msg))),
                         "lease" => drop(report.lease.insert(inst.kind, Err(msg))),
                         "lease-readers" => drop(report.readers.insert(inst.kind, Err(msg))),
+                        "history-api" => drop(report.history.insert(inst.kind, Err(msg))),
                         _ => drop(report.wall.insert(inst.kind, Err(msg))),
                     }
                     continue;
@@ -286,6 +309,24 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
                         Err(e) => e.clone(),
                     };
                     report.readers.insert(inst.kind, r);
+                    m
+                }
+                "history-api" => {
+                    let r = match server.http {
+                        Some(http) => workloads::history_api(http, args.queries)
+                            .await
+                            .map_err(|e| format!("{e:#}")),
+                        None => Err("no HTTP address".to_string()),
+                    };
+                    let m = match &r {
+                        Ok(h) => format!(
+                            "all filters p50 {}, p99 {}",
+                            q(&h.all, 0.5),
+                            q(&h.all, 0.99)
+                        ),
+                        Err(e) => e.clone(),
+                    };
+                    report.history.insert(inst.kind, r);
                     m
                 }
                 _ => {
@@ -771,6 +812,53 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
                 w,
                 "  (tebroker not measured: only tebroker has an HTTP surface)"
             );
+        }
+        let _ = writeln!(w);
+    }
+
+    if selected.contains(&"history-api") {
+        let _ = writeln!(
+            w,
+            "== history-api: filtered /api/v1/history pages (50 rows) over HTTP, one keep-alive \
+             connection, from the store in --history-dir =="
+        );
+        for (k, res) in &r.history {
+            match res {
+                Ok(h) => {
+                    for (kind, hist, rows) in &h.kinds {
+                        let _ = writeln!(
+                            w,
+                            "  {:<9} {kind:<20} p50 {:>9}  p99 {:>9}  ({rows:.0} rows/page)",
+                            k.name(),
+                            q(hist, 0.5),
+                            q(hist, 0.99)
+                        );
+                    }
+                    let _ = writeln!(
+                        w,
+                        "  {:<9} {:<20} p50 {:>9}  p99 {:>9}  ({} pages, {} errors)",
+                        k.name(),
+                        "all filters",
+                        q(&h.all, 0.5),
+                        q(&h.all, 0.99),
+                        h.all.len(),
+                        h.errors
+                    );
+                    let met = !h.all.is_empty() && h.all.value_at_quantile(0.99) <= 50_000_000;
+                    let _ = writeln!(
+                        w,
+                        "  {:<9} target: a filtered page in <= 50 ms p99: {}",
+                        "",
+                        if met { "met" } else { "NOT met" }
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(w, "  {:<9} FAILED: {e}", k.name());
+                }
+            }
+        }
+        if r.history.is_empty() {
+            let _ = writeln!(w, "  (skipped: give --history-dir)");
         }
         let _ = writeln!(w);
     }

@@ -160,15 +160,30 @@ pub struct StoreStats {
 impl Server {
     /// Starts a fresh server on a free port and waits until it accepts connections.
     pub async fn start(inst: &Installed, logdir: &Path) -> anyhow::Result<Server> {
-        Server::start_opts(inst, logdir, false).await
+        Server::start_opts(inst, logdir, false, None).await
     }
 
     /// As [`Server::start`], for tebroker with its HTTP surface (`--http`) on another free port.
     pub async fn start_with_http(inst: &Installed, logdir: &Path) -> anyhow::Result<Server> {
-        Server::start_opts(inst, logdir, true).await
+        Server::start_opts(inst, logdir, true, None).await
     }
 
-    async fn start_opts(inst: &Installed, logdir: &Path, http: bool) -> anyhow::Result<Server> {
+    /// As [`Server::start_with_http`], with the store in `data_dir` (kept as it is: no
+    /// retention purge).
+    pub async fn start_on_store(
+        inst: &Installed,
+        logdir: &Path,
+        data_dir: &Path,
+    ) -> anyhow::Result<Server> {
+        Server::start_opts(inst, logdir, true, Some(data_dir)).await
+    }
+
+    async fn start_opts(
+        inst: &Installed,
+        logdir: &Path,
+        http: bool,
+        data_dir: Option<&Path>,
+    ) -> anyhow::Result<Server> {
         let port = free_port()?;
         let p = port.to_string();
         let http = if http && inst.kind == Kind::Tebroker {
@@ -185,7 +200,11 @@ impl Server {
                 if let Some(h) = http {
                     cmd.arg("--http").arg(h.to_string());
                 }
-                if std::env::var_os("TEBROKER_BENCH_NO_STORE").is_some() {
+                if let Some(dir) = data_dir {
+                    cmd.arg("--data-dir")
+                        .arg(dir)
+                        .args(["--history-days", "36500"])
+                } else if std::env::var_os("TEBROKER_BENCH_NO_STORE").is_some() {
                     cmd.arg("--no-store")
                 } else {
                     cmd.arg("--data-dir")

@@ -833,6 +833,15 @@ async fn http_get(
     host: SocketAddr,
     path: &str,
 ) -> anyhow::Result<u16> {
+    Ok(http_get_body(stream, host, path).await?.0)
+}
+
+/// One keep-alive HTTP/1.1 GET; returns the status and the body.
+async fn http_get_body(
+    stream: &mut tokio::io::BufStream<TcpStream>,
+    host: SocketAddr,
+    path: &str,
+) -> anyhow::Result<(u16, Vec<u8>)> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt};
     stream
         .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
@@ -861,8 +870,9 @@ async fn http_get(
             chunked = true;
         }
     }
+    let mut body = Vec::new();
     if chunked {
-        // Chunk size lines, then the chunks, until the empty one.
+        // Chunk size lines, then the chunks (each followed by CRLF), until the empty one.
         loop {
             let mut size = String::new();
             stream.read_line(&mut size).await?;
@@ -872,11 +882,104 @@ async fn http_get(
             if n == 0 {
                 break;
             }
+            body.extend_from_slice(&chunk[..n]);
         }
     } else {
         let n = length.context("an answer without content-length")?;
-        let mut body = vec![0; n];
+        body.resize(n, 0);
         stream.read_exact(&mut body).await?;
     }
-    status.context("no status line")
+    Ok((status.context("no status line")?, body))
+}
+
+/// Filtered `/api/v1/history` pages timed over HTTP, per kind of filter.
+pub struct HistoryLatency {
+    /// (filter, latencies of its pages in ns, mean rows per page).
+    pub kinds: Vec<(&'static str, Histogram<u64>, f64)>,
+    pub all: Histogram<u64>,
+    pub errors: u64,
+}
+
+/// Times `queries` pages of each kind of filter through tebroker's API, on one keep-alive
+/// connection, against a store filled by store-bench (`--data-dir DIR --history-rows N`: TEs
+/// `te0`..`te99`, jobs `job-0`..`job-49999`, 30 days).
+pub async fn history_api(http: SocketAddr, queries: usize) -> anyhow::Result<HistoryLatency> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut seed = 0x5eed_u64;
+    let mut next = move |n: u64| {
+        // xorshift64: the same pages every run.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut conn = tokio::io::BufStream::new(TcpStream::connect(http).await?);
+    let mut result = HistoryLatency {
+        kinds: Vec::new(),
+        all: new_hist(),
+        errors: 0,
+    };
+    let kinds: [&'static str; 6] = [
+        "env",
+        "job",
+        "outcome=timed out",
+        "env+outcome=failed",
+        "since/until 1 day",
+        "env, 5th page",
+    ];
+    for kind in kinds {
+        let mut h = new_hist();
+        let mut rows = 0usize;
+        for _ in 0..queries {
+            let mut query = match kind {
+                "env" | "env, 5th page" => format!("env=te{}", next(100)),
+                "job" => format!("job=job-{}", next(50_000)),
+                "outcome=timed out" => "outcome=timed%20out".to_string(),
+                "env+outcome=failed" => format!("env=te{}&outcome=failed", next(100)),
+                _ => {
+                    let since = now_ms.saturating_sub((1 + next(28)) * 86_400_000);
+                    format!("since={since}&until={}", since + 86_400_000)
+                }
+            };
+            if kind == "env, 5th page" {
+                let first = query.clone();
+                for _ in 0..4 {
+                    let (_, body) = timed_json(&mut conn, http, &query).await?;
+                    match body["next"].as_str() {
+                        Some(cursor) => query = format!("{first}&cursor={cursor}"),
+                        None => break,
+                    }
+                }
+            }
+            let t = Instant::now();
+            match timed_json(&mut conn, http, &query).await {
+                Ok((200, body)) => {
+                    record(&mut h, t.elapsed());
+                    record(&mut result.all, t.elapsed());
+                    rows += body["leases"].as_array().map_or(0, Vec::len);
+                }
+                _ => {
+                    result.errors += 1;
+                    conn = tokio::io::BufStream::new(TcpStream::connect(http).await?);
+                }
+            }
+        }
+        result
+            .kinds
+            .push((kind, h, rows as f64 / queries.max(1) as f64));
+    }
+    Ok(result)
+}
+
+/// GET `/api/v1/history?QUERY` on `conn`; the status and the parsed JSON.
+async fn timed_json(
+    conn: &mut tokio::io::BufStream<TcpStream>,
+    http: SocketAddr,
+    query: &str,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let (status, body) = http_get_body(conn, http, &format!("/api/v1/history?{query}")).await?;
+    Ok((status, serde_json::from_slice(&body).unwrap_or_default()))
 }
