@@ -6,8 +6,6 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use testenv_proto::agent::ALL_ENVS;
 
-use crate::config;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "testenv-agent",
@@ -57,9 +55,9 @@ pub enum CtlOp {
     /// Keep a TE aside.
     Hold {
         name: String,
-        /// For how long ("2h"); default until released.
-        #[arg(long = "for", value_parser = config::parse_duration)]
-        for_: Option<std::time::Duration>,
+        /// For how long ("2h", "30m", "1h30m", or seconds); default until released.
+        #[arg(long = "for", value_name = "DURATION")]
+        for_: Option<String>,
     },
     /// End a hold.
     Release { name: String },

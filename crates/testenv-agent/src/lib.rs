@@ -1,8 +1,4 @@
-//! testenv-agent's command line and configuration, as a library so that crates/cli-docs
-//! documents the command line the binary parses. The agent itself is in main.rs.
+//! testenv-agent's command line, as a library so that crates/cli-docs writes the man pages and
+//! completions from the definitions the binary parses. The agent itself is in main.rs.
 
-pub mod carve;
 pub mod cli;
-pub mod config;
-
-pub use testenv::worker::host_name;

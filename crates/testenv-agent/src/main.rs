@@ -8,16 +8,16 @@ use testenv_proto::agent::{ControlCommand, ControlOp, ControlReply, ALL_ENVS};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 
+mod carve;
+mod config;
 mod control;
 mod hooks;
 mod pool;
 
 use config::Config;
 use testenv_agent::cli::{Args, Command, CtlOp};
-// The library's config module, so this crate's own modules reach it as `crate::config`.
-use testenv_agent::config;
 
-use testenv::worker::host_name;
+pub use testenv::worker::host_name;
 
 fn main() {
     let args = Args::parse();
@@ -50,7 +50,17 @@ async fn ctl(args: &Args, socket: Option<PathBuf>, op: &CtlOp) -> anyhow::Result
         CtlOp::Status { .. } => (ControlOp::Status, String::new(), None),
         CtlOp::Drain(t) => (ControlOp::Drain, t.env(), None),
         CtlOp::Undrain(t) => (ControlOp::Undrain, t.env(), None),
-        CtlOp::Hold { name, for_ } => (ControlOp::Hold, name.clone(), for_.map(|d| d.as_secs())),
+        CtlOp::Hold { name, for_ } => {
+            let secs = match for_ {
+                Some(text) => Some(
+                    config::parse_duration(text)
+                        .map_err(|e| anyhow::anyhow!("--for: {e}"))?
+                        .as_secs(),
+                ),
+                None => None,
+            };
+            (ControlOp::Hold, name.clone(), secs)
+        }
         CtlOp::Release { name } => (ControlOp::Release, name.clone(), None),
         CtlOp::Rebuild { name } => (ControlOp::Rebuild, name.clone(), None),
     };
