@@ -18,7 +18,7 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// `tebroker serve ARGS...`; returns the child and the port from its first stdout line.
 fn serve(args: &[&str]) -> (std::process::Child, u16) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tebroker"))
-        .arg("serve")
+        .args(["serve", "--no-store"])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -68,8 +68,9 @@ impl Server {
         let mut cmd = Command::new(tebroker_bin());
         cmd.args(["serve", "-p", "0", "-L", "127.0.0.1"])
             .args(extra);
-        // Tests that do not name a store get none, rather than sharing the default directory.
-        let store_flags = ["--data-dir", "--database", "--no-store", "--config"];
+        // Tests that do not name a store get none, rather than sharing the default directory
+        // (no test's config file names a store).
+        let store_flags = ["--data-dir", "--database", "--no-store"];
         if !extra.iter().any(|a| store_flags.contains(a)) {
             cmd.arg("--no-store");
         }
