@@ -3,9 +3,10 @@
 #
 #   scripts/bench.sh [--quick] [options] [workload...]
 #
-# Workloads (default: all): echo, echo-idle, lease, client-wall.
+# Workloads (default: all): echo, echo-idle, lease, lease-readers, history-api (needs
+# --history-dir), client-wall.
 # Options are passed to tebroker-bench: --quick, --seconds N, --idle N, --runs N,
-# --servers tebroker,gearmand,geard. Missing peers are reported and skipped
+# --readers N, --servers tebroker,gearmand,geard. Missing peers are reported and skipped
 # (scripts/install-peers.sh installs them). See `target/release/tebroker-bench --help`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,7 +2,9 @@
 # Builds the Debian packages into target/debian/ with dpkg-deb (no other tool needed):
 #   tebroker        the broker, its systemd unit, /etc/tebroker/tebroker.toml (a conffile), the
 #                   system user "tebroker" (postinst) and the state directory /var/lib/tebroker;
-#   testenv-agents  testenv-client, testenv-worker and the templated unit testenv-worker@.service.
+#   testenv-agents  testenv-client, testenv-worker, testenv-agent, the templated unit
+#                   testenv-worker@.service, the unit testenv-agent.service and the agent's sample
+#                   config /etc/testenv-agent/testenv-agent.toml (a conffile).
 # Each binary comes with its man pages and bash/zsh/fish completions, generated from its clap
 # definitions by crates/cli-docs. Depends come from dpkg-shlibdeps.
 # Usage: scripts/package.sh        (a release build first; prints the paths of the packages)
@@ -11,11 +13,11 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 # The binaries of each package. A new binary is one more word here and one more entry in
-# crates/cli-docs's BINARIES (testenv-agent: add it to AGENT_BINARIES, its unit to AGENT_UNITS).
+# crates/cli-docs's BINARIES.
 TEBROKER_BINARIES=(tebroker)
-AGENT_BINARIES=(testenv-client testenv-worker)
-AGENT_UNITS=(testenv-worker@.service)
-CARGO_PACKAGES=(-p tebroker -p testenv -p cli-docs)
+AGENT_BINARIES=(testenv-client testenv-worker testenv-agent)
+AGENT_UNITS=(testenv-worker@.service testenv-agent.service)
+CARGO_PACKAGES=(-p tebroker -p testenv -p testenv-agent -p cli-docs)
 
 target=${CARGO_TARGET_DIR:-$root/target}
 out=$target/debian
@@ -99,6 +101,7 @@ stage=$out/stage/testenv-agents
 for name in "${AGENT_BINARIES[@]}"; do stage_binary "$stage" "$name"; done
 for unit in "${AGENT_UNITS[@]}"; do stage_unit "$stage" "$unit"; done
 install -d "$stage/etc/testenv"
+install -D -m 0644 contrib/testenv-agent.toml "$stage/etc/testenv-agent/testenv-agent.toml"
 finish testenv-agents "$stage"
 
 rm -rf "$out/stage"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages of scripts/package.sh on this machine and uses them from their
-# installed paths: --version of every binary, check-config on the installed config, the man
-# pages and completions, systemd-analyze verify on the units (where it exists), then the
-# installed broker (as the tebroker user, with the installed config) leases a TE from the
-# installed testenv-worker to the installed testenv-client. Then remove, purge, and check that
+# installed paths: --version of every binary, check-config on the installed configs (the
+# broker's and the agent's sample), the man pages and completions, systemd-analyze verify on
+# the units (where it exists), then the installed broker (as the tebroker user, with the
+# installed config) leases a TE from the installed testenv-worker, and one from the installed
+# testenv-agent, to the installed testenv-client. Then remove, purge, and check that
 # nothing the packages installed is left (the system user "tebroker" stays, as Debian policy
 # wants: files elsewhere may still belong to its uid).
 # Needs root and a machine where installing the packages does no harm (CI's throwaway clone);
@@ -28,9 +29,10 @@ done
 scratch=$(mktemp -d)
 broker_pid=
 worker_pid=
+agent_pid=
 cleanup() {
     local rc=$?
-    for pid in $worker_pid $broker_pid; do
+    for pid in $agent_pid $worker_pid $broker_pid; do
         kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
     done
     dpkg --purge "${PACKAGES[@]}" >/dev/null 2>&1 || true
@@ -101,12 +103,24 @@ if command -v systemctl >/dev/null; then
     [ -L "$wants" ] || fail "tebroker.service not enabled on install"
 fi
 
+step "testenv-agent check-config /etc/testenv-agent/testenv-agent.toml"
+/usr/bin/testenv-agent check-config /etc/testenv-agent/testenv-agent.toml >"$scratch/agent-effective" ||
+    fail "testenv-agent check-config on the installed sample: $(cat "$scratch/agent-effective")"
+grep -q '^\[te te1\]' "$scratch/agent-effective" || fail "agent check-config: $(cat "$scratch/agent-effective")"
+grep -qx '/etc/testenv-agent/testenv-agent.toml' /var/lib/dpkg/info/testenv-agents.conffiles ||
+    fail "the agent's config is no conffile"
+man -P cat -l /usr/share/man/man1/testenv-agent-ctl-hold.1.gz 2>/dev/null | grep -q -- "--for" ||
+    fail "testenv-agent-ctl-hold(1) does not document --for"
+if [ -L /etc/systemd/system/multi-user.target.wants/testenv-agent.service ]; then
+    fail "testenv-agent.service enabled on install (its config lists no real TE yet)"
+fi
+
 if command -v systemd-analyze >/dev/null; then
     step "systemd-analyze verify"
     # A template is verified through an instance of it.
     cp /lib/systemd/system/testenv-worker@.service "$scratch/testenv-worker@te1.service"
     systemd-analyze verify /lib/systemd/system/tebroker.service \
-        "$scratch/testenv-worker@te1.service"
+        "$scratch/testenv-worker@te1.service" /lib/systemd/system/testenv-agent.service
 else
     echo "test-packages: systemd-analyze not found; units not verified"
 fi
@@ -120,9 +134,12 @@ broker_pid=$!
 listening() { grep -q '^tebroker listening on ' "$scratch/broker.out" 2>/dev/null; }
 wait_for 30 "listening line from tebroker serve" listening
 addr=$(sed -n 's/^tebroker listening on //p' "$scratch/broker.out")
+# Two nodes: the agent serves a request only with the nodes it needs (envsize, default 2).
 cat >"$scratch/te1.json" <<'JSON'
 {"env-num": "1", "host-ip": "192.0.2.1", "seed-ip": "192.0.2.11", "ssh-user": "root",
  "nodes": [{"mac": ["52:54:00:00:01:01"], "cpu": "1", "memory": "3072", "disk": "40",
+            "arch": "i386", "pm_type": "pxe_ssh", "pm_addr": "192.0.2.1", "pm_user": "root"},
+           {"mac": ["52:54:00:00:01:02"], "cpu": "1", "memory": "3072", "disk": "40",
             "arch": "i386", "pm_type": "pxe_ssh", "pm_addr": "192.0.2.1", "pm_user": "root"}]}
 JSON
 /usr/bin/testenv-worker -b "$addr" -n te1 --state-dir "$scratch/state" --once \
@@ -140,6 +157,32 @@ recorded() { [ -s /var/lib/tebroker/leases.jsonl ]; }
 wait_for 30 "lease in /var/lib/tebroker/leases.jsonl" recorded
 wait "$worker_pid" || fail "testenv-worker --once exited $?: $(cat "$scratch/worker.log")"
 worker_pid=
+
+cat >"$scratch/agent.toml" <<TOML
+brokers = ["$addr"]
+agent = "pkgtest"
+state_dir = "$scratch/agent-state"
+control_socket = "$scratch/agent.sock"
+[[te]]
+name = "te1"
+datafile = "$scratch/te1.json"
+TOML
+/usr/bin/testenv-agent --config "$scratch/agent.toml" >"$scratch/agent.log" 2>&1 &
+agent_pid=$!
+agent_ready() {
+    /usr/bin/tebroker admin -b "$addr" envs | awk -F'\t' '$1 == "te1" && $2 == "ready" && $5 == "pkgtest" { ok = 1 } END { exit !ok }'
+}
+wait_for 30 "te1 ready from the installed testenv-agent" agent_ready
+rm -f "$scratch/leased.json"
+timeout 60 /usr/bin/testenv-client -b "$addr" -t 60 -- \
+    sh -c 'cp "$TE_DATAFILE" "$0"' "$scratch/leased.json" ||
+    fail "testenv-client through the agent exited $?: $(cat "$scratch/agent.log")"
+grep -q '"host-ip": "192.0.2.1"' "$scratch/leased.json" || fail "leased: $(cat "$scratch/leased.json")"
+/usr/bin/testenv-agent ctl --socket "$scratch/agent.sock" status | grep -q '^te1 ' ||
+    fail "testenv-agent ctl status: $(/usr/bin/testenv-agent ctl --socket "$scratch/agent.sock" status 2>&1)"
+kill -TERM "$agent_pid"
+wait "$agent_pid" || fail "testenv-agent exited $? on SIGTERM: $(cat "$scratch/agent.log")"
+agent_pid=
 kill -TERM "$broker_pid"
 wait "$broker_pid" || fail "tebroker serve exited $? on SIGTERM: $(cat "$scratch/broker.err")"
 broker_pid=
@@ -154,7 +197,8 @@ left=()
 while read -r path; do
     if [ -e "$path" ]; then left+=("$path"); fi
 done <"$scratch/new-paths"
-for path in /etc/tebroker /var/lib/tebroker /var/lib/testenv-worker /etc/testenv; do
+for path in /etc/tebroker /var/lib/tebroker /var/lib/testenv-worker /etc/testenv \
+    /etc/testenv-agent /var/lib/testenv-agent; do
     if [ -e "$path" ]; then left+=("$path"); fi
 done
 [ "${#left[@]}" = 0 ] || fail "left after purge: ${left[*]}"

@@ -6,7 +6,7 @@ use gearman_proto::{AdminCommand, AdminError};
 
 use testenv_proto::agent::ControlOp;
 
-use crate::broker::{Broker, ControlTarget};
+use crate::broker::{Broker, ControlTarget, ControlWaiter};
 use crate::function::Function;
 use crate::types::{show, Action, ConnId, Job, JobState, Now};
 
@@ -14,8 +14,12 @@ impl Broker {
     /// One admin text line from `conn`.
     pub fn admin(&mut self, conn: ConnId, line: &str, now: Now, out: &mut Vec<Action>) {
         if let Some(cmd) = PoolCommand::parse(line) {
-            let reply = cmd.and_then(|cmd| self.run_pool_admin(conn, cmd, now, out));
-            out.push(Action::Text(conn, reply.unwrap_or_else(|e| e.to_line())));
+            match cmd.and_then(|cmd| self.run_pool_admin(conn, cmd, now, out)) {
+                Ok(Some(text)) => self.admin_answer(conn, text, out),
+                // Answered when the agent replies (see `broker::control`).
+                Ok(None) => {}
+                Err(e) => self.admin_answer(conn, e.to_line(), out),
+            }
             return;
         }
         let reply = match AdminCommand::parse(line) {
@@ -28,7 +32,7 @@ impl Broker {
             Err(e) => Err(e),
         };
         let text = reply.unwrap_or_else(|e| e.to_line());
-        out.push(Action::Text(conn, text));
+        self.admin_answer(conn, text, out);
     }
 
     fn run_admin(
@@ -134,13 +138,14 @@ impl Broker {
         Ok(s)
     }
 
+    /// The answer of a pool command; `None` when it comes later (the agent's reply).
     fn run_pool_admin(
         &mut self,
         conn: ConnId,
         cmd: PoolCommand,
         now: Now,
         out: &mut Vec<Action>,
-    ) -> Result<String, AdminError> {
+    ) -> Result<Option<String>, AdminError> {
         self.now = self.now.advanced_to(now);
         match cmd {
             PoolCommand::Envs => {
@@ -149,21 +154,20 @@ impl Broker {
                     let _ = writeln!(s, "{}", env.admin_line(now));
                 }
                 s.push_str(".\n");
-                Ok(s)
+                Ok(Some(s))
             }
             PoolCommand::Control { op, env, hold_secs } => {
                 if let Some(denied) = self.control_denied(conn, &env) {
                     return Err(denied);
                 }
-                match self.control_env(op, &env, hold_secs, "tebroker admin", out) {
-                    Ok(ControlTarget::Agent { agent, handle }) => Ok(format!(
-                        "OK {} sent to agent {agent} as {handle}\n",
-                        op.as_str()
-                    )),
-                    Ok(ControlTarget::Broker) => Ok(format!(
+                let waiter = ControlWaiter::Admin(conn);
+                let by = "tebroker admin";
+                match self.control_env_awaiting(op, &env, hold_secs, by, waiter, now, out) {
+                    Ok(ControlTarget::Agent { .. }) => Ok(None),
+                    Ok(ControlTarget::Broker) => Ok(Some(format!(
                         "OK {} {env} done by the broker (plain testenv-worker)\n",
                         op.as_str()
-                    )),
+                    ))),
                     Err(e) => {
                         let (code, text) = e.code_and_text();
                         Err(AdminError::Other(code, text))

@@ -18,7 +18,7 @@
 //! Nothing here reads job data beyond the lock request's non-secret fields; reports carry no
 //! secrets by construction ([`testenv_proto::agent::EnvReport`]).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use indexmap::IndexMap;
 use serde::Serialize;
@@ -132,9 +132,20 @@ impl EnvInfo {
 
 /// Why a plain TE gets no lockenv jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PauseKind {
+pub enum PauseKind {
     Drain,
     Hold,
+}
+
+/// A plain TE the broker keeps out of rotation, in wall-clock times: what a store keeps so a
+/// restarted broker keeps it so ([`crate::Broker::take_pause_changes`],
+/// [`crate::Broker::restore_pauses`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlainPause {
+    pub kind: PauseKind,
+    pub since_ms: Millis,
+    /// When a hold given a duration ends.
+    pub until_ms: Option<Millis>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -167,8 +178,11 @@ pub(crate) struct Inventory {
     pub gone: IndexMap<String, GoneEnv>,
     /// Lease outcomes by TE name (the lease's worker client id), newest last.
     outcomes: IndexMap<String, VecDeque<&'static str>>,
-    /// Plain TEs the broker keeps out of rotation, by name.
+    /// Plain TEs the broker keeps out of rotation, by name (changed only through `pause`,
+    /// `unpause` and `end_due_holds`, which note the change for a store).
     pub paused: BTreeMap<String, Pause>,
+    /// TEs paused or unpaused since the last `take_pause_changes`.
+    pause_changes: BTreeSet<String>,
 }
 
 impl Inventory {
@@ -275,9 +289,62 @@ impl Inventory {
             .map(|(name, _)| name.clone())
             .collect();
         for name in &due {
-            self.paused.remove(name);
+            self.unpause(name);
         }
         due
+    }
+
+    pub fn pause(&mut self, name: String, pause: Pause) {
+        self.pause_changes.insert(name.clone());
+        self.paused.insert(name, pause);
+    }
+
+    pub fn unpause(&mut self, name: &str) {
+        if self.paused.remove(name).is_some() {
+            self.pause_changes.insert(name.to_string());
+        }
+    }
+
+    /// The TEs paused or unpaused since the last call, each with its pause now (None: back in
+    /// rotation), in wall-clock times as of `now`.
+    pub fn take_pause_changes(&mut self, now: Now) -> Vec<(String, Option<PlainPause>)> {
+        if self.pause_changes.is_empty() {
+            return Vec::new();
+        }
+        std::mem::take(&mut self.pause_changes)
+            .into_iter()
+            .map(|name| {
+                let pause = self.paused.get(&name).map(|p| PlainPause {
+                    kind: p.kind,
+                    since_ms: p.since_wall,
+                    until_ms: p
+                        .until
+                        .map(|until| now.wall.saturating_add(until.saturating_sub(now.mono))),
+                });
+                (name, pause)
+            })
+            .collect()
+    }
+
+    /// Pauses kept from before a restart. A hold whose end has passed is not restored (and
+    /// noted as ended, so the store forgets it).
+    pub fn restore_pauses(&mut self, pauses: Vec<(String, PlainPause)>, now: Now) {
+        for (name, p) in pauses {
+            let until = match p.until_ms {
+                Some(end) if end <= now.wall => {
+                    self.pause_changes.insert(name);
+                    continue;
+                }
+                Some(end) => Some(now.mono.saturating_add(end.saturating_sub(now.wall))),
+                None => None,
+            };
+            let pause = Pause {
+                kind: p.kind,
+                since_wall: p.since_ms,
+                until,
+            };
+            self.paused.insert(name, pause);
+        }
     }
 }
 
@@ -337,6 +404,91 @@ mod tests {
         assert_eq!(inv.end_due_holds(later), vec!["a".to_string()]);
         assert!(inv.is_paused("b", later));
         assert_eq!(inv.next_hold_end(), None);
+    }
+
+    #[test]
+    fn pauses_go_to_a_store_in_wall_time_and_come_back_from_it() {
+        let mut inv = Inventory::default();
+        let now = Now {
+            mono: 1_000,
+            wall: 1_700_000_000_000,
+        };
+        inv.pause(
+            "held".into(),
+            Pause {
+                kind: PauseKind::Hold,
+                since_wall: now.wall,
+                until: Some(now.mono + 60_000),
+            },
+        );
+        inv.pause(
+            "drained".into(),
+            Pause {
+                kind: PauseKind::Drain,
+                since_wall: now.wall,
+                until: None,
+            },
+        );
+        inv.pause(
+            "back".into(),
+            Pause {
+                kind: PauseKind::Drain,
+                since_wall: now.wall,
+                until: None,
+            },
+        );
+        inv.unpause("back");
+        let changes = inv.take_pause_changes(now);
+        let hold = PlainPause {
+            kind: PauseKind::Hold,
+            since_ms: now.wall,
+            until_ms: Some(now.wall + 60_000),
+        };
+        assert_eq!(
+            changes,
+            vec![
+                ("back".to_string(), None),
+                (
+                    "drained".to_string(),
+                    Some(PlainPause {
+                        kind: PauseKind::Drain,
+                        since_ms: now.wall,
+                        until_ms: None
+                    })
+                ),
+                ("held".to_string(), Some(hold.clone())),
+            ]
+        );
+        assert_eq!(
+            inv.take_pause_changes(now),
+            vec![],
+            "each change is handed out once"
+        );
+        inv.unpause("never-paused");
+        assert_eq!(inv.take_pause_changes(now), vec![]);
+
+        // A restarted broker, 30 s later on the wall clock, a fresh monotonic clock.
+        let mut after = Inventory::default();
+        let restart = Now {
+            mono: 5,
+            wall: now.wall + 30_000,
+        };
+        let over = PlainPause {
+            until_ms: Some(now.wall + 10_000),
+            ..hold.clone()
+        };
+        after.restore_pauses(vec![("held".into(), hold), ("over".into(), over)], restart);
+        assert!(after.is_paused("held", restart) && !after.is_paused("over", restart));
+        assert_eq!(
+            after.next_hold_end(),
+            Some(restart.mono + 30_000),
+            "its end kept"
+        );
+        assert_eq!(
+            after.take_pause_changes(restart),
+            vec![("over".to_string(), None)],
+            "the hold that ended while the broker was down is forgotten in the store too"
+        );
     }
 
     #[test]

@@ -17,11 +17,12 @@ mod testenv;
 mod types;
 
 pub use broker::{
-    Broker, BrokerConfig, ControlError, ControlTarget, RunningJobs, Stats, WAKE_RETRY_MS,
+    Broker, BrokerConfig, ControlError, ControlOutcome, ControlTarget, ControlWaiter, RunningJobs,
+    Stats, CONTROL_REPLY_TIMEOUT_MS, WAKE_RETRY_MS,
 };
 pub use inventory::{
-    EnvInfo, EnvSource, EnvStatus, AGENT_FORGET_SECS, GONE_KEEP_SECS, OUTCOMES_KEPT,
-    REPORT_FUNCTION, REPORT_STALE_SECS,
+    EnvInfo, EnvSource, EnvStatus, PauseKind, PlainPause, AGENT_FORGET_SECS, GONE_KEEP_SECS,
+    OUTCOMES_KEPT, REPORT_FUNCTION, REPORT_STALE_SECS,
 };
 pub use schedule::next_cron_match;
 pub use security::{Security, CALLBACK_PREFIX};

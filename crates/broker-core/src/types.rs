@@ -52,6 +52,9 @@ pub enum Action {
     Shutdown {
         graceful: bool,
     },
+    /// The agent's answer to a control command the network layer asked for with
+    /// [`crate::ControlWaiter::Edge`] and this token (or its timeout).
+    ControlDone(u64, crate::ControlOutcome),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -6,13 +6,14 @@ mod sim;
 
 use broker_core::acl::Acl;
 use broker_core::{
-    ConnId, EnvInfo, EnvSource, EnvStatus, Security, AGENT_FORGET_SECS, GONE_KEEP_SECS,
-    REPORT_FUNCTION, REPORT_STALE_SECS,
+    Action, ConnId, ControlOutcome, ControlTarget, EnvInfo, EnvSource, EnvStatus, Security,
+    AGENT_FORGET_SECS, CONTROL_REPLY_TIMEOUT_MS, GONE_KEEP_SECS, REPORT_FUNCTION,
+    REPORT_STALE_SECS,
 };
 use gearman_proto::PacketType as T;
 use sim::{s, Sim};
 use testenv_proto::agent::{
-    AgentReport, ControlCommand, ControlOp, EnvReport, EnvState, CONTROL_PREFIX,
+    AgentReport, ControlCommand, ControlOp, ControlReply, EnvReport, EnvState, CONTROL_PREFIX,
 };
 
 fn lock_request(callback: &str, job: &str) -> String {
@@ -250,6 +251,140 @@ fn an_agents_own_worker_connections_are_not_listed_twice() {
     assert_eq!(envs[0].connections, vec![te_conn.0]);
 }
 
+/// The agent completes control job `handle` with its reply.
+fn answer(sim: &mut Sim, agent: ConnId, handle: &[u8], ok: bool, message: &str) {
+    let reply = ControlReply {
+        ok,
+        message: message.into(),
+        report: None,
+    };
+    sim.send(
+        agent,
+        T::WorkComplete,
+        &[handle, reply.to_json().as_bytes()],
+    );
+}
+
+/// An agent `host1` reporting te1 and te2, serving its control function, asleep.
+fn agent_with_control(sim: &mut Sim, id: u64) -> ConnId {
+    let agent = sim.conn(id);
+    send_report(
+        sim,
+        agent,
+        &report(
+            "host1",
+            &[("te1", EnvState::Ready), ("te2", EnvState::Ready)],
+        ),
+    );
+    let ctl = format!("{CONTROL_PREFIX}host1");
+    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+    sim.send(agent, T::PreSleep, &[]);
+    agent
+}
+
+#[test]
+fn an_agents_refusal_and_failure_reach_the_admin_and_answers_keep_their_order() {
+    let mut sim = Sim::new();
+    let admin = sim.conn(1);
+    let agent = agent_with_control(&mut sim, 3);
+    // Pipelined: the later answers wait behind the control command's.
+    assert_eq!(sim.admin(admin, "release te1"), "");
+    assert_eq!(sim.admin(admin, "version"), "");
+    assert_eq!(sim.admin(admin, "drain te2"), "");
+    let (first, ..) = sim.grab(agent).expect("release");
+    let (second, ..) = sim.grab(agent).expect("drain");
+    // The second is answered first: still nothing, the first waits.
+    sim.send(agent, T::WorkFail, &[&second]);
+    assert_eq!(sim.texts(admin), "");
+    answer(&mut sim, agent, &first, false, "te1 is not held");
+    assert_eq!(
+        sim.texts(admin),
+        "ERR refused agent+host1:+te1+is+not+held\r\n\
+         OK test\n\
+         ERR agent_failed agent+host1:+its+worker+failed+the+job\r\n"
+    );
+    // Nothing waits any more: answers go out at once again.
+    assert_eq!(sim.admin(admin, "version"), "OK test\n");
+
+    // An answer that is not a reply is a failure, told as such; its text is one line.
+    assert_eq!(sim.admin(admin, "drain te1"), "");
+    let (h, ..) = sim.grab(agent).expect("drain");
+    sim.send(agent, T::WorkComplete, &[&h, b"done\nreally"]);
+    let text = sim.texts(admin);
+    assert!(
+        text.starts_with("ERR agent_failed agent+host1:+its+answer+is+not+a+control+reply"),
+        "{text}"
+    );
+    assert_eq!(text.matches('\n').count(), 1, "{text}");
+}
+
+#[test]
+fn a_control_command_nobody_answers_times_out_and_is_withdrawn_if_not_taken() {
+    let mut sim = Sim::new();
+    let admin = sim.conn(1);
+    let agent = agent_with_control(&mut sim, 3);
+    // Taken but never answered: the agent may still act, and the admin is told so.
+    assert_eq!(sim.admin(admin, "drain te1"), "");
+    let (_taken, ..) = sim.grab(agent).expect("drain");
+    let due = sim
+        .broker
+        .next_deadline(sim.now)
+        .expect("the reply deadline");
+    assert!(due <= sim.now.mono + CONTROL_REPLY_TIMEOUT_MS, "{due}");
+    sim.advance(CONTROL_REPLY_TIMEOUT_MS - 1);
+    assert_eq!(sim.texts(admin), "");
+    sim.advance(1);
+    let text = sim.texts(admin);
+    assert!(
+        text.starts_with("ERR agent_timeout agent+host1+took+the+command"),
+        "{text}"
+    );
+    assert!(text.contains("may+still+carry+it+out"), "{text}");
+    assert_eq!(
+        sim.broker.job_count(),
+        1,
+        "the running command stays the agent's"
+    );
+
+    // Queued, never taken (the agent's worker is asleep and stays so): withdrawn at the deadline.
+    let edge = broker_core::ControlWaiter::Edge(7);
+    let target = sim
+        .broker
+        .control_env_awaiting(
+            ControlOp::Hold,
+            "te2",
+            Some(60),
+            "api",
+            edge,
+            sim.now,
+            &mut sim.out,
+        )
+        .unwrap();
+    assert!(matches!(target, ControlTarget::Agent { .. }), "{target:?}");
+    assert_eq!(sim.broker.job_count(), 2);
+    sim.advance(CONTROL_REPLY_TIMEOUT_MS);
+    let done: Vec<_> = sim
+        .out
+        .iter()
+        .filter_map(|a| match a {
+            Action::ControlDone(token, outcome) => Some((*token, outcome.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        done,
+        vec![(
+            7,
+            ControlOutcome::TimedOut {
+                agent: "host1".into(),
+                delivered: false
+            }
+        )]
+    );
+    assert_eq!(sim.broker.job_count(), 1, "the withdrawn command is gone");
+    assert_eq!(sim.grab(agent), None);
+}
+
 #[test]
 fn control_commands_reach_the_agent_that_reported_the_te() {
     let mut sim = Sim::new();
@@ -269,23 +404,25 @@ fn control_commands_reach_the_agent_that_reported_the_te() {
     let ctl = format!("{CONTROL_PREFIX}host1");
     sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
     sim.send(agent, T::PreSleep, &[]);
-    let reply = sim.admin(admin, "hold te1 600");
-    assert!(
-        reply.starts_with("OK hold sent to agent host1 as H:t:"),
-        "{reply}"
-    );
+    // The answer is the agent's reply, once it comes.
+    assert_eq!(sim.admin(admin, "hold te1 600"), "");
     assert_eq!(sim.types(agent), vec![T::Noop]);
-    let (_, function, _, data) = sim.grab(agent).expect("the control job");
+    let (handle, function, _, data) = sim.grab(agent).expect("the control job");
     assert_eq!(function, ctl);
     let cmd = ControlCommand::parse(data.as_bytes()).unwrap();
     assert_eq!(cmd.op, ControlOp::Hold);
     assert_eq!(cmd.env, "te1");
     assert_eq!(cmd.hold_secs, Some(600));
     assert_eq!(cmd.requested_by.as_deref(), Some("tebroker admin"));
+    answer(&mut sim, agent, &handle, true, "hold te1");
+    assert_eq!(sim.texts(admin), "OK hold te1: agent host1: hold te1\n");
 
+    assert_eq!(sim.admin(admin, "rebuild host1/te1"), "");
+    let (handle, ..) = sim.grab(agent).expect("the rebuild command");
+    answer(&mut sim, agent, &handle, true, "rebuild te1");
     assert!(sim
-        .admin(admin, "rebuild host1/te1")
-        .starts_with("OK rebuild"));
+        .texts(admin)
+        .starts_with("OK rebuild host1/te1: agent host1: "));
     let unknown = sim.admin(admin, "drain te9");
     assert!(unknown.starts_with("ERR unknown_te "), "{unknown}");
     assert!(sim
@@ -426,7 +563,14 @@ fn with_acls_te_control_needs_permission() {
         sim.admin(operator, "drain te1"),
         "ERR PERMISSION_DENIED\r\n"
     );
-    assert!(sim.admin(ops_agent, "drain te1").starts_with("OK"));
+    // Allowed: forwarded (the answer is the agent's reply, later).
+    assert_eq!(sim.admin(ops_agent, "drain te1"), "");
+    assert_eq!(sim.broker.job_count(), 1);
+    let (h, ..) = sim.grab(agent).expect("the drain command");
+    answer(&mut sim, agent, &h, true, "drain te1");
+    assert!(sim
+        .texts(ops_agent)
+        .starts_with("OK drain te1: agent host1"));
     // A plain TE (or an unknown name) needs grant.
     assert_eq!(
         sim.admin(ops_agent, "drain te9"),
@@ -542,4 +686,52 @@ fn state_changes_and_ended_waits_are_handed_out_once() {
     sim.submit(client, T::SubmitJobBg, "busy", "", "x");
     sim.grab(w).unwrap();
     assert!(sim.broker.take_ended_waits().is_empty());
+}
+
+#[test]
+fn a_hold_and_a_reply_deadline_count_from_the_time_passed_in_not_the_last_event() {
+    let mut sim = Sim::new();
+    plain_worker(&mut sim, 2, "testenv-worker-te1");
+    let agent = agent_with_control(&mut sim, 3);
+    // Nothing happened for 5 s (no event, no tick): the core's own time is 5 s old.
+    let later = broker_core::Now {
+        mono: sim.now.mono + 5_000,
+        wall: sim.now.wall + 5_000,
+    };
+    let edge = broker_core::ControlWaiter::Edge(1);
+    sim.broker
+        .control_env_awaiting(
+            ControlOp::Hold,
+            "testenv-worker-te1",
+            Some(60),
+            "api",
+            edge,
+            later,
+            &mut sim.out,
+        )
+        .unwrap();
+    let envs = sim.broker.envs(later);
+    let detail = env(&sim, "testenv-worker-te1", &envs).detail.clone();
+    assert_eq!(detail.as_deref(), Some("held by the broker for 60s more"));
+    sim.broker
+        .control_env_awaiting(
+            ControlOp::Drain,
+            "te1",
+            None,
+            "api",
+            edge,
+            later,
+            &mut sim.out,
+        )
+        .unwrap();
+    assert!(sim.grab(agent).is_some());
+    let early = broker_core::Now {
+        mono: later.mono + CONTROL_REPLY_TIMEOUT_MS - 1,
+        wall: later.wall + CONTROL_REPLY_TIMEOUT_MS - 1,
+    };
+    sim.broker.tick(early, &mut sim.out);
+    assert!(
+        !sim.out.iter().any(|a| matches!(a, Action::ControlDone(..))),
+        "timed out before its deadline"
+    );
 }

@@ -12,11 +12,12 @@ use clap_complete::Shell;
 /// An installed binary's name and its command line.
 type Binary = (&'static str, fn() -> Command);
 
-/// Every installed binary. A new binary (testenv-agent) is one more entry.
+/// Every installed binary. A new binary is one more entry.
 const BINARIES: &[Binary] = &[
     ("tebroker", tebroker::cli::Cli::command),
     ("testenv-client", testenv::client::ClientArgs::command),
     ("testenv-worker", testenv::worker::WorkerArgs::command),
+    ("testenv-agent", testenv_agent::cli::Args::command),
 ];
 
 const SHELLS: &[Shell] = &[Shell::Bash, Shell::Zsh, Shell::Fish];
@@ -88,6 +89,10 @@ mod tests {
             "man/tebroker-check-config.1",
             "man/testenv-client.1",
             "man/testenv-worker.1",
+            "man/testenv-agent.1",
+            "man/testenv-agent-check-config.1",
+            "man/testenv-agent-ctl-drain.1",
+            "completions/bash/testenv-agent.bash",
             "completions/bash/testenv-worker.bash",
             "completions/zsh/_tebroker",
             "completions/fish/testenv-client.fish",
@@ -102,5 +107,8 @@ mod tests {
         let bash =
             std::fs::read_to_string(out.path().join("completions/bash/tebroker.bash")).unwrap();
         assert!(bash.contains("check-config"), "{bash}");
+        let agent =
+            std::fs::read_to_string(out.path().join("man/testenv-agent-ctl-hold.1")).unwrap();
+        assert!(agent.contains("\\-\\-for"), "{agent}");
     }
 }

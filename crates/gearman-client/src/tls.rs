@@ -86,8 +86,8 @@ pub(crate) fn client_config(
     Ok(Arc::new(config))
 }
 
-/// Wraps a connected TCP stream in TLS.
-pub(crate) async fn handshake(
+/// Wraps a connected TCP stream in TLS (also used by `tebroker`'s HTTPS client).
+pub async fn handshake(
     server: &ServerAddr,
     tls: &TlsConfig,
     stream: TcpStream,

@@ -18,7 +18,14 @@ use hdrhistogram::Histogram;
 use servers::{Installed, Kind, Server};
 use workloads::{EchoParams, IdleResult, LeaseParams, Throughput, WallResult, Window};
 
-const WORKLOADS: [&str; 4] = ["echo", "echo-idle", "lease", "client-wall"];
+const WORKLOADS: [&str; 6] = [
+    "echo",
+    "echo-idle",
+    "lease",
+    "lease-readers",
+    "history-api",
+    "client-wall",
+];
 
 /// The TE description the lease and client-wall workloads hand out (the repo's demo TE).
 const DEMO_TE: &[u8] = include_bytes!("../../../demo/testenv-1.json");
@@ -26,11 +33,16 @@ const DEMO_TE: &[u8] = include_bytes!("../../../demo/testenv-1.json");
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Benchmark tebroker against gearmand and geard: echo, echo-idle, lease, client-wall.",
+    about = "Benchmark tebroker against gearmand and geard: echo, echo-idle, lease, lease-readers, \
+             history-api, client-wall.",
     after_help = "Workloads (default: all):\n  \
         echo         8 clients x 8 workers, 64-byte payload, one foreground job at a time per client\n  \
         echo-idle    echo again with 10,000 idle connections, each CAN_DO its own function\n  \
         lease        testenv lease cycles: 100 simulated TEs, 200 simulated clients holding 0 ms\n  \
+        lease-readers  tebroker only: lease with and without --readers HTTP readers polling the\n  \
+                     API and the dashboard page in a loop; the lease rates and their ratio\n  \
+        history-api  tebroker only, with --history-dir: filtered /api/v1/history pages over HTTP\n  \
+                     from a store store-bench filled, p50/p99 per kind of filter\n  \
         client-wall  wall time of the real `testenv-client -- true` with one free real testenv-worker\n\n\
         Servers missing on this machine are reported and skipped."
 )]
@@ -47,6 +59,17 @@ struct Args {
     /// Runs of testenv-client for client-wall (default 20, 7 with --quick).
     #[arg(long)]
     runs: Option<usize>,
+    /// HTTP readers for lease-readers.
+    #[arg(long, default_value_t = 50)]
+    readers: usize,
+    /// For history-api: a data directory with a filled SQLite store, made by
+    /// `store-bench --backend sqlite --data-dir D --seconds 0 --history-rows 1000000` (then
+    /// give D/history). Without it history-api is skipped.
+    #[arg(long, value_name = "DIR")]
+    history_dir: Option<std::path::PathBuf>,
+    /// Pages per kind of filter for history-api.
+    #[arg(long, default_value_t = 300)]
+    queries: usize,
     /// Comma-separated servers to measure.
     #[arg(long, default_value = "tebroker,gearmand,geard", value_delimiter = ',')]
     servers: Vec<String>,
@@ -64,6 +87,18 @@ struct Report {
     /// The lease workload with fewer clients than TEs: every lockenv finds a free TE.
     lease_free: BTreeMap<Kind, Result<Throughput, String>>,
     wall: BTreeMap<Kind, Result<WallResult, String>>,
+    /// The store writer's counters after the saturated lease run (tebroker).
+    lease_store: BTreeMap<Kind, servers::StoreStats>,
+    /// The lease workload without and with API readers (tebroker).
+    readers: BTreeMap<Kind, Result<ReadersOutcome, String>>,
+    history: BTreeMap<Kind, Result<workloads::HistoryLatency, String>>,
+}
+
+/// The lease workload on two fresh servers with `--http`: without readers, then with them.
+struct ReadersOutcome {
+    without: Throughput,
+    with: Throughput,
+    readers: workloads::ReadersResult,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -178,9 +213,23 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
     let mut report = Report::default();
     for workload in &selected {
         for inst in &installed {
+            let with_http = matches!(*workload, "lease-readers" | "history-api");
+            if with_http && inst.kind != Kind::Tebroker {
+                // Only tebroker has an HTTP surface to read.
+                continue;
+            }
+            if *workload == "history-api" && args.history_dir.is_none() {
+                eprintln!("[{workload:<11}] skipped: give --history-dir (see --help)");
+                continue;
+            }
             wait_quiet().await;
             eprint!("[{workload:<11}] {:<9} ... ", inst.kind.name());
-            let server = match Server::start(inst, tmp.path()).await {
+            let started = match (*workload, &args.history_dir) {
+                ("history-api", Some(dir)) => Server::start_on_store(inst, tmp.path(), dir).await,
+                _ if with_http => Server::start_with_http(inst, tmp.path()).await,
+                _ => Server::start(inst, tmp.path()).await,
+            };
+            let server = match started {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("cannot start: {e:#}");
@@ -189,12 +238,14 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
                         "echo" => drop(report.echo.insert(inst.kind, Err(msg))),
                         "echo-idle" => drop(report.idle.insert(inst.kind, Err(msg))),
                         "lease" => drop(report.lease.insert(inst.kind, Err(msg))),
+                        "lease-readers" => drop(report.readers.insert(inst.kind, Err(msg))),
+                        "history-api" => drop(report.history.insert(inst.kind, Err(msg))),
                         _ => drop(report.wall.insert(inst.kind, Err(msg))),
                     }
                     continue;
                 }
             };
-            let started = std::time::Instant::now();
+            let began = std::time::Instant::now();
             let msg = match *workload {
                 "echo" => {
                     let r = workloads::echo(&server, echo_p)
@@ -247,6 +298,37 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
                     report.lease_free.insert(inst.kind, free);
                     m
                 }
+                "lease-readers" => {
+                    let r =
+                        lease_with_readers(&server, inst, tmp.path(), lease_p, args.readers).await;
+                    let m = match &r {
+                        Ok(o) => format!(
+                            "{:.0} cycles/s without readers, {:.0} with {} ({:.0} answers/s)",
+                            o.without.per_sec, o.with.per_sec, o.readers.readers, o.readers.per_sec
+                        ),
+                        Err(e) => e.clone(),
+                    };
+                    report.readers.insert(inst.kind, r);
+                    m
+                }
+                "history-api" => {
+                    let r = match server.http {
+                        Some(http) => workloads::history_api(http, args.queries)
+                            .await
+                            .map_err(|e| format!("{e:#}")),
+                        None => Err("no HTTP address".to_string()),
+                    };
+                    let m = match &r {
+                        Ok(h) => format!(
+                            "all filters p50 {}, p99 {}",
+                            q(&h.all, 0.5),
+                            q(&h.all, 0.99)
+                        ),
+                        Err(e) => e.clone(),
+                    };
+                    report.history.insert(inst.kind, r);
+                    m
+                }
                 _ => {
                     let r = workloads::client_wall(&server, runs, DEMO_TE, tmp.path())
                         .await
@@ -262,12 +344,44 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
                     m
                 }
             };
-            eprintln!("{msg} ({:.0} s)", started.elapsed().as_secs_f64());
-            server.stop().await;
+            eprintln!("{msg} ({:.0} s)", began.elapsed().as_secs_f64());
+            let store = server.stop().await;
+            if let (true, Some(store)) = (*workload == "lease", store) {
+                // The server of the saturated run (200 clients): did its store keep up?
+                report.lease_store.insert(inst.kind, store);
+            }
         }
     }
     println!("{}", render(&report, &selected, args.idle));
     Ok(())
+}
+
+/// The lease workload on `server` (started with `--http`) without readers, then on a fresh one
+/// with `readers` HTTP readers polling its API and dashboard throughout.
+async fn lease_with_readers(
+    server: &Server,
+    inst: &Installed,
+    tmp: &std::path::Path,
+    p: LeaseParams,
+    readers: usize,
+) -> Result<ReadersOutcome, String> {
+    let without = workloads::lease(server, p, Bytes::from_static(DEMO_TE))
+        .await
+        .map_err(|e| format!("without readers: {e:#}"))?;
+    wait_quiet().await;
+    let loaded = Server::start_with_http(inst, tmp)
+        .await
+        .map_err(|e| format!("cannot start: {e:#}"))?;
+    let http = loaded.http.ok_or("no HTTP address")?;
+    let polling = workloads::Readers::start(http, readers);
+    let with = workloads::lease(&loaded, p, Bytes::from_static(DEMO_TE)).await;
+    let readers = polling.stop().await;
+    loaded.stop().await;
+    Ok(ReadersOutcome {
+        without,
+        with: with.map_err(|e| format!("with readers: {e:#}"))?,
+        readers,
+    })
 }
 
 /// CPU used by other processes, in % of one core, over `over`.
@@ -610,6 +724,142 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
             per_sec(&r.lease, Kind::Gearmand),
             per_sec(&r.lease, Kind::Geard),
         );
+        for (k, s) in &r.lease_store {
+            let _ = writeln!(
+                w,
+                "  {} store at saturation (SQLite; TEBROKER_BENCH_NO_STORE=1 for none): {} leases \
+                 ended, {} records queued, {} written, {} dropped{}",
+                k.name(),
+                s.leases_ended,
+                s.recorded,
+                s.written,
+                s.dropped,
+                if s.caught_up {
+                    ""
+                } else {
+                    " (NOT caught up 10 s after the run)"
+                }
+            );
+            let _ = writeln!(
+                w,
+                "  {:<9} target: 0 dropped {}",
+                "",
+                if s.dropped == 0 && s.caught_up {
+                    "met"
+                } else {
+                    "NOT met"
+                }
+            );
+        }
+        let _ = writeln!(w);
+    }
+
+    if selected.contains(&"lease-readers") {
+        let _ = writeln!(
+            w,
+            "== lease-readers: the lease workload (100 TEs, 200 clients) on tebroker with --http, \
+             without and with HTTP readers polling {} in a loop ==",
+            workloads::READER_PATHS.join(", ")
+        );
+        let _ = writeln!(
+            w,
+            "  {:<9} {:>12} {:>12} {:>7} {:>8} {:>10} {:>7} {:>9} {:>9}",
+            "server",
+            "no readers",
+            "readers",
+            "ratio",
+            "readers",
+            "answers/s",
+            "errors",
+            "srv CPU",
+            "other CPU"
+        );
+        for (k, res) in &r.readers {
+            match res {
+                Ok(o) => {
+                    let ratio = ratio(Some(o.with.per_sec), Some(o.without.per_sec));
+                    let _ = writeln!(
+                        w,
+                        "  {:<9} {:>12.0} {:>12.0} {:>7} {:>8} {:>10.0} {:>7} {:>9} {:>9}",
+                        k.name(),
+                        o.without.per_sec,
+                        o.with.per_sec,
+                        fmt_ratio(ratio),
+                        o.readers.readers,
+                        o.readers.per_sec,
+                        o.readers.errors,
+                        pct(o.with.cpu.server),
+                        other_pct(o.with.cpu.other),
+                    );
+                    let _ = writeln!(
+                        w,
+                        "  {:<9} target: readers lower the lease rate by at most 5 % (ratio >= 0.95): {}",
+                        "",
+                        match ratio {
+                            Some(x) if x >= 0.95 => "met",
+                            Some(_) => "NOT met",
+                            None => "-",
+                        }
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(w, "  {:<9} FAILED: {e}", k.name());
+                }
+            }
+        }
+        if r.readers.is_empty() {
+            let _ = writeln!(
+                w,
+                "  (tebroker not measured: only tebroker has an HTTP surface)"
+            );
+        }
+        let _ = writeln!(w);
+    }
+
+    if selected.contains(&"history-api") {
+        let _ = writeln!(
+            w,
+            "== history-api: filtered /api/v1/history pages (50 rows) over HTTP, one keep-alive \
+             connection, from the store in --history-dir =="
+        );
+        for (k, res) in &r.history {
+            match res {
+                Ok(h) => {
+                    for (kind, hist, rows) in &h.kinds {
+                        let _ = writeln!(
+                            w,
+                            "  {:<9} {kind:<20} p50 {:>9}  p99 {:>9}  ({rows:.0} rows/page)",
+                            k.name(),
+                            q(hist, 0.5),
+                            q(hist, 0.99)
+                        );
+                    }
+                    let _ = writeln!(
+                        w,
+                        "  {:<9} {:<20} p50 {:>9}  p99 {:>9}  ({} pages, {} errors)",
+                        k.name(),
+                        "all filters",
+                        q(&h.all, 0.5),
+                        q(&h.all, 0.99),
+                        h.all.len(),
+                        h.errors
+                    );
+                    let met = !h.all.is_empty() && h.all.value_at_quantile(0.99) <= 50_000_000;
+                    let _ = writeln!(
+                        w,
+                        "  {:<9} target: a filtered page in <= 50 ms p99: {}",
+                        "",
+                        if met { "met" } else { "NOT met" }
+                    );
+                }
+                Err(e) => {
+                    let _ = writeln!(w, "  {:<9} FAILED: {e}", k.name());
+                }
+            }
+        }
+        if r.history.is_empty() {
+            let _ = writeln!(w, "  (skipped: give --history-dir)");
+        }
         let _ = writeln!(w);
     }
 

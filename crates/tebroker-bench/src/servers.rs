@@ -139,22 +139,72 @@ pub fn free_port() -> anyhow::Result<u16> {
 pub struct Server {
     pub kind: Kind,
     pub port: u16,
+    /// tebroker's HTTP operator surface, when started with [`Server::start_with_http`].
+    pub http: Option<SocketAddr>,
     child: Child,
     log: PathBuf,
+}
+
+/// What a tebroker's store writer did (its `stats` counters).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreStats {
+    pub leases_ended: u64,
+    /// Records handed to the writer (a lease and its wait per lease, plus TE state changes).
+    pub recorded: u64,
+    pub written: u64,
+    pub dropped: u64,
+    /// Whether everything recorded was written before the bench gave up waiting (10 s).
+    pub caught_up: bool,
 }
 
 impl Server {
     /// Starts a fresh server on a free port and waits until it accepts connections.
     pub async fn start(inst: &Installed, logdir: &Path) -> anyhow::Result<Server> {
+        Server::start_opts(inst, logdir, false, None).await
+    }
+
+    /// As [`Server::start`], for tebroker with its HTTP surface (`--http`) on another free port.
+    pub async fn start_with_http(inst: &Installed, logdir: &Path) -> anyhow::Result<Server> {
+        Server::start_opts(inst, logdir, true, None).await
+    }
+
+    /// As [`Server::start_with_http`], with the store in `data_dir` (kept as it is: no
+    /// retention purge).
+    pub async fn start_on_store(
+        inst: &Installed,
+        logdir: &Path,
+        data_dir: &Path,
+    ) -> anyhow::Result<Server> {
+        Server::start_opts(inst, logdir, true, Some(data_dir)).await
+    }
+
+    async fn start_opts(
+        inst: &Installed,
+        logdir: &Path,
+        http: bool,
+        data_dir: Option<&Path>,
+    ) -> anyhow::Result<Server> {
         let port = free_port()?;
         let p = port.to_string();
+        let http = if http && inst.kind == Kind::Tebroker {
+            Some(SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?)))
+        } else {
+            None
+        };
         let mut cmd = Command::new(&inst.exe);
         match inst.kind {
             // With its default store (SQLite), in the run's temporary directory;
             // TEBROKER_BENCH_NO_STORE=1 measures without one.
             Kind::Tebroker => {
                 cmd.args(["serve", "-p", &p, "-L", "127.0.0.1"]);
-                if std::env::var_os("TEBROKER_BENCH_NO_STORE").is_some() {
+                if let Some(h) = http {
+                    cmd.arg("--http").arg(h.to_string());
+                }
+                if let Some(dir) = data_dir {
+                    cmd.arg("--data-dir")
+                        .arg(dir)
+                        .args(["--history-days", "36500"])
+                } else if std::env::var_os("TEBROKER_BENCH_NO_STORE").is_some() {
                     cmd.arg("--no-store")
                 } else {
                     cmd.arg("--data-dir")
@@ -185,6 +235,7 @@ impl Server {
         let mut server = Server {
             kind: inst.kind,
             port,
+            http,
             child,
             log,
         };
@@ -197,7 +248,11 @@ impl Server {
                     server.log_tail()
                 );
             }
-            if TcpStream::connect(server.sockaddr()).await.is_ok() {
+            let http_up = match http {
+                Some(h) => TcpStream::connect(h).await.is_ok(),
+                None => true,
+            };
+            if http_up && TcpStream::connect(server.sockaddr()).await.is_ok() {
                 return Ok(server);
             }
             if Instant::now() > deadline {
@@ -242,10 +297,22 @@ impl Server {
 
     /// SIGTERM, then SIGKILL if it has not exited after 3 s. A tebroker first reports on
     /// stderr what its store recorded, wrote and dropped (waiting up to 10 s for the writer to
-    /// catch up).
-    pub async fn stop(mut self) {
-        if self.kind == Kind::Tebroker {
-            self.report_store().await;
+    /// catch up); the same figures are returned.
+    pub async fn stop(mut self) -> Option<StoreStats> {
+        let store = if self.kind == Kind::Tebroker {
+            self.store_stats().await
+        } else {
+            None
+        };
+        if let Some(s) = store {
+            eprint!(
+                "[store: {} leases ended, {} records queued, {} written, {} dropped{}] ",
+                s.leases_ended,
+                s.recorded,
+                s.written,
+                s.dropped,
+                if s.caught_up { "" } else { ", NOT caught up" }
+            );
         }
         let pid = self.child.id() as libc::pid_t;
         // SAFETY: kill(2) on our own child's pid; it is not reaped before try_wait below.
@@ -253,11 +320,11 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             match self.child.try_wait() {
-                Ok(Some(_)) | Err(_) => return,
+                Ok(Some(_)) | Err(_) => return store,
                 Ok(None) if Instant::now() > deadline => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
-                    return;
+                    return store;
                 }
                 Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
@@ -288,7 +355,9 @@ pub fn proc_cpu_secs(path: &str) -> Option<f64> {
 }
 
 impl Server {
-    async fn report_store(&self) {
+    /// The store writer's counters once it has written everything recorded (or after 10 s);
+    /// `None` without a store or an answer.
+    async fn store_stats(&self) -> Option<StoreStats> {
         let stat = |lines: &[String], name: &str| -> Option<u64> {
             lines.iter().find_map(|l| {
                 let (k, v) = l.split_once('\t')?;
@@ -298,22 +367,19 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let local = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-            let Ok(lines) = admin(local, "stats", Duration::from_secs(5)).await else {
-                return;
-            };
-            let (Some(recorded), Some(written), Some(dropped)) = (
-                stat(&lines, "store_records"),
-                stat(&lines, "store_written"),
-                stat(&lines, "store_dropped"),
-            ) else {
-                return;
-            };
-            if written >= recorded || Instant::now() >= deadline {
-                let leases = stat(&lines, "leases_ended").unwrap_or(0);
-                eprint!(
-                    "[store: {leases} leases ended, {recorded} records queued, {written} written, {dropped} dropped] "
-                );
-                return;
+            let lines = admin(local, "stats", Duration::from_secs(5)).await.ok()?;
+            let recorded = stat(&lines, "store_records")?;
+            let written = stat(&lines, "store_written")?;
+            let dropped = stat(&lines, "store_dropped")?;
+            let caught_up = written >= recorded;
+            if caught_up || Instant::now() >= deadline {
+                return Some(StoreStats {
+                    leases_ended: stat(&lines, "leases_ended").unwrap_or(0),
+                    recorded,
+                    written,
+                    dropped,
+                    caught_up,
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

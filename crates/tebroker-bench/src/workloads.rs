@@ -735,3 +735,251 @@ pub async fn client_wall(
     }
     result
 }
+
+/// The paths an API reader polls, in turn: what the dashboard and scripts read.
+pub const READER_PATHS: [&str; 4] = ["/api/v1/envs", "/api/v1/leases", "/api/v1/queue", "/"];
+
+/// HTTP readers polling tebroker's surface in a loop while a workload runs.
+pub struct Readers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<(u64, u64)>>,
+    started: Instant,
+}
+
+/// What the readers did.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadersResult {
+    pub readers: usize,
+    /// Answers with status 200, per second over the readers' whole run.
+    pub per_sec: f64,
+    /// Failed requests (connection errors, non-200 answers).
+    pub errors: u64,
+}
+
+impl Readers {
+    /// Starts `n` readers of `http`, each on its own keep-alive connection (reopened when the
+    /// server closes it), asking for [`READER_PATHS`] one after the other without pause.
+    pub fn start(http: SocketAddr, n: usize) -> Readers {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|i| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let (mut ok, mut errors) = (0u64, 0u64);
+                    let mut conn: Option<tokio::io::BufStream<TcpStream>> = None;
+                    let mut k = i;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let path = READER_PATHS[k % READER_PATHS.len()];
+                        k += 1;
+                        if conn.is_none() {
+                            match TcpStream::connect(http).await {
+                                Ok(s) => {
+                                    let _ = s.set_nodelay(true);
+                                    conn = Some(tokio::io::BufStream::new(s));
+                                }
+                                Err(_) => {
+                                    errors += 1;
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                    continue;
+                                }
+                            }
+                        }
+                        let stream = conn.as_mut().expect("connected above");
+                        let answer = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            http_get(stream, http, path),
+                        )
+                        .await;
+                        match answer {
+                            Ok(Ok(200)) => ok += 1,
+                            Ok(Ok(_)) => errors += 1,
+                            // Closed by the server (its connection lifetime) or broken.
+                            Ok(Err(_)) | Err(_) => conn = None,
+                        }
+                    }
+                    (ok, errors)
+                })
+            })
+            .collect();
+        Readers {
+            stop,
+            tasks,
+            started: Instant::now(),
+        }
+    }
+
+    pub async fn stop(self) -> ReadersResult {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
+        let readers = self.tasks.len();
+        let (mut ok, mut errors) = (0, 0);
+        for t in self.tasks {
+            if let Ok((o, e)) = t.await {
+                ok += o;
+                errors += e;
+            }
+        }
+        ReadersResult {
+            readers,
+            per_sec: ok as f64 / elapsed,
+            errors,
+        }
+    }
+}
+
+/// One keep-alive HTTP/1.1 GET; returns the status once the whole body is read.
+async fn http_get(
+    stream: &mut tokio::io::BufStream<TcpStream>,
+    host: SocketAddr,
+    path: &str,
+) -> anyhow::Result<u16> {
+    Ok(http_get_body(stream, host, path).await?.0)
+}
+
+/// One keep-alive HTTP/1.1 GET; returns the status and the body.
+async fn http_get_body(
+    stream: &mut tokio::io::BufStream<TcpStream>,
+    host: SocketAddr,
+    path: &str,
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    stream.flush().await?;
+    let mut status = None;
+    let mut length = None;
+    let mut chunked = false;
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await? == 0 {
+            bail!("connection closed");
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if status.is_none() {
+            status = line.split_whitespace().nth(1).and_then(|c| c.parse().ok());
+            continue;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse::<usize>().ok();
+        } else if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+            chunked = true;
+        }
+    }
+    let mut body = Vec::new();
+    if chunked {
+        // Chunk size lines, then the chunks (each followed by CRLF), until the empty one.
+        loop {
+            let mut size = String::new();
+            stream.read_line(&mut size).await?;
+            let n = usize::from_str_radix(size.trim(), 16).context("chunk size")?;
+            let mut chunk = vec![0; n + 2];
+            stream.read_exact(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        let n = length.context("an answer without content-length")?;
+        body.resize(n, 0);
+        stream.read_exact(&mut body).await?;
+    }
+    Ok((status.context("no status line")?, body))
+}
+
+/// Filtered `/api/v1/history` pages timed over HTTP, per kind of filter.
+pub struct HistoryLatency {
+    /// (filter, latencies of its pages in ns, mean rows per page).
+    pub kinds: Vec<(&'static str, Histogram<u64>, f64)>,
+    pub all: Histogram<u64>,
+    pub errors: u64,
+}
+
+/// Times `queries` pages of each kind of filter through tebroker's API, on one keep-alive
+/// connection, against a store filled by store-bench (`--data-dir DIR --history-rows N`: TEs
+/// `te0`..`te99`, jobs `job-0`..`job-49999`, 30 days).
+pub async fn history_api(http: SocketAddr, queries: usize) -> anyhow::Result<HistoryLatency> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut seed = 0x5eed_u64;
+    let mut next = move |n: u64| {
+        // xorshift64: the same pages every run.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut conn = tokio::io::BufStream::new(TcpStream::connect(http).await?);
+    let mut result = HistoryLatency {
+        kinds: Vec::new(),
+        all: new_hist(),
+        errors: 0,
+    };
+    let kinds: [&'static str; 6] = [
+        "env",
+        "job",
+        "outcome=timed out",
+        "env+outcome=failed",
+        "since/until 1 day",
+        "env, 5th page",
+    ];
+    for kind in kinds {
+        let mut h = new_hist();
+        let mut rows = 0usize;
+        for _ in 0..queries {
+            let mut query = match kind {
+                "env" | "env, 5th page" => format!("env=te{}", next(100)),
+                "job" => format!("job=job-{}", next(50_000)),
+                "outcome=timed out" => "outcome=timed%20out".to_string(),
+                "env+outcome=failed" => format!("env=te{}&outcome=failed", next(100)),
+                _ => {
+                    let since = now_ms.saturating_sub((1 + next(28)) * 86_400_000);
+                    format!("since={since}&until={}", since + 86_400_000)
+                }
+            };
+            if kind == "env, 5th page" {
+                let first = query.clone();
+                for _ in 0..4 {
+                    let (_, body) = timed_json(&mut conn, http, &query).await?;
+                    match body["next"].as_str() {
+                        Some(cursor) => query = format!("{first}&cursor={cursor}"),
+                        None => break,
+                    }
+                }
+            }
+            let t = Instant::now();
+            match timed_json(&mut conn, http, &query).await {
+                Ok((200, body)) => {
+                    record(&mut h, t.elapsed());
+                    record(&mut result.all, t.elapsed());
+                    rows += body["leases"].as_array().map_or(0, Vec::len);
+                }
+                _ => {
+                    result.errors += 1;
+                    conn = tokio::io::BufStream::new(TcpStream::connect(http).await?);
+                }
+            }
+        }
+        result
+            .kinds
+            .push((kind, h, rows as f64 / queries.max(1) as f64));
+    }
+    Ok(result)
+}
+
+/// GET `/api/v1/history?QUERY` on `conn`; the status and the parsed JSON.
+async fn timed_json(
+    conn: &mut tokio::io::BufStream<TcpStream>,
+    http: SocketAddr,
+    query: &str,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let (status, body) = http_get_body(conn, http, &format!("/api/v1/history?{query}")).await?;
+    Ok((status, serde_json::from_slice(&body).unwrap_or_default()))
+}

@@ -1,7 +1,7 @@
 //! The broker's durable history and inventory.
 //!
-//! - [`record`]: what is kept — ended leases, TE state changes, ended waits (no secrets: no
-//!   record has a field for TE data);
+//! - [`record`]: what is kept — ended leases, TE state changes, ended waits, and the plain TEs
+//!   a broker keeps out of rotation (no secrets: no record has a field for TE data);
 //! - [`Store`]: one trait, two implementations: [`SqliteStore`] (embedded, one file in a data
 //!   directory, WAL) and [`PgStore`] (PostgreSQL, shared by several brokers); schema migrations
 //!   run when a store is opened;
@@ -29,8 +29,8 @@ pub use query::{
     StoredLease, WaitEstimate, WaitQuery, DEFAULT_PAGE, MAX_PAGE,
 };
 pub use record::{
-    now_ms, EnvState, EnvStateChange, LeaseRecord, Millis, Outcome, Priority, Record, Stamped,
-    UnknownValue, WaitEnd, WaitRecord,
+    now_ms, EnvState, EnvStateChange, LeaseRecord, Millis, Outcome, PauseKind, PauseRecord,
+    Priority, Record, Stamped, TePause, UnknownValue, WaitEnd, WaitRecord,
 };
 pub use schema::SCHEMA_VERSION;
 pub use sqlite::SqliteStore;
@@ -80,6 +80,9 @@ pub trait Store: Send {
     /// Removes leases, state changes and waits that ended (or began, for state changes) more
     /// than `days` days before `now_ms`. TEs' latest states stay.
     fn purge_older_than(&mut self, days: u32, now_ms: Millis) -> Result<PurgeCounts, StoreError>;
+    /// The plain TEs broker `broker` keeps out of rotation, by TE name (not purged: they are
+    /// current state).
+    fn pauses(&mut self, broker: &str) -> Result<Vec<(String, TePause)>, StoreError>;
 
     /// The median wait of the last `n` grants on `function`.
     fn wait_estimate(

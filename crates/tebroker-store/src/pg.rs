@@ -17,8 +17,8 @@ use crate::record::{labels_from_text, labels_to_text, now_ms, Record};
 use crate::schema::{self, Dialect};
 use crate::{
     EnvState, EnvStateChange, EnvSummary, HistoryPage, HistoryQuery, InventoryQuery, LeaseRecord,
-    Millis, Outcome, Priority, PurgeCounts, Stamped, Store, StoreError, WaitEnd, WaitQuery,
-    WaitRecord,
+    Millis, Outcome, PauseKind, Priority, PurgeCounts, Stamped, Store, StoreError, TePause,
+    WaitEnd, WaitQuery, WaitRecord,
 };
 
 /// Serialises migrations between brokers opening the same database at once ("tebroker").
@@ -319,8 +319,10 @@ impl Store for PgStore {
         let mut leases = LeaseColumns::default();
         let mut waits = WaitColumns::default();
         let mut states = Vec::new();
+        let mut pauses = Vec::new();
         for s in batch {
             match s.record() {
+                Record::Pause(p) => pauses.push(p),
                 Record::Lease(l) => {
                     leases.origin.push(s.origin());
                     leases.seq.push(s.seq());
@@ -418,6 +420,28 @@ impl Store for PgStore {
             if !states.is_empty() {
                 write_states(&mut tx, &states)?;
             }
+            // In order: the last change of a TE wins.
+            for p in &pauses {
+                match &p.pause {
+                    Some(t) => tx.execute(
+                        "INSERT INTO pauses (broker, env, kind, since_ms, until_ms) \
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (broker, env) DO UPDATE SET \
+                         kind = excluded.kind, since_ms = excluded.since_ms, \
+                         until_ms = excluded.until_ms",
+                        &[
+                            &p.broker,
+                            &p.env,
+                            &t.kind.as_str(),
+                            &t.since_ms,
+                            &t.until_ms,
+                        ],
+                    )?,
+                    None => tx.execute(
+                        "DELETE FROM pauses WHERE broker = $1 AND env = $2",
+                        &[&p.broker, &p.env],
+                    )?,
+                };
+            }
             tx.commit()?;
             Ok(())
         })
@@ -506,6 +530,28 @@ impl Store for PgStore {
                 env_states,
                 waits,
             })
+        })
+    }
+
+    fn pauses(&mut self, broker: &str) -> Result<Vec<(String, TePause)>, StoreError> {
+        self.with_client(|c| {
+            let rows = c.query(
+                "SELECT env, kind, since_ms, until_ms FROM pauses WHERE broker = $1 ORDER BY env",
+                &[&broker],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        TePause {
+                            kind: PauseKind::from_text(r.get(1)),
+                            since_ms: r.get(2),
+                            until_ms: r.get(3),
+                        },
+                    )
+                })
+                .collect())
         })
     }
 }

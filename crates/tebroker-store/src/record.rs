@@ -226,6 +226,34 @@ impl WaitRecord {
     }
 }
 
+text_enum! {
+    /// How the broker keeps a plain TE out of rotation.
+    PauseKind {
+        /// Until undrained.
+        Drain = "drain",
+        /// Until released, or until its end.
+        Hold = "hold",
+    }
+}
+
+/// A plain TE the broker itself keeps out of rotation (`drain` / `hold` of a testenv-worker with
+/// no agent), kept so a restarted broker keeps it so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TePause {
+    pub kind: PauseKind,
+    pub since_ms: Millis,
+    /// When a hold given a duration ends.
+    pub until_ms: Option<Millis>,
+}
+
+/// TE `env` of broker `broker` is now paused as `pause`, or (None) back in rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PauseRecord {
+    pub broker: String,
+    pub env: String,
+    pub pause: Option<TePause>,
+}
+
 /// Anything the store keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -233,6 +261,13 @@ pub enum Record {
     Lease(LeaseRecord),
     EnvState(EnvStateChange),
     Wait(WaitRecord),
+    Pause(PauseRecord),
+}
+
+impl From<PauseRecord> for Record {
+    fn from(r: PauseRecord) -> Record {
+        Record::Pause(r)
+    }
 }
 
 impl From<LeaseRecord> for Record {
@@ -303,6 +338,17 @@ impl Stamped {
                 clean_enum_other(&mut w.priority);
                 if let WaitEnd::Granted { env, .. } = &mut w.end {
                     clean(env);
+                }
+            }
+            Record::Pause(p) => {
+                clean(&mut p.broker);
+                clean(&mut p.env);
+                if let Some(TePause {
+                    kind: PauseKind::Other(s),
+                    ..
+                }) = &mut p.pause
+                {
+                    clean(s);
                 }
             }
         }

@@ -74,6 +74,15 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX waits_by_function ON waits (function, outcome, ended_ms, id);
     CREATE INDEX waits_by_ended ON waits (ended_ms, id);",
+    // 2: plain TEs a broker drained or held (current state, one row per broker and TE).
+    "CREATE TABLE pauses (
+        broker TEXT NOT NULL,
+        env TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        since_ms BIGINT NOT NULL,
+        until_ms BIGINT,
+        PRIMARY KEY (broker, env)
+    );",
 ];
 
 /// The schema version this code writes (the number of migrations).

@@ -15,8 +15,8 @@ use crate::record::{labels_from_text, labels_to_text, now_ms, Record};
 use crate::schema::{self, Dialect};
 use crate::{
     EnvState, EnvStateChange, EnvSummary, HistoryPage, HistoryQuery, InventoryQuery, LeaseRecord,
-    Millis, Outcome, Priority, PurgeCounts, Stamped, Store, StoreError, WaitEnd, WaitQuery,
-    WaitRecord,
+    Millis, Outcome, PauseKind, Priority, PurgeCounts, Stamped, Store, StoreError, TePause,
+    WaitEnd, WaitQuery, WaitRecord,
 };
 
 /// The database file's name inside the data directory.
@@ -295,9 +295,30 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                  ON CONFLICT (origin, seq) DO NOTHING",
             )?;
+            let mut pause = tx.prepare_cached(
+                "INSERT INTO pauses (broker, env, kind, since_ms, until_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (broker, env) DO UPDATE SET \
+                 kind = excluded.kind, since_ms = excluded.since_ms, until_ms = excluded.until_ms",
+            )?;
+            let mut unpause =
+                tx.prepare_cached("DELETE FROM pauses WHERE broker = ?1 AND env = ?2")?;
             for s in batch {
                 let (o, q) = (s.origin(), s.seq());
                 match s.record() {
+                    Record::Pause(p) => match &p.pause {
+                        Some(t) => {
+                            pause.execute(params![
+                                p.broker,
+                                p.env,
+                                t.kind.as_str(),
+                                t.since_ms,
+                                t.until_ms
+                            ])?;
+                        }
+                        None => {
+                            unpause.execute(params![p.broker, p.env])?;
+                        }
+                    },
                     Record::Lease(l) => {
                         lease.execute(params![
                             o,
@@ -443,5 +464,25 @@ impl Store for SqliteStore {
             env_states: env_states as u64,
             waits: waits as u64,
         })
+    }
+
+    fn pauses(&mut self, broker: &str) -> Result<Vec<(String, TePause)>, StoreError> {
+        let rows = self
+            .conn
+            .prepare_cached(
+                "SELECT env, kind, since_ms, until_ms FROM pauses WHERE broker = ?1 ORDER BY env",
+            )?
+            .query_map([broker], |r| {
+                Ok((
+                    r.get(0)?,
+                    TePause {
+                        kind: PauseKind::from_text(&r.get::<_, String>(1)?),
+                        since_ms: r.get(2)?,
+                        until_ms: r.get(3)?,
+                    },
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use tebroker_store::{
     Database, EnvState, EnvStateChange, HistoryQuery, InventoryQuery, LeaseRecord, Millis, Outcome,
-    Priority, Record, Stamped, Store, StoreError, StoreWriter, StoredLease, WaitEnd, WaitQuery,
-    WaitRecord, WriterConfig, DEFAULT_PAGE, SCHEMA_VERSION,
+    PauseKind, PauseRecord, Priority, Record, Stamped, Store, StoreError, StoreWriter, StoredLease,
+    TePause, WaitEnd, WaitQuery, WaitRecord, WriterConfig, DEFAULT_PAGE, SCHEMA_VERSION,
 };
 use test_support::postgres::PgCluster;
 
@@ -142,6 +142,8 @@ suite!(
     store_goes_away_and_comes_back,
     full_queue_drops_and_counts,
     hostile_text_is_stored_without_poisoning_the_batch,
+    pauses_are_kept_per_broker_and_the_last_change_wins,
+    a_version_1_database_gains_the_pauses_table_and_keeps_its_data,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -960,4 +962,93 @@ fn hostile_text_is_stored_without_poisoning_the_batch(b: &mut dyn Backend) {
         },
     );
     assert_eq!(by_env.len(), 1);
+}
+
+fn pause(broker: &str, env: &str, pause: Option<TePause>) -> Record {
+    PauseRecord {
+        broker: broker.into(),
+        env: env.into(),
+        pause,
+    }
+    .into()
+}
+
+fn pauses_are_kept_per_broker_and_the_last_change_wins(b: &mut dyn Backend) {
+    let drain = TePause {
+        kind: PauseKind::Drain,
+        since_ms: 1000,
+        until_ms: None,
+    };
+    let hold = TePause {
+        kind: PauseKind::Hold,
+        since_ms: 2000,
+        until_ms: Some(9000),
+    };
+    {
+        let mut s = b.open();
+        assert_eq!(s.pauses("broker-a").unwrap(), vec![]);
+        // In one batch: te1 drained then held (the hold wins), te2 drained then undrained.
+        write_all(
+            &mut *s,
+            1,
+            vec![
+                pause("broker-a", "te1", Some(drain.clone())),
+                pause("broker-a", "te2", Some(drain.clone())),
+                pause("broker-b", "te1", Some(drain.clone())),
+                pause("broker-a", "te1", Some(hold.clone())),
+                pause("broker-a", "te2", None),
+            ],
+        );
+        // A batch retried after a lost commit answer changes nothing.
+        write_all(
+            &mut *s,
+            4,
+            vec![pause("broker-a", "te1", Some(hold.clone()))],
+        );
+    }
+    let mut s = b.open();
+    assert_eq!(
+        s.pauses("broker-a").unwrap(),
+        vec![("te1".to_string(), hold.clone())]
+    );
+    assert_eq!(
+        s.pauses("broker-b").unwrap(),
+        vec![("te1".to_string(), drain)]
+    );
+    // Not history: retention leaves them.
+    s.purge_older_than(1, 100 * DAY).unwrap();
+    assert_eq!(s.pauses("broker-a").unwrap().len(), 1);
+    write_all(&mut *s, 10, vec![pause("broker-a", "te1", None)]);
+    assert_eq!(s.pauses("broker-a").unwrap(), vec![]);
+}
+
+fn a_version_1_database_gains_the_pauses_table_and_keeps_its_data(b: &mut dyn Backend) {
+    {
+        let mut s = b.open();
+        write_all(
+            &mut *s,
+            1,
+            vec![lease(1, "te1", "job", Outcome::Released, 5000).into()],
+        );
+    }
+    // The database as version 1 left it.
+    b.scalar("DROP TABLE pauses");
+    b.scalar("DELETE FROM schema_version WHERE version > 1");
+    let mut s = b.open();
+    assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(walk_all(&mut *s).len(), 1, "the leases stay");
+    write_all(
+        &mut *s,
+        2,
+        vec![pause(
+            "broker-a",
+            "te1",
+            Some(TePause {
+                kind: PauseKind::Drain,
+                since_ms: 1,
+                until_ms: None,
+            }),
+        )],
+    );
+    assert_eq!(s.pauses("broker-a").unwrap().len(), 1);
 }

@@ -49,6 +49,9 @@ fn check_files(settings: &Settings) -> anyhow::Result<()> {
     if let Some(tls) = &settings.tls {
         crate::tls::acceptor(tls).context("TLS files")?;
     }
+    if let Some(tls) = &settings.http_tls {
+        crate::tls::http_acceptor(tls).context("HTTPS files (--http-tls-*)")?;
+    }
     if let Some(acl) = &settings.acl {
         crate::reload::read_acl(acl)?;
     }
@@ -85,6 +88,7 @@ fn effective(settings: &Settings) -> ServeArgs {
         backlog,
         handle_host,
         http,
+        http_tls,
         history_file,
         max_queue,
         tls,
@@ -120,6 +124,9 @@ fn effective(settings: &Settings) -> ServeArgs {
         backlog: Some(backlog),
         handle_host: Some(handle_host),
         http,
+        http_tls_cert: http_tls.as_ref().map(|t| t.cert.clone()),
+        http_tls_key: http_tls.as_ref().map(|t| t.key.clone()),
+        http_client_ca: http_tls.and_then(|t| t.ca),
         history_file,
         max_queue: Some(max_queue),
         ssl_cert: tls.as_ref().map(|t| t.cert.clone()),

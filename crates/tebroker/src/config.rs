@@ -72,9 +72,20 @@ pub struct ServeArgs {
     #[arg(long)]
     pub handle_host: Option<String>,
     /// Serve the dashboard, JSON API and Prometheus metrics over HTTP on this address
-    /// (e.g. 127.0.0.1:8080). Unauthenticated: bind it to a trusted network.
+    /// (e.g. 127.0.0.1:8080). Reading is open: bind it to a trusted network.
     #[arg(long)]
     pub http: Option<String>,
+    /// Certificate (PEM) for --http; with --http-tls-key the surface speaks HTTPS only.
+    #[arg(long, value_name = "PATH")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --http-tls-cert.
+    #[arg(long, value_name = "PATH")]
+    pub http_tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): an HTTPS client presenting a certificate signed by one of them
+    /// may POST control without a token. Clients without one still connect (reading stays
+    /// open; control then needs the token).
+    #[arg(long, value_name = "PATH")]
+    pub http_client_ca: Option<PathBuf>,
     /// Append every ended lease to this file as a JSON line (an export; the store keeps the
     /// history the API queries).
     #[arg(long)]
@@ -95,9 +106,8 @@ pub struct ServeArgs {
     /// hourly.
     #[arg(long, value_name = "DAYS")]
     pub history_days: Option<u32>,
-    /// File holding the bearer token that POST /api/v1/envs/{name}/{op} requires (a client
-    /// certificate cannot be used: the HTTP surface is plain HTTP). Without it, control over
-    /// HTTP is refused.
+    /// File holding the bearer token that POST /api/v1/envs/{name}/{op} requires (or a client
+    /// certificate, see --http-client-ca). Without either, control over HTTP is refused.
     #[arg(long, value_name = "PATH")]
     pub api_token_file: Option<PathBuf>,
     /// Default limit of queued jobs per function and priority (0: unlimited); the `maxqueue`
@@ -169,6 +179,8 @@ pub struct Settings {
     pub backlog: u32,
     pub handle_host: String,
     pub http: Option<String>,
+    /// HTTPS for `http` (`ca`: the client CA whose certificates may control).
+    pub http_tls: Option<crate::tls::TlsFiles>,
     pub history_file: Option<PathBuf>,
     /// Where history, waits and TE states are kept; `None`: `--no-store`.
     pub store: Option<tebroker_store::Database>,
@@ -205,6 +217,7 @@ impl Default for Settings {
             backlog: 4096,
             handle_host: host_name(),
             http: None,
+            http_tls: None,
             history_file: None,
             store: None,
             history_days: DEFAULT_HISTORY_DAYS,
@@ -263,6 +276,12 @@ impl Settings {
             backlog: a.backlog.unwrap_or(d.backlog),
             handle_host: a.handle_host.unwrap_or(d.handle_host),
             max_queue: a.max_queue.unwrap_or(d.max_queue),
+            http_tls: http_tls_files(
+                a.http.is_some(),
+                a.http_tls_cert,
+                a.http_tls_key,
+                a.http_client_ca,
+            )?,
             http: a.http,
             history_file: a.history_file,
             store: store_database(a.no_store.unwrap_or(false), a.data_dir, a.database)?,
@@ -331,6 +350,24 @@ fn tls_files(
         (Some(cert), Some(key), ca) => Ok(Some(crate::tls::TlsFiles { cert, key, ca })),
         _ => anyhow::bail!("TLS needs both --ssl-cert and --ssl-key (and optionally --ssl-ca)"),
     }
+}
+
+fn http_tls_files(
+    http: bool,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
+    let files = match (cert, key, ca) {
+        (None, None, None) => return Ok(None),
+        (Some(cert), Some(key), ca) => crate::tls::TlsFiles { cert, key, ca },
+        (None, None, Some(_)) => {
+            anyhow::bail!("--http-client-ca needs HTTPS: give --http-tls-cert and --http-tls-key")
+        }
+        _ => anyhow::bail!("HTTPS needs both --http-tls-cert and --http-tls-key"),
+    };
+    anyhow::ensure!(http, "--http-tls-cert/--http-tls-key need --http ADDR");
+    Ok(Some(files))
 }
 
 pub fn apply_keepalive(stream: &tokio::net::TcpStream, settings: &Settings) -> std::io::Result<()> {

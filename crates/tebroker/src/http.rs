@@ -1,6 +1,7 @@
-//! The HTTP operator surface: a dashboard, a JSON API and Prometheus metrics, all read-only views
-//! of the broker's state. Nothing here can change the broker; the admin text protocol (with
-//! ACLs when configured) does that.
+//! The HTTP operator surface: a dashboard, a JSON API and Prometheus metrics, read-only views of
+//! the broker's state, plus API v1's control (`http_api`), which needs a token or a client
+//! certificate. Plain HTTP, or HTTPS with `--http-tls-cert/--http-tls-key` (a client certificate
+//! of `--http-client-ca` is optional and, when verified, becomes a [`ClientCert`] extension).
 //!
 //! | path | what |
 //! |---|---|
@@ -21,6 +22,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Json, Response};
@@ -310,6 +312,12 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
+    let tls = match &shared.settings().http_tls {
+        Some(files) => {
+            Some(crate::tls::http_acceptor(files).context("HTTPS files (--http-tls-*)")?)
+        }
+        None => None,
+    };
     let app = router(shared);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
@@ -327,6 +335,10 @@ pub async fn serve(
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, max = MAX_CONNECTIONS, "too many HTTP connections; answering 503");
+                if tls.is_some() {
+                    // No plain-text answer on a TLS port: the connection is just closed.
+                    continue;
+                }
                 tokio::spawn(async move {
                     let busy = "HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\n\
                                 content-length: 0\r\n\r\n";
@@ -335,25 +347,75 @@ pub async fn serve(
                 });
                 continue;
             };
-            let service = hyper_util::service::TowerToHyperService::new(app.clone());
-            let stop = stop.clone();
+            let (app, stop, tls) = (app.clone(), stop.clone(), tls.clone());
             tokio::spawn(async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = tokio::time::timeout(CONNECTION_LIFETIME, conn.as_mut()) => {
-                        if let Ok(Err(e)) = r {
-                            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                        }
+                match tls {
+                    None => serve_connection(stream, app, peer, stop).await,
+                    Some(acceptor) => {
+                        let handshake =
+                            tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream));
+                        let stream = match handshake.await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "HTTPS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "HTTPS handshake timed out");
+                                return;
+                            }
+                        };
+                        // rustls has checked the certificate against --http-client-ca.
+                        let cert = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .map(|der| ClientCert {
+                                common_name: crate::tls::common_name(der).unwrap_or_default(),
+                            });
+                        let app = match cert {
+                            Some(cert) => app.layer(axum::Extension(cert)),
+                            None => app,
+                        };
+                        serve_connection(stream, app, peer, stop).await
                     }
-                    _ = stop.cancelled() => {}
                 }
                 drop(slot);
             });
         }
     });
     Ok(bound)
+}
+
+/// A verified client certificate of an HTTPS connection (signed by `--http-client-ca`): it
+/// authorizes control. Set as a request extension on that connection's requests only.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    pub common_name: String,
+}
+
+/// Serves one HTTP/1.1 connection until it ends, [`CONNECTION_LIFETIME`] passes or `stop`.
+async fn serve_connection<S>(
+    stream: S,
+    app: Router,
+    peer: std::net::SocketAddr,
+    stop: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = tokio::time::timeout(CONNECTION_LIFETIME, conn.as_mut()) => {
+            if let Ok(Err(e)) = r {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        }
+        _ = stop.cancelled() => {}
+    }
 }

@@ -22,12 +22,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use broker_core::ControlOutcome;
 use serde::{Deserialize, Serialize};
 use tebroker_store::{Cursor, HistoryQuery, InventoryQuery, Outcome, WaitQuery};
 use testenv_proto::agent::ControlOp;
 
-use crate::http::CORE_WAIT;
-use crate::server::Shared;
+use crate::http::{ClientCert, CORE_WAIT};
+use crate::server::{ControlDone, Shared};
 
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
@@ -310,13 +311,34 @@ pub struct ControlParams {
     secs: Option<u64>,
 }
 
-/// Whether the request carries the bearer token (compared in constant time).
-fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+/// Whether the request may control: it came with a client certificate signed by
+/// `--http-client-ca` (rustls verified it), or it carries the bearer token (compared in
+/// constant time). Returns who asked, for the logs and the agent.
+fn authorized(
+    shared: &Shared,
+    cert: Option<&ClientCert>,
+    headers: &HeaderMap,
+) -> Result<String, ApiError> {
+    if let Some(cert) = cert {
+        return Ok(format!("http api (certificate {})", cert.common_name));
+    }
+    let client_ca = shared
+        .settings()
+        .http_tls
+        .as_ref()
+        .is_some_and(|t| t.ca.is_some());
     let Some(token) = shared.api_token() else {
+        if client_ca {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "control needs a client certificate signed by the broker's --http-client-ca",
+            ));
+        }
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "control_disabled",
-            "control over HTTP needs the broker started with --api-token-file",
+            "control over HTTP needs the broker started with --api-token-file or --http-client-ca",
         ));
     };
     let given = headers
@@ -327,7 +349,7 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
         .unwrap_or_default();
     use subtle::ConstantTimeEq;
     if bool::from(given.as_bytes().ct_eq(token)) && !given.is_empty() {
-        Ok(())
+        Ok("http api".to_string())
     } else {
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -340,10 +362,11 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn control(
     State(shared): State<Arc<Shared>>,
     Path((name, op)): Path<(String, String)>,
+    cert: Option<axum::Extension<ClientCert>>,
     headers: HeaderMap,
     params: Result<Query<ControlParams>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
-    authorized(&shared, &headers)?;
+    let requested_by = authorized(&shared, cert.as_ref().map(|c| &c.0), &headers)?;
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let op = ControlOp::parse(&op)
         .filter(|o| *o != ControlOp::Status)
@@ -354,11 +377,13 @@ async fn control(
                 "operations: drain, undrain, hold, release, rebuild",
             )
         })?;
-    match shared.control_env(op, &name, p.secs, "http api") {
-        Ok(broker_core::ControlTarget::Agent { agent, handle }) => ok(serde_json::json!({
-            "env": name, "op": op.as_str(), "applied_by": "agent", "agent": agent, "handle": handle,
-        })),
-        Ok(broker_core::ControlTarget::Broker) => ok(serde_json::json!({
+    match shared.control_env(op, &name, p.secs, &requested_by).await {
+        Ok(ControlDone::Agent {
+            agent,
+            handle,
+            outcome,
+        }) => agent_answer(&name, op, agent, handle, outcome),
+        Ok(ControlDone::Broker) => ok(serde_json::json!({
             "env": name, "op": op.as_str(), "applied_by": "broker",
         })),
         Err(e) => {
@@ -371,6 +396,41 @@ async fn control(
             };
             Err(ApiError::new(status, code, text))
         }
+    }
+}
+
+/// The answer to a control command an agent carried out, refused, failed or left unanswered.
+fn agent_answer(
+    env: &str,
+    op: ControlOp,
+    agent: String,
+    handle: String,
+    outcome: ControlOutcome,
+) -> ApiResult {
+    match outcome {
+        ControlOutcome::Replied {
+            ok: true, message, ..
+        } => ok(serde_json::json!({
+            "env": env, "op": op.as_str(), "applied_by": "agent", "agent": agent,
+            "handle": handle, "reply": message,
+        })),
+        ControlOutcome::Replied {
+            ok: false, message, ..
+        } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "refused",
+            format!("agent {agent}: {message}"),
+        )),
+        ControlOutcome::Failed { why, .. } => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_failed",
+            format!("agent {agent}: {why}"),
+        )),
+        timed_out @ ControlOutcome::TimedOut { .. } => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "agent_timeout",
+            timed_out.timeout_text(),
+        )),
     }
 }
 

@@ -22,6 +22,16 @@ pub struct ApiArgs {
     /// File with the bearer token control commands need (the broker's --api-token-file).
     #[arg(long, env = "TEBROKER_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
+    /// For an https:// URL: the CA (PEM) the broker's certificate must chain to.
+    #[arg(long, value_name = "PATH", global = true)]
+    pub ca: Option<PathBuf>,
+    /// For an https:// URL: a client certificate (PEM) signed by the broker's
+    /// --http-client-ca, which may control without a token.
+    #[arg(long, value_name = "PATH", requires = "key", global = true)]
+    pub cert: Option<PathBuf>,
+    /// The private key (PEM) of --cert.
+    #[arg(long, value_name = "PATH", requires = "cert", global = true)]
+    pub key: Option<PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
@@ -117,7 +127,7 @@ pub fn run(args: ApiArgs, command: ApiCommand) -> anyhow::Result<i32> {
     let (status, body) = runtime.block_on(async {
         tokio::time::timeout(
             Duration::from_secs(args.timeout),
-            call(&args.url, method, &path, token.as_deref()),
+            call(&args, method, &path, token.as_deref()),
         )
         .await
         .map_err(|_| anyhow::anyhow!("no answer from {} within {} s", args.url, args.timeout))?
@@ -184,22 +194,46 @@ fn history_path(h: &HistoryArgs) -> String {
     format!("/api/v1/history?{}", q.join("&"))
 }
 
-/// One HTTP/1.1 request over a fresh connection.
+/// One HTTP/1.1 request over a fresh connection (TLS for an https:// URL).
 async fn call(
-    url: &str,
+    args: &ApiArgs,
     method: &str,
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, bytes::Bytes)> {
-    let Some(authority) = url.strip_prefix("http://").map(|r| r.trim_end_matches('/')) else {
-        bail!("--url must be http://HOST:PORT (got {url:?})");
+    let url = args.url.as_str();
+    let (authority, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => bail!("--url must be http://HOST:PORT or https://HOST:PORT (got {url:?})"),
     };
+    let authority = authority.trim_end_matches('/');
     let stream = tokio::net::TcpStream::connect(authority)
         .await
         .with_context(|| format!("cannot connect to {url}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = if tls {
+        let Some(ca) = &args.ca else {
+            bail!("an https:// URL needs --ca (the CA the broker's certificate chains to)");
+        };
+        let server: gearman_client::ServerAddr = authority
+            .parse()
+            .with_context(|| format!("--url {url:?}: not HOST:PORT"))?;
+        let config = gearman_client::TlsConfig {
+            ssl_ca: Some(ca.clone()),
+            ssl_cert: args.cert.clone(),
+            ssl_key: args.key.clone(),
+        };
+        let stream = gearman_client::tls::handshake(&server, &config, stream).await?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        sender
+    } else {
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        sender
+    };
     let mut req = hyper::Request::builder()
         .method(method)
         .uri(path)
@@ -377,11 +411,11 @@ fn history_table(v: &serde_json::Value) -> String {
 fn control_line(v: &serde_json::Value) -> String {
     match v["applied_by"].as_str() {
         Some("agent") => format!(
-            "{} {}: sent to agent {} (job {})\n",
+            "{} {}: agent {}: {}\n",
             text(&v["op"]),
             text(&v["env"]),
             text(&v["agent"]),
-            text(&v["handle"])
+            text(&v["reply"])
         ),
         _ => format!(
             "{} {}: done by the broker\n",

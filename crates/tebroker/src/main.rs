@@ -59,7 +59,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 server.shared(),
                 server.stop_token(),
             )?;
-            banner.push_str(&format!("tebroker dashboard on http://{bound}/\n"));
+            let scheme = if server.shared().settings().http_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            banner.push_str(&format!("tebroker dashboard on {scheme}://{bound}/\n"));
         }
         let mut stdout = std::io::stdout().lock();
         let _ = stdout.write_all(banner.as_bytes());

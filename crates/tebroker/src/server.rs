@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use broker_core::{Action, Broker, ConnId, Millis, Now};
+use broker_core::{Action, Broker, ConnId, ControlOutcome, Millis, Now};
 use gearman_proto::{Frame, Packet};
 use rustc_hash::FxHashMap;
 use tokio::io::AsyncWriteExt;
@@ -27,6 +27,19 @@ use crate::outbox::{Outbox, Queued};
 
 /// Kernel send buffer of each connection (Linux doubles the figure for its bookkeeping).
 const SEND_BUFFER: usize = 128 * 1024;
+
+/// What came of an operator's control command ([`Shared::control_env`]).
+#[derive(Debug)]
+pub enum ControlDone {
+    /// A plain TE: the broker did it.
+    Broker,
+    /// Forwarded as job `handle` of `agent`'s control function; `outcome` is its reply.
+    Agent {
+        agent: String,
+        handle: String,
+        outcome: ControlOutcome,
+    },
+}
 
 struct State {
     broker: Broker,
@@ -56,6 +69,10 @@ pub struct Shared {
     pub(crate) lease_metrics: crate::http::LeaseHistograms,
     /// The bearer token API control requires (`--api-token-file`).
     api_token: Option<Vec<u8>>,
+    /// Callers of [`Shared::control_env`] waiting for an agent's reply, by token. Taken after
+    /// the broker lock (in `deliver`), never held while taking it.
+    control_waiters: Mutex<FxHashMap<u64, tokio::sync::oneshot::Sender<ControlOutcome>>>,
+    next_control_token: AtomicU64,
     pub(crate) reload: crate::reload::Reloadable,
     clock: crate::clock::Clock,
 }
@@ -129,10 +146,12 @@ impl Shared {
     /// Releases the lock, then writes what was queued, hands ended leases to the history
     /// file, and tells the timer when the next deadline moved earlier.
     fn after_apply(&self, mut state: MutexGuard<'_, State>, woken: Vec<Arc<Outbox>>) {
-        let next = state.broker.next_deadline(self.now());
+        let now = self.now();
+        let next = state.broker.next_deadline(now);
         let ended = state.broker.take_new_history();
         // Taken even without a store, so the core's buffer never fills.
         let waits = state.broker.take_ended_waits();
+        let pauses = state.broker.take_pause_changes(now);
         drop(state);
         self.timer.rearm(next);
         for o in woken {
@@ -143,6 +162,9 @@ impl Shared {
         }
         if let (Some(store), false) = (&self.store, waits.is_empty()) {
             store.waits_ended(&waits);
+        }
+        if let (Some(store), false) = (&self.store, pauses.is_empty()) {
+            store.pauses_changed(&pauses);
         }
     }
 
@@ -184,15 +206,55 @@ impl Shared {
     }
 
     /// Carries out an operator's control command on TE `env` (see
-    /// [`Broker::control_env`]).
-    pub fn control_env(
+    /// [`Broker::control_env`]); for an agent's TE, waits for the agent's reply (the core ends
+    /// the wait after [`broker_core::CONTROL_REPLY_TIMEOUT_MS`]).
+    pub async fn control_env(
         &self,
         op: testenv_proto::agent::ControlOp,
         env: &str,
         hold_secs: Option<u64>,
         requested_by: &str,
-    ) -> Result<broker_core::ControlTarget, broker_core::ControlError> {
-        self.apply(|b, out| b.control_env(op, env, hold_secs, requested_by, out))
+    ) -> Result<ControlDone, broker_core::ControlError> {
+        let token = self.next_control_token.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiters().insert(token, tx);
+        let waiter = broker_core::ControlWaiter::Edge(token);
+        let now = self.now();
+        let target = self.apply(|b, out| {
+            b.control_env_awaiting(op, env, hold_secs, requested_by, waiter, now, out)
+        });
+        let (agent, handle) = match target {
+            Ok(broker_core::ControlTarget::Agent { agent, handle }) => (agent, handle),
+            other => {
+                self.waiters().remove(&token);
+                return other.map(|_| ControlDone::Broker);
+            }
+        };
+        // The core answers by its deadline; the margin is for a timer late on a loaded machine.
+        let limit = Duration::from_millis(broker_core::CONTROL_REPLY_TIMEOUT_MS + 5_000);
+        let outcome = match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            _ => {
+                self.waiters().remove(&token);
+                ControlOutcome::TimedOut {
+                    agent: agent.clone(),
+                    delivered: true,
+                }
+            }
+        };
+        Ok(ControlDone::Agent {
+            agent,
+            handle,
+            outcome,
+        })
+    }
+
+    fn waiters(
+        &self,
+    ) -> MutexGuard<'_, FxHashMap<u64, tokio::sync::oneshot::Sender<ControlOutcome>>> {
+        self.control_waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The durable store, when there is one.
@@ -229,6 +291,13 @@ impl Shared {
             Action::Shutdown { graceful } => {
                 tracing::info!(graceful, "shutdown requested by admin command");
                 self.begin_shutdown(&mut state.broker, graceful);
+                return;
+            }
+            Action::ControlDone(token, outcome) => {
+                // A caller that went away (its HTTP request dropped) is not waiting any more.
+                if let Some(tx) = self.waiters().remove(&token) {
+                    let _ = tx.send(outcome);
+                }
                 return;
             }
         };
@@ -466,8 +535,10 @@ impl Server {
             max_functions_per_conn: settings.max_functions_per_conn,
         });
         broker.set_security(crate::reload::security(&settings, acl));
+        let clock = crate::clock::Clock::start();
         if let Some(link) = &store {
             let _ = edge.store.set(link.clone());
+            link.restore_pauses(&mut broker, clock.now());
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -485,9 +556,11 @@ impl Server {
             history,
             store,
             api_token,
+            control_waiters: Mutex::new(FxHashMap::default()),
+            next_control_token: AtomicU64::new(1),
             lease_metrics: crate::http::LeaseHistograms::default(),
             reload,
-            clock: crate::clock::Clock::start(),
+            clock,
         });
         Ok(Server { listener, shared })
     }

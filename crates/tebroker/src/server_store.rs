@@ -5,10 +5,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use broker_core::{EndedLease, EndedWait, EnvInfo};
+use broker_core::{EndedLease, EndedWait, EnvInfo, PlainPause};
 use tebroker_store::{
-    Database, EnvState, EnvStateChange, LeaseRecord, Millis, Outcome, Priority, Store, StoreError,
-    StoreWriter, WaitEnd, WaitRecord, WriterConfig, WriterStats,
+    Database, EnvState, EnvStateChange, LeaseRecord, Millis, Outcome, PauseKind, PauseRecord,
+    Priority, Store, StoreError, StoreWriter, TePause, WaitEnd, WaitRecord, WriterConfig,
+    WriterStats,
 };
 
 /// How often the core is asked which TEs changed state (it compares the whole inventory).
@@ -115,6 +116,77 @@ impl StoreLink {
         }
     }
 
+    /// Queues the plain TEs the broker drained, held or put back in rotation (what
+    /// [`broker_core::Broker::take_pause_changes`] found); never blocks.
+    pub fn pauses_changed(&self, changes: &[(String, Option<PlainPause>)]) {
+        for (env, pause) in changes {
+            self.writer.record(PauseRecord {
+                broker: self.broker.clone(),
+                env: env.clone(),
+                pause: pause.as_ref().map(|p| TePause {
+                    kind: match p.kind {
+                        broker_core::PauseKind::Drain => PauseKind::Drain,
+                        broker_core::PauseKind::Hold => PauseKind::Hold,
+                    },
+                    since_ms: millis(p.since_ms),
+                    until_ms: p.until_ms.map(millis),
+                }),
+            });
+        }
+    }
+
+    /// At start: the plain TEs this broker had drained or held before it stopped are kept out
+    /// of rotation again. A store that cannot be read leaves them in rotation (logged).
+    pub fn restore_pauses(&self, broker: &mut broker_core::Broker, now: broker_core::Now) {
+        // On a thread of its own: the `postgres` client must not run on a runtime thread.
+        let read = std::thread::scope(|s| {
+            s.spawn(|| self.database.open()?.pauses(&self.broker))
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Io {
+                        path: "store reader".into(),
+                        source: std::io::Error::other("the reading thread panicked"),
+                    })
+                })
+        });
+        let stored = match read {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the drained and held plain TEs from the store; they start in rotation");
+                return;
+            }
+        };
+        let mut pauses = Vec::new();
+        for (env, p) in stored {
+            let kind = match p.kind {
+                PauseKind::Drain => broker_core::PauseKind::Drain,
+                PauseKind::Hold => broker_core::PauseKind::Hold,
+                PauseKind::Other(other) => {
+                    tracing::warn!(
+                        env,
+                        kind = other,
+                        "unknown pause kind in the store; ignored"
+                    );
+                    continue;
+                }
+            };
+            tracing::info!(
+                env,
+                kind = kind_name(kind),
+                "plain TE kept out of rotation since before the restart"
+            );
+            pauses.push((
+                env,
+                PlainPause {
+                    kind,
+                    since_ms: u64::try_from(p.since_ms).unwrap_or(0),
+                    until_ms: p.until_ms.map(|u| u64::try_from(u).unwrap_or(0)),
+                },
+            ));
+        }
+        broker.restore_pauses(pauses, now);
+    }
+
     /// Runs `f` on the reading connection on a blocking thread (the `postgres` client must
     /// not run on a runtime thread, and a slow query must not hold one up).
     pub async fn read<R: Send + 'static>(
@@ -192,6 +264,13 @@ pub fn mean_gap_ms(waits: &[WaitRecord]) -> Option<u64> {
         return None;
     }
     Some(u64::try_from(newest.checked_sub(oldest)?).ok()? / gaps)
+}
+
+fn kind_name(kind: broker_core::PauseKind) -> &'static str {
+    match kind {
+        broker_core::PauseKind::Drain => "drain",
+        broker_core::PauseKind::Hold => "hold",
+    }
 }
 
 fn millis(ms: u64) -> Millis {

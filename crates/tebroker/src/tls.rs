@@ -37,6 +37,24 @@ fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
 
 /// Builds the acceptor; every error names the file at fault (and never prints key material).
 pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+    Ok(TlsAcceptor::from(Arc::new(server_config(files, false)?)))
+}
+
+/// The HTTPS surface's acceptor: as [`acceptor`], but a client certificate (signed by `ca`) is
+/// optional — it authorizes control, and clients without one may still read — and HTTP/1.1 is
+/// announced over ALPN.
+pub fn http_acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+    let mut config = server_config(files, true)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// `optional_client_cert`: a client without a certificate is let in too (one with a
+/// certificate that does not verify is still refused).
+fn server_config(
+    files: &TlsFiles,
+    optional_client_cert: bool,
+) -> anyhow::Result<rustls::ServerConfig> {
     let certs = read_certs(&files.cert)?;
     let key = read_key(&files.key)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
@@ -50,24 +68,25 @@ pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
                     .add(cert)
                     .with_context(|| format!("unusable CA certificate in {}", ca.display()))?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 roots.into(),
                 provider(),
-            )
-            .build()
-            .context("client certificate verifier")?;
+            );
+            if optional_client_cert {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier.build().context("client certificate verifier")?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
-    let config = builder.with_single_cert(certs, key).with_context(|| {
+    builder.with_single_cert(certs, key).with_context(|| {
         format!(
             "{} and {} do not make a usable certificate and key",
             files.cert.display(),
             files.key.display()
         )
-    })?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    })
 }
 
 /// The subject common name of the (already verified) client certificate, if there is one.

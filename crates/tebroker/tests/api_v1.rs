@@ -18,8 +18,19 @@ const TOKEN: &str = "t0ken-for-the-api-v1-test";
 
 /// One HTTP/1.1 request; returns (status code, body).
 fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    request_within(addr, method, path, token, Duration::from_secs(10))
+}
+
+/// [`request`], waiting at most `wait` for the answer.
+fn request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    wait: Duration,
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -257,19 +268,17 @@ fn without_a_token_file_control_is_refused_and_without_a_store_history_says_so()
 
 /// `tebroker ARGS... --url URL`; returns (exit code, stdout, stderr).
 fn cli(http: SocketAddr, args: &[&str]) -> (i32, String, String) {
-    let out = test_support::run_with_timeout(
-        std::process::Command::new(env!("CARGO_BIN_EXE_tebroker"))
-            .args(args)
-            .args(["--url", &format!("http://{http}")])
-            .env_remove("TEBROKER_URL")
-            .env_remove("TEBROKER_TOKEN_FILE"),
-        Duration::from_secs(60),
-    );
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let url = format!("http://{http}");
+    let mut all = args.to_vec();
+    all.extend(["--url", &url]);
+    finish(spawn_tebroker(&all))
+}
+
+/// [`cli`] with `--token-file TOKEN`.
+fn cli_with_token(http: SocketAddr, args: &[&str], token: &Path) -> (i32, String, String) {
+    let mut all = args.to_vec();
+    all.extend(["--token-file", harness::path(token)]);
+    cli(http, &all)
 }
 
 #[test]
@@ -301,15 +310,7 @@ fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
     let (code, _, err) = cli(http, &["drain", "testenv-worker-cli"]);
     assert_eq!(code, 1, "refused without a token");
     assert!(err.contains("401") && err.contains("unauthorized"), "{err}");
-    let (code, out, err) = cli(
-        http,
-        &[
-            "drain",
-            "testenv-worker-cli",
-            "--token-file",
-            harness::path(&token),
-        ],
-    );
+    let (code, out, err) = cli_with_token(http, &["drain", "testenv-worker-cli"], &token);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("drain testenv-worker-cli: done by the broker"),
@@ -324,15 +325,7 @@ fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
             .any(|e| e["name"] == "testenv-worker-cli" && e["state"] == "drained")
             .then_some(())
     });
-    let (code, _, err) = cli(
-        http,
-        &[
-            "undrain",
-            "testenv-worker-cli",
-            "--token-file",
-            harness::path(&token),
-        ],
-    );
+    let (code, _, err) = cli_with_token(http, &["undrain", "testenv-worker-cli"], &token);
     assert_eq!(code, 0, "{err}");
     test_support::wait_until("the TE ready again", || {
         let (_, out, _) = cli(http, &["envs"]);
@@ -436,4 +429,395 @@ fn a_waiting_request_gets_an_estimated_wait() {
         queued[0]["estimated_wait_ms"].as_u64().unwrap(),
         "the same estimate"
     );
+}
+
+/// An agent's side on raw sockets: its report of `te1`, then its control function served by
+/// `ctl` (registered, asleep).
+fn agent_with_te1(port: u16) -> harness::Conn {
+    use gearman_proto::PacketType as T;
+    let report = testenv_proto::agent::AgentReport {
+        agent: "host1".into(),
+        host: "host1.example".into(),
+        version: "testenv-agent 0.1.0".into(),
+        sent_ms: 1,
+        envs: vec![testenv_proto::agent::EnvReport {
+            name: "te1".into(),
+            state: testenv_proto::agent::EnvState::Ready,
+            since_ms: 1,
+            labels: vec![],
+            holder: None,
+            detail: None,
+            failed_leases: 0,
+            failed_rebuilds: 0,
+        }],
+    };
+    let mut ctl = harness::Conn::connect(port);
+    ctl.req(
+        T::SubmitJobBg,
+        &["tebroker:te-report", "", &report.to_json()],
+    );
+    ctl.expect(T::JobCreated);
+    ctl.req(T::CanDo, &["testenv-agent:ctl:host1"]);
+    ctl.req(T::PreSleep, &[] as &[&str]);
+    ctl
+}
+
+/// The agent takes the next control command and answers it with `ok` / `message`; returns
+/// the command.
+fn answer_control(ctl: &mut harness::Conn, ok: bool, message: &str) -> serde_json::Value {
+    use gearman_proto::PacketType as T;
+    ctl.expect(T::Noop);
+    ctl.req(T::GrabJobUniq, &[] as &[&str]);
+    let job = ctl.expect(T::JobAssignUniq);
+    let reply = testenv_proto::agent::ControlReply {
+        ok,
+        message: message.into(),
+        report: None,
+    };
+    ctl.req(T::WorkComplete, &[job.arg(0), reply.to_json().as_bytes()]);
+    ctl.req(T::PreSleep, &[] as &[&str]);
+    serde_json::from_slice(job.arg(3)).unwrap()
+}
+
+/// Starts `tebroker ARGS...` without waiting (its answer waits for the agent's).
+fn spawn_tebroker(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tebroker"))
+        .args(args)
+        .env_remove("TEBROKER_URL")
+        .env_remove("TEBROKER_TOKEN_FILE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// (exit code, stdout, stderr) of a child started by [`spawn_tebroker`].
+fn finish(child: std::process::Child) -> (i32, String, String) {
+    let out = test_support::wait_until_within("the tebroker command", Duration::from_secs(60), {
+        let mut child = Some(child);
+        move || {
+            let c = child.as_mut().unwrap();
+            c.try_wait()
+                .unwrap()
+                .map(|_| child.take().unwrap().wait_with_output().unwrap())
+        }
+    });
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn control_of_an_agents_te_answers_with_the_agents_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path());
+    let http = broker.http.unwrap();
+    let port = broker.port.to_string();
+    let token = dir.path().join("token");
+    let mut ctl = agent_with_te1(broker.port);
+
+    // `tebroker admin`: the agent's word, both ways.
+    let admin = spawn_tebroker(&["admin", "-b", &format!("127.0.0.1:{port}"), "drain", "te1"]);
+    let cmd = answer_control(&mut ctl, true, "drain te1");
+    assert_eq!(
+        (cmd["op"].as_str(), cmd["env"].as_str()),
+        (Some("drain"), Some("te1"))
+    );
+    let (code, out, err) = finish(admin);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "OK drain te1: agent host1: drain te1\n");
+    let admin = spawn_tebroker(&[
+        "admin",
+        "-b",
+        &format!("127.0.0.1:{port}"),
+        "release",
+        "te1",
+    ]);
+    answer_control(&mut ctl, false, "te1 is not held");
+    let (code, _, err) = finish(admin);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("ERR refused "), "{err}");
+    assert!(
+        err.contains("te1") && err.contains("not") && err.contains("held"),
+        "{err}"
+    );
+
+    // The API.
+    let api = std::thread::spawn(move || {
+        request(http, "POST", "/api/v1/envs/te1/hold?secs=60", Some(TOKEN))
+    });
+    let cmd = answer_control(&mut ctl, true, "hold te1");
+    assert_eq!(cmd["hold_secs"], 60);
+    let (code, body) = api.join().unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["applied_by"], "agent");
+    assert_eq!(v["reply"], "hold te1");
+    let api =
+        std::thread::spawn(move || request(http, "POST", "/api/v1/envs/te1/release", Some(TOKEN)));
+    answer_control(&mut ctl, false, "te1 is not held");
+    let (code, body) = api.join().unwrap();
+    assert_eq!(code, 409, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "refused");
+    assert_eq!(v["message"], "agent host1: te1 is not held");
+
+    // The CLI (through the API).
+    let url = format!("http://{http}");
+    let token_arg = harness::path(&token);
+    let cli = spawn_tebroker(&["undrain", "te1", "--url", &url, "--token-file", token_arg]);
+    answer_control(&mut ctl, true, "undrain te1");
+    let (code, out, err) = finish(cli);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "undrain te1: agent host1: undrain te1\n");
+
+    // An agent that takes nothing: the command is withdrawn at the deadline, and said so.
+    let started = std::time::Instant::now();
+    let (code, body) = request_within(
+        http,
+        "POST",
+        "/api/v1/envs/te1/drain",
+        Some(TOKEN),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, 504, "{body}");
+    assert!(
+        body.contains("agent_timeout") && body.contains("withdrawn"),
+        "{body}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(broker_core::CONTROL_REPLY_TIMEOUT_MS));
+    assert!(
+        !broker
+            .admin_block("status")
+            .iter()
+            .any(|l| l.starts_with("testenv-agent:ctl:host1\t1")),
+        "the withdrawn command is not queued: {:?}",
+        broker.admin_block("status")
+    );
+}
+
+/// A plain testenv-worker named `name` on raw sockets: registered for lockenv, asleep.
+fn plain_te(port: u16, name: &str) -> harness::Conn {
+    use gearman_proto::PacketType as T;
+    let mut te = harness::Conn::connect(port);
+    te.req(T::SetClientId, &[name]);
+    te.req(T::CanDo, &["lockenv"]);
+    te.req(T::PreSleep, &[] as &[&str]);
+    te
+}
+
+/// TE `name`'s state in `tebroker admin envs` (waits until the TE is listed in `state`).
+fn wait_admin_state(broker: &Server, name: &str, state: &str) {
+    test_support::wait_until(&format!("{name} {state} in `envs`"), || {
+        broker
+            .admin_block("envs")
+            .iter()
+            .map(|l| l.split('\t').map(str::to_string).collect::<Vec<_>>())
+            .find(|f| f[0] == name && f[1] == state)
+    });
+}
+
+#[test]
+fn broker_side_drains_and_holds_of_plain_tes_survive_a_restart() {
+    use gearman_proto::PacketType as T;
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = start(dir.path());
+    let http = broker.http.unwrap();
+    let (drained, held, back) = ("plain-drained", "plain-held", "plain-back");
+    let conns: Vec<_> = [drained, held, back]
+        .iter()
+        .map(|n| plain_te(broker.port, n))
+        .collect();
+    wait_admin_state(&broker, back, "ready");
+    assert!(broker
+        .admin_line(&format!("drain {drained}"))
+        .starts_with("OK drain"));
+    let (code, body) = request(
+        http,
+        "POST",
+        &format!("/api/v1/envs/{held}/hold?secs=3600"),
+        Some(TOKEN),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(broker.admin_line(&format!("hold {back}")).starts_with("OK"));
+    assert!(broker
+        .admin_line(&format!("release {back}"))
+        .starts_with("OK"));
+    wait_admin_state(&broker, drained, "drained");
+    wait_admin_state(&broker, held, "held");
+    drop(conns);
+    // SIGTERM writes out what the store writer holds.
+    broker.signal(libc::SIGTERM);
+    broker.wait_exit(Duration::from_secs(30));
+
+    let broker = start(dir.path());
+    let mut conns: Vec<_> = [drained, held, back]
+        .iter()
+        .map(|n| plain_te(broker.port, n))
+        .collect();
+    wait_admin_state(&broker, drained, "drained");
+    wait_admin_state(&broker, held, "held");
+    wait_admin_state(&broker, back, "ready");
+    let envs = get_json(broker.http.unwrap(), "/api/v1/envs");
+    let row = envs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == held && e["live"] == true)
+        .unwrap_or_else(|| panic!("{held} in {envs}"));
+    let detail = row["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with("held by the broker for 35"),
+        "the hold keeps its end: {row}"
+    );
+
+    // Still out of rotation: a lock request goes to the TE in rotation only.
+    let mut client = harness::Conn::connect(broker.port);
+    client.req(
+        T::SubmitJob,
+        &[
+            "lockenv",
+            "",
+            r#"{"callback_name": "callback_restart", "timeout": "60"}"#,
+        ],
+    );
+    client.expect(T::JobCreated);
+    for te in &mut conns[..2] {
+        te.req(T::GrabJobUniq, &[] as &[&str]);
+        te.expect(T::NoJob);
+    }
+    conns[2].req(T::GrabJobUniq, &[] as &[&str]);
+    conns[2].expect(T::JobAssignUniq);
+}
+
+/// `curl` over HTTPS trusting `ca`, with a client certificate when given; returns (curl's exit
+/// code, HTTP status, body).
+fn curl(
+    ca: &Path,
+    cert: Option<&test_support::Files>,
+    method: &str,
+    url: &str,
+) -> (i32, u16, String) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let body = out_dir.path().join("body");
+    let mut cmd = std::process::Command::new(test_support::require_program("curl"));
+    cmd.args(["-sS", "--max-time", "20", "-X", method, "--cacert"])
+        .arg(ca)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_code}", url]);
+    if let Some(c) = cert {
+        cmd.arg("--cert").arg(&c.cert).arg("--key").arg(&c.key);
+    }
+    let out = test_support::run_with_timeout(&mut cmd, Duration::from_secs(30));
+    let code = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (
+        out.status.code().unwrap_or(-1),
+        code,
+        std::fs::read_to_string(&body).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn over_https_a_client_certificate_of_the_client_ca_may_control_and_reading_stays_open() {
+    let pki = test_support::Pki::new("tebroker test CA");
+    let server = pki.issue("localhost");
+    let operator = pki.issue("operator-alice");
+    let stranger_ca = test_support::Pki::new("some other CA");
+    let stranger = stranger_ca.issue("mallory");
+    let broker = Server::tebroker_with(&[
+        "--http",
+        "127.0.0.1:0",
+        "--no-store",
+        "--http-tls-cert",
+        harness::path(&server.cert),
+        "--http-tls-key",
+        harness::path(&server.key),
+        "--http-client-ca",
+        harness::path(&pki.ca()),
+    ]);
+    let http = broker.http.unwrap();
+    let _te = plain_te(broker.port, "plain-https");
+    wait_admin_state(&broker, "plain-https", "ready");
+    let base = format!("https://127.0.0.1:{}", http.port());
+    let drain = format!("{base}/api/v1/envs/plain-https/drain");
+    let ca = pki.ca();
+
+    // Reading needs no certificate.
+    let (rc, code, body) = curl(&ca, None, "GET", &format!("{base}/api/v1/envs"));
+    assert_eq!((rc, code), (0, 200), "{body}");
+    assert!(body.contains("plain-https"), "{body}");
+    // Control without one is refused, with a JSON error that says what is needed.
+    let (rc, code, body) = curl(&ca, None, "POST", &drain);
+    assert_eq!((rc, code), (0, 401), "{body}");
+    assert!(body.contains("client certificate"), "{body}");
+    assert!(broker
+        .admin_block("envs")
+        .iter()
+        .any(|l| l.starts_with("plain-https\tready\t")));
+    // A certificate of another CA does not get through the handshake.
+    let (rc, code, body) = curl(&ca, Some(&stranger), "POST", &drain);
+    assert_ne!(
+        rc, 0,
+        "a stranger's certificate was accepted: {code} {body}"
+    );
+    // Plain HTTP on the HTTPS port gets no answer.
+    let (code, _) = {
+        let mut s = TcpStream::connect(http).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = write!(s, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        (
+            String::from_utf8_lossy(&raw).starts_with("HTTP/1.1 200"),
+            raw.len(),
+        )
+    };
+    assert!(!code, "plain HTTP answered on the HTTPS port");
+    assert!(broker
+        .admin_block("envs")
+        .iter()
+        .any(|l| l.starts_with("plain-https\tready\t")));
+
+    // The operator's certificate may.
+    let (rc, code, body) = curl(&ca, Some(&operator), "POST", &drain);
+    assert_eq!((rc, code), (0, 200), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["applied_by"], "broker");
+    wait_admin_state(&broker, "plain-https", "drained");
+    broker.wait_log("certificate operator-alice");
+
+    // The CLI over HTTPS: reading with the CA alone, control with the certificate.
+    let tls_cli = |args: &[&str], cert: Option<&test_support::Files>| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--url", &base, "--ca", harness::path(&ca)]);
+        if let Some(c) = cert {
+            all.extend([
+                "--cert",
+                harness::path(&c.cert),
+                "--key",
+                harness::path(&c.key),
+            ]);
+        }
+        finish(spawn_tebroker(&all))
+    };
+    let (code, out, err) = tls_cli(&["envs"], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("plain-https ") && l.contains("drained")),
+        "{out}"
+    );
+    let (code, _, err) = tls_cli(&["undrain", "plain-https"], None);
+    assert_eq!(code, 1);
+    assert!(err.starts_with("error 401 unauthorized"), "{err}");
+    let (code, out, err) = tls_cli(&["undrain", "plain-https"], Some(&operator));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "undrain plain-https: done by the broker\n");
+    wait_admin_state(&broker, "plain-https", "ready");
 }

@@ -254,13 +254,21 @@ fn an_agents_report_is_listed_and_control_commands_reach_the_agent() {
         .admin_block("stats")
         .contains(&"agent_reports_refused\t1".to_string()));
 
-    // The agent's control function, served by `gearman -w`: the command lands in a file.
+    // The agent's control function, served by `gearman -w`: the command lands in a file and
+    // the worker answers as an agent does; that answer is the admin command's.
     let dir = tempfile::tempdir().unwrap();
     let got = dir.path().join("command.json");
     let mut agent_worker = gearman(&server);
     agent_worker
         .args(["-w", "-c", "1", "-f", "testenv-agent:ctl:host1", "--"])
-        .args(["sh", "-c", &format!("cat > {}", got.display())]);
+        .args([
+            "sh",
+            "-c",
+            &format!(
+                r#"cat > {}; printf '{{"ok":true,"message":"hold ovb-te1"}}'"#,
+                got.display()
+            ),
+        ]);
     let mut agent = KillOnDrop(agent_worker.spawn().unwrap());
     wait_until("the control function's worker", || {
         parse_status(&server.admin_block("status"))
@@ -269,10 +277,7 @@ fn an_agents_report_is_listed_and_control_commands_reach_the_agent() {
     });
     let (code, stdout, stderr) = tebroker_admin(&server, &["hold", "ovb-te1", "600"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stdout.starts_with("OK hold sent to agent host1 as H:"),
-        "{stdout}"
-    );
+    assert_eq!(stdout, "OK hold ovb-te1: agent host1: hold ovb-te1\n");
     let status = wait_until("the control worker to finish", || agent.try_status());
     assert!(status.success());
     let command: serde_json::Value =

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use testenv_proto::agent::{ControlCommand, ControlOp, ControlReply, ALL_ENVS};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
@@ -16,84 +16,7 @@ mod on_demand;
 mod pool;
 
 use config::Config;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "testenv-agent",
-    version,
-    about = "Serve every test environment of a host through Gearman: health checks, rebuilds, \
-             drain, hold and labels, one lease per TE.",
-    after_help = "Signals: SIGUSR2 drains every TE (leases finish first), SIGUSR1 undrains them, \
-                  SIGINT/SIGTERM stop."
-)]
-pub struct Args {
-    /// The agent's TOML configuration.
-    #[arg(short, long, global = true)]
-    config: Option<PathBuf>,
-    /// Debug logging.
-    #[arg(short = 'd', long, global = true)]
-    debug: bool,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Check FILE and print the effective settings of every TE.
-    CheckConfig { file: PathBuf },
-    /// Talk to a running agent over its control socket.
-    Ctl {
-        /// The control socket (default: control_socket of --config, else
-        /// /run/testenv-agent.sock).
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        #[command(subcommand)]
-        op: CtlOp,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum CtlOp {
-    /// Every TE with its state.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Stop offering a TE (after its lease).
-    Drain(Target),
-    /// Offer a drained TE again.
-    Undrain(Target),
-    /// Keep a TE aside.
-    Hold {
-        name: String,
-        /// For how long ("2h"); default until released.
-        #[arg(long = "for", value_parser = config::parse_duration)]
-        for_: Option<std::time::Duration>,
-    },
-    /// End a hold.
-    Release { name: String },
-    /// Rebuild a TE now (then health-check it).
-    Rebuild { name: String },
-}
-
-#[derive(Debug, clap::Args)]
-struct Target {
-    #[arg(required_unless_present = "all")]
-    name: Option<String>,
-    /// Every TE of the agent.
-    #[arg(long, conflicts_with = "name")]
-    all: bool,
-}
-
-impl Target {
-    fn env(&self) -> String {
-        if self.all {
-            ALL_ENVS.into()
-        } else {
-            self.name.clone().unwrap_or_default()
-        }
-    }
-}
+use testenv_agent::cli::{Args, Command, CtlOp};
 
 pub use testenv::worker::host_name;
 
@@ -128,7 +51,17 @@ async fn ctl(args: &Args, socket: Option<PathBuf>, op: &CtlOp) -> anyhow::Result
         CtlOp::Status { .. } => (ControlOp::Status, String::new(), None),
         CtlOp::Drain(t) => (ControlOp::Drain, t.env(), None),
         CtlOp::Undrain(t) => (ControlOp::Undrain, t.env(), None),
-        CtlOp::Hold { name, for_ } => (ControlOp::Hold, name.clone(), for_.map(|d| d.as_secs())),
+        CtlOp::Hold { name, for_ } => {
+            let secs = match for_ {
+                Some(text) => Some(
+                    config::parse_duration(text)
+                        .map_err(|e| anyhow::anyhow!("--for: {e}"))?
+                        .as_secs(),
+                ),
+                None => None,
+            };
+            (ControlOp::Hold, name.clone(), secs)
+        }
         CtlOp::Release { name } => (ControlOp::Release, name.clone(), None),
         CtlOp::Rebuild { name } => (ControlOp::Rebuild, name.clone(), None),
     };

@@ -245,6 +245,7 @@ impl Broker {
         // WORK_EXCEPTION goes to every client, asked for or not, as geard does: PyPI gear's
         // clients expect it without OPTION_REQ (libgearman's report it as the job's error).
         forward_to_clients(job, &p, out);
+        self.control_job_ended(id, &p, out);
         self.remove_job(id);
     }
 

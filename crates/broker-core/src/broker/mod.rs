@@ -20,6 +20,7 @@ use crate::testenv::{EndedLease, LeaseTracker};
 use crate::types::{parse_num, show, Action, ConnId, Job, JobId, JobState, Millis, Now};
 
 mod access;
+mod control;
 mod dispatch;
 mod drain;
 mod invariants;
@@ -27,6 +28,7 @@ mod jobs;
 mod pool;
 mod wake;
 
+pub use control::{ControlOutcome, ControlWaiter, CONTROL_REPLY_TIMEOUT_MS};
 pub use drain::RunningJobs;
 pub use pool::{ControlError, ControlTarget};
 pub use wake::WAKE_RETRY_MS;
@@ -138,6 +140,8 @@ pub struct Broker {
     pub(crate) inventory: Inventory,
     /// What [`Broker::take_env_changes`] last handed out, by (TE, agent).
     pub(crate) last_envs: FxHashMap<(String, Option<String>), pool::EnvMark>,
+    /// Control commands forwarded to agents whose reply someone waits for.
+    controls: control::ControlRelay,
     /// Set by [`Broker::begin_shutdown`]: no new work is handed out.
     shutting_down: bool,
     pub(crate) stats: Stats,
@@ -164,6 +168,7 @@ impl Broker {
             leases: LeaseTracker::default(),
             inventory: Inventory::default(),
             last_envs: FxHashMap::default(),
+            controls: control::ControlRelay::default(),
             shutting_down: false,
             stats: Stats::default(),
             security: Security::default(),
@@ -306,17 +311,20 @@ impl Broker {
             scheduled,
             self.wake_checks.first().map(|&(t, _)| t),
             self.inventory.next_hold_end(),
+            self.controls.next_deadline(),
         ]
         .into_iter()
         .flatten()
         .min()
     }
 
-    /// Fires everything due at `now`: wake checks, scheduled jobs, CAN_DO_TIMEOUTs.
+    /// Fires everything due at `now`: wake checks, hold ends, overdue control replies, scheduled
+    /// jobs, CAN_DO_TIMEOUTs.
     pub fn tick(&mut self, now: Now, out: &mut Vec<Action>) {
         self.now = self.now.advanced_to(now);
         self.check_woken_workers(out);
         self.end_due_holds(out);
+        self.expire_control_replies(out);
         self.queue_due_jobs(out);
         self.fail_overdue_jobs(out);
     }

@@ -10,7 +10,9 @@ use testenv_proto::agent::{
 };
 
 use super::{Broker, Conn};
-use crate::inventory::{EnvInfo, EnvSource, EnvStatus, GoneEnv, Inventory, Pause, PauseKind};
+use crate::inventory::{
+    EnvInfo, EnvSource, EnvStatus, GoneEnv, Inventory, Pause, PauseKind, PlainPause,
+};
 use crate::testenv::{te_name, LeaseRecord, LOCKENV_PREFIX};
 use crate::types::{show, Action, ConnId, JobId};
 
@@ -402,7 +404,7 @@ impl Broker {
                         let until = hold_secs
                             .filter(|_| kind == PauseKind::Hold)
                             .map(|s| self.now.mono.saturating_add(s.saturating_mul(1000)));
-                        self.inventory.paused.insert(
+                        self.inventory.pause(
                             name.clone(),
                             Pause {
                                 kind,
@@ -412,7 +414,7 @@ impl Broker {
                         );
                     }
                     ControlOp::Undrain | ControlOp::Release => {
-                        self.inventory.paused.remove(&name);
+                        self.inventory.unpause(&name);
                         self.wake_te(&name, out);
                     }
                     ControlOp::Rebuild | ControlOp::Status => {
@@ -498,6 +500,20 @@ impl Broker {
                 self.send_noop(id, out);
             }
         }
+    }
+
+    /// The plain TEs paused or unpaused since the last call, each with its pause now (None:
+    /// back in rotation): for a store, so a restarted broker keeps them out of rotation.
+    pub fn take_pause_changes(&mut self, now: crate::Now) -> Vec<(String, Option<PlainPause>)> {
+        let now = self.now.advanced_to(now);
+        self.inventory.take_pause_changes(now)
+    }
+
+    /// Plain TEs drained or held before a restart (from the store): kept out of rotation again
+    /// (a hold until its end, if it has one and it has not passed).
+    pub fn restore_pauses(&mut self, pauses: Vec<(String, PlainPause)>, now: crate::Now) {
+        self.now = self.now.advanced_to(now);
+        self.inventory.restore_pauses(pauses, self.now);
     }
 
     /// Holds given a duration that are over: their TEs are back in rotation.

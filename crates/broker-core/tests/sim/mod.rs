@@ -64,6 +64,11 @@ impl Sim {
 
     pub fn admin(&mut self, c: ConnId, line: &str) -> String {
         self.broker.admin(c, line, self.now, &mut self.out);
+        self.texts(c)
+    }
+
+    /// The admin answers sent to `c` since the last call, removed from the outbox.
+    pub fn texts(&mut self, c: ConnId) -> String {
         let mut text = String::new();
         self.out.retain(|a| match a {
             Action::Text(to, t) if *to == c => {

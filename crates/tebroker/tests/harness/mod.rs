@@ -126,9 +126,12 @@ impl Server {
                 Ok(Some(Ok(line))) => line,
                 other => server.die(&format!("no dashboard line: {other:?}")),
             };
-            server.http = line
-                .trim()
-                .strip_prefix("tebroker dashboard on http://")
+            let url = line.trim().strip_prefix("tebroker dashboard on ");
+            server.http = url
+                .and_then(|u| {
+                    u.strip_prefix("http://")
+                        .or_else(|| u.strip_prefix("https://"))
+                })
                 .and_then(|a| a.trim_end_matches('/').parse().ok());
             if server.http.is_none() {
                 server.die(&format!("bad dashboard line {line:?}"));
