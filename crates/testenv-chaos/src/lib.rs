@@ -6,5 +6,8 @@
 
 pub mod check;
 pub mod clock;
+pub mod fleet;
 pub mod holdlog;
+pub mod netns;
+pub mod run;
 pub mod schedule;
