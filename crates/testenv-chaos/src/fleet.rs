@@ -268,6 +268,15 @@ pub fn worker(
     Ok(s)
 }
 
+/// `list` joined with commas, starting at its `first` entry.
+pub fn rotated(list: &[String], first: usize) -> String {
+    let n = list.len().max(1);
+    (0..list.len())
+        .map(|i| list[(first + i) % n].as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// What a client loop's process is doing now, for the fault injector.
 #[derive(Debug, Default)]
 pub struct Slot {
@@ -282,7 +291,7 @@ pub struct LoopSettings {
     pub client_bin: PathBuf,
     /// This program, run as `hold` for COMMAND.
     pub exe: PathBuf,
-    pub brokers: String,
+    pub brokers: Vec<String>,
     pub flags: Vec<String>,
     pub hold_log: PathBuf,
     pub log_dir: PathBuf,
@@ -386,6 +395,9 @@ fn client_loop(
         let id = format!("c{i:02}-{seq}");
         let hold_ms = rng.u64(s.hold_ms.0..=s.hold_ms.1);
         let code = s.codes[rng.usize(..s.codes.len())];
+        // Our client submits through the first broker of its list that answers: rotating the
+        // list spreads the leases over every broker, so each broker fault hits some.
+        let brokers = rotated(&s.brokers, rng.usize(..s.brokers.len().max(1)));
         let started = mono_ms();
         let spawned = append(&log_path).and_then(|mut log| {
             writeln!(
@@ -394,7 +406,7 @@ fn client_loop(
             )?;
             let mut cmd = Command::new(&s.client_bin);
             cmd.arg("-b")
-                .arg(&s.brokers)
+                .arg(&brokers)
                 .args(["-n", &id])
                 .args(&s.flags)
                 .arg("--")

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 
 use crate::check::{check, Bounds, FaultRecord, Report, RunFacts};
 use crate::clock::mono_ms;
-use crate::fleet::{signal, worker, Broker, Clients, LoopSettings, Service};
+use crate::fleet::{rotated, signal, worker, Broker, Clients, LoopSettings, Service};
 use crate::holdlog::{parse_log, HoldKind};
 use crate::netns::Netns;
 use crate::schedule::{schedule, FaultKind, ScheduleSettings};
@@ -465,18 +465,14 @@ pub fn run(o: &Options) -> anyhow::Result<Outcome> {
             .brokers
             .push(Broker::new(&name, &o.bin, &host, in_ns, &broker_dir)?);
     }
-    let brokers: String = fleet
-        .brokers
-        .iter()
-        .map(|b| b.addr())
-        .collect::<Vec<_>>()
-        .join(",");
+    let brokers: Vec<String> = fleet.brokers.iter().map(|b| b.addr()).collect();
     let tes: Vec<String> = (1..=o.tes).map(|i| format!("te{i:02}")).collect();
-    for te in &tes {
+    for (i, te) in tes.iter().enumerate() {
+        // Workers submit callbacks through the first broker of their list: spread them too.
         fleet.workers.push(worker(
             te,
             &o.bin,
-            &brokers,
+            &rotated(&brokers, i),
             &o.agent_flags,
             &o.out.join("workers"),
         )?);

@@ -151,6 +151,29 @@ pub fn schedule(seed: u64, s: &ScheduleSettings) -> Vec<Fault> {
         }
     }
 
+    // Broker kills are what lease resume is for: a run that allows them has one at least,
+    // placed before the others can crowd it out.
+    if s.kinds.contains(&FaultKind::KillBroker) {
+        let lasts = FaultKind::KillBroker.lasts(&mut rng, s.cut_min);
+        let span = end.saturating_sub(s.warmup + lasts).as_millis() as u64;
+        for _ in 0..100 {
+            let at = s.warmup + Duration::from_millis(rng.u64(0..=span));
+            let clashes = broker_busy.iter().any(|&(from, to)| {
+                at < to + BROKER_FAULT_GAP && from < at + lasts + BROKER_FAULT_GAP
+            });
+            if !clashes && at + lasts < end {
+                broker_busy.push((at, at + lasts));
+                faults.push(Fault {
+                    at,
+                    kind: FaultKind::KillBroker,
+                    lasts,
+                    pick: rng.u64(..),
+                });
+                break;
+            }
+        }
+    }
+
     let weighted: Vec<FaultKind> = s
         .kinds
         .iter()
@@ -176,25 +199,31 @@ pub fn schedule(seed: u64, s: &ScheduleSettings) -> Vec<Fault> {
         }
         let mut kind = weighted[rng.usize(..weighted.len())];
         let mut lasts = kind.lasts(&mut rng, s.cut_min);
+        let mut fault_at = at;
         if kind.hits_broker() {
-            let clashes = broker_busy.iter().any(|&(from, to)| {
-                at < to + BROKER_FAULT_GAP && from < at + lasts + BROKER_FAULT_GAP
-            });
-            if clashes || at + lasts >= end {
+            // A broker fault that would overlap another waits until that one is over, so a
+            // long network cut does not crowd broker kills out of a short run.
+            while let Some(&(_, to)) = broker_busy.iter().find(|&&(from, to)| {
+                fault_at < to + BROKER_FAULT_GAP && from < fault_at + lasts + BROKER_FAULT_GAP
+            }) {
+                fault_at = to + BROKER_FAULT_GAP;
+            }
+            if fault_at + lasts >= end {
                 if others.is_empty() {
                     continue;
                 }
                 kind = others[rng.usize(..others.len())];
                 lasts = kind.lasts(&mut rng, s.cut_min);
+                fault_at = at;
             } else {
-                broker_busy.push((at, at + lasts));
+                broker_busy.push((fault_at, fault_at + lasts));
             }
         }
-        if at + lasts >= end {
+        if fault_at + lasts >= end {
             continue;
         }
         faults.push(Fault {
-            at,
+            at: fault_at,
             kind,
             lasts,
             pick: rng.u64(..),
@@ -250,6 +279,17 @@ mod tests {
                 .collect();
             assert_eq!(cuts.len(), 1, "seed {seed}: {cuts:?}");
             assert!(cuts[0].lasts >= s.cut_min);
+        }
+    }
+
+    #[test]
+    fn a_two_minute_run_with_a_cut_still_kills_a_broker() {
+        for seed in 0..50 {
+            let faults = schedule(seed, &settings(&FaultKind::ALL, 120));
+            assert!(
+                faults.iter().any(|f| f.kind == FaultKind::KillBroker),
+                "seed {seed}: {faults:?}"
+            );
         }
     }
 
