@@ -311,6 +311,36 @@ impl Report {
         t
     }
 
+    /// The counts as JSON (`OUT/report.json`), for scripts and tests.
+    pub fn summary_json(&self) -> serde_json::Value {
+        let by_name = |m: &BTreeMap<FaultKind, usize>| -> BTreeMap<&'static str, usize> {
+            m.iter().map(|(k, n)| (k.name(), *n)).collect()
+        };
+        let times = self.reclaim_times();
+        serde_json::json!({
+            "faults": self.faults_by_kind.values().sum::<usize>(),
+            "faults_by_kind": by_name(&self.faults_by_kind),
+            "faults_missed_by_kind": by_name(&self.missed_by_kind),
+            "faults_skipped_by_kind": by_name(&self.skipped_by_kind),
+            "leases": self.leases,
+            "leases_by_outcome": self.leases_by_outcome,
+            "client_runs": self.client_runs,
+            "exits": self.exits,
+            "reclaims": self.reclaims.len(),
+            "reclaim_p50_ms": percentile(&times, 50),
+            "reclaim_max_ms": times.last(),
+            "reclaims_unchecked": self.reclaims_unchecked,
+            "leases_at_broker_faults": self.leases_at_broker_faults,
+            "cut_leases": self.cut_leases,
+            "resumes": self.resumes,
+            "tes": self.tes,
+            "tes_not_free_at_end": self.not_free_at_end,
+            "violations": self.violations.len(),
+            "violations_by_kind": self.violations_by_kind(),
+            "violation_lines": self.violations.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+        })
+    }
+
     pub fn violations_by_kind(&self) -> BTreeMap<&'static str, usize> {
         let mut by = BTreeMap::new();
         for v in &self.violations {

@@ -155,6 +155,10 @@ fn main() {
         Ok(outcome) => {
             let text = format!("{}\n{}", outcome.header, outcome.report);
             let _ = std::fs::write(out.join("report.txt"), &text);
+            let _ = std::fs::write(
+                out.join("report.json"),
+                outcome.report.summary_json().to_string(),
+            );
             println!("{}", outcome.report);
             if outcome.report.ok() {
                 println!(

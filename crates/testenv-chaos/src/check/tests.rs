@@ -309,3 +309,19 @@ fn faults_without_a_target_are_counted_apart() {
     assert!(text.contains("no target then: kill-client 1"), "{text}");
     assert!(text.contains("faults skipped: cut-network 1"), "{text}");
 }
+
+#[test]
+fn the_json_summary_carries_the_counts() {
+    let mut f = facts();
+    delivered(&mut f, "te1", "c1", 1_000, 5_000, 0);
+    killed_holder(&mut f, "te2", "c2", 10_000);
+    delivered(&mut f, "te2", "c3", 11_500, 12_000, 0);
+    let j = check(&f, &Bounds::default()).summary_json();
+    assert_eq!(j["faults"], 1);
+    assert_eq!(j["faults_by_kind"]["kill-client"], 1);
+    assert_eq!(j["leases"], 3);
+    assert_eq!(j["leases_by_outcome"]["delivered"], 2);
+    assert_eq!(j["reclaims"], 1);
+    assert_eq!(j["reclaim_max_ms"], 1_500);
+    assert_eq!(j["violations"], 0);
+}
