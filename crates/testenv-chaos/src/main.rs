@@ -179,7 +179,11 @@ fn main() {
                 "testenv-chaos: {e:#} (seed {seed}; logs in {})",
                 out.display()
             );
-            std::process::exit(2);
+            std::process::exit(if testenv_chaos::run::interrupted() {
+                130
+            } else {
+                2
+            });
         }
     }
 }

@@ -60,7 +60,8 @@ extern "C" fn on_interrupt(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-fn interrupted() -> bool {
+/// Whether SIGINT or SIGTERM asked the run to stop.
+pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
@@ -153,7 +154,7 @@ impl Fleet {
                     .collect();
                 // Mostly a holder: a kill then tests the guard and the reclaim, a stop a
                 // lease that must go on.
-                let pool = if (pick >> 40) % 4 != 0 && !holders.is_empty() {
+                let pool = if !(pick >> 40).is_multiple_of(4) && !holders.is_empty() {
                     holders
                 } else {
                     running
@@ -527,7 +528,7 @@ pub fn run(o: &Options) -> anyhow::Result<Outcome> {
     }
     let finished = fleet.wait_until(t0 + o.duration.as_millis() as u64)?;
     if !finished || interrupted() {
-        bail!("interrupted; logs in {}", o.out.display());
+        bail!("interrupted");
     }
 
     // The drain: faults undone, no new clients, waiting ones stopped, holders finish.
@@ -551,12 +552,14 @@ pub fn run(o: &Options) -> anyhow::Result<Outcome> {
     }
     let drain_bound = o.hold.1 + Duration::from_secs(60);
     let runs = clients.finish(mono_ms() + drain_bound.as_millis() as u64)?;
+    fleet.note("every client has ended");
     let free_by = mono_ms() + o.bounds.disturbed_reclaim_ms;
     let mut not_free = busy_tes(&rt, &fleet.brokers, &tes);
     while !not_free.is_empty() && mono_ms() < free_by && !interrupted() {
         std::thread::sleep(Duration::from_millis(500));
         not_free = busy_tes(&rt, &fleet.brokers, &tes);
     }
+    fleet.note(&format!("TEs not free: {not_free:?}"));
     fleet.note("stop");
     for w in &mut fleet.workers {
         w.terminate(Duration::from_secs(5));
