@@ -60,8 +60,9 @@ pub struct Bounds {
     pub guard_kill_ms: u64,
     /// From a holder's death to the TE's next lease, with no other fault around.
     pub reclaim_ms: u64,
-    /// The same when the TE's worker or a broker was hit meanwhile (restart quarantine, a
-    /// broker's keepalive bound).
+    /// The same when the TE's worker or a broker was hit meanwhile: a restarted worker's
+    /// quarantine (holder grace, plus the resume grace of a resumable lease), a broker's
+    /// keepalive bound. Also how long the TEs may take to be free at the end.
     pub disturbed_reclaim_ms: u64,
 }
 
@@ -70,7 +71,7 @@ impl Default for Bounds {
         Bounds {
             guard_kill_ms: 1_000,
             reclaim_ms: 10_000,
-            disturbed_reclaim_ms: 100_000,
+            disturbed_reclaim_ms: 150_000,
         }
     }
 }
@@ -90,7 +91,14 @@ pub struct RunFacts {
     /// TEs not free again at the end (after the drain), as the runner found them.
     pub not_free_at_end: Vec<String>,
     pub tes: usize,
-    pub resumes: usize,
+    /// Lines of the clients' and of the workers' logs that say a lease was resumed.
+    pub resumes: Resumes,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resumes {
+    pub clients: usize,
+    pub workers: usize,
 }
 
 /// The exit statuses README's table documents besides COMMAND's own.
@@ -285,7 +293,7 @@ pub struct Report {
     pub reclaims_unchecked: usize,
     pub leases_at_broker_faults: usize,
     pub cut_leases: usize,
-    pub resumes: usize,
+    pub resumes: Resumes,
     pub tes: usize,
     pub not_free_at_end: usize,
     pub violations: Vec<Violation>,
@@ -332,7 +340,8 @@ impl Report {
             "reclaims_unchecked": self.reclaims_unchecked,
             "leases_at_broker_faults": self.leases_at_broker_faults,
             "cut_leases": self.cut_leases,
-            "resumes": self.resumes,
+            "resumes_clients": self.resumes.clients,
+            "resumes_workers": self.resumes.workers,
             "tes": self.tes,
             "tes_not_free_at_end": self.not_free_at_end,
             "violations": self.violations.len(),
@@ -423,7 +432,11 @@ impl fmt::Display for Report {
             "cut leases: {} of {} leases active at a broker kill or network cut",
             self.cut_leases, self.leases_at_broker_faults
         )?;
-        writeln!(f, "resumes seen: {}", self.resumes)?;
+        writeln!(
+            f,
+            "resumes seen: {} in clients' logs, {} in workers' logs",
+            self.resumes.clients, self.resumes.workers
+        )?;
         writeln!(
             f,
             "TEs free at the end: {} of {}",

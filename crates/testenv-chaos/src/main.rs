@@ -84,6 +84,11 @@ struct Cli {
     /// Longest time from a holder's death to its TE's next lease, with no other fault near.
     #[arg(long, default_value = "10s", value_parser = duration)]
     reclaim_bound: Duration,
+    /// Longest a TE may stay away when its worker or a broker was hit near its holder's death,
+    /// and longest the TEs may take to be free at the end: a restarted worker's holder grace
+    /// plus resume grace, and a margin.
+    #[arg(long, default_value = "150s", value_parser = duration)]
+    quarantine_bound: Duration,
     /// Print every fault as it is injected and undone (always in OUT/faults.log).
     #[arg(short, long)]
     verbose: bool,
@@ -147,6 +152,7 @@ fn main() {
         out: out.clone(),
         bounds: Bounds {
             reclaim_ms: cli.reclaim_bound.as_millis() as u64,
+            disturbed_reclaim_ms: cli.quarantine_bound.as_millis() as u64,
             ..Bounds::default()
         },
         verbose: cli.verbose,

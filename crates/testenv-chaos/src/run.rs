@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::check::{check, Bounds, FaultRecord, Report, RunFacts};
+use crate::check::{check, Bounds, FaultRecord, Report, Resumes, RunFacts};
 use crate::clock::mono_ms;
 use crate::fleet::{rotated, signal, worker, Broker, Clients, LoopSettings, Service};
 use crate::holdlog::{parse_log, HoldKind};
@@ -579,7 +579,10 @@ pub fn run(o: &Options) -> anyhow::Result<Outcome> {
         skipped: std::mem::take(&mut fleet.skipped),
         not_free_at_end: not_free,
         tes: o.tes,
-        resumes: count_resumes(&o.out.join("clients")) + count_resumes(&o.out.join("workers")),
+        resumes: Resumes {
+            clients: count_resumes(&o.out.join("clients")),
+            workers: count_resumes(&o.out.join("workers")),
+        },
     };
     let report = check(&facts, &o.bounds);
     Ok(Outcome { report, header })
