@@ -42,6 +42,29 @@ fn free_subnet(tag: u32) -> Result<u8, String> {
         .ok_or_else(|| "no free 10.254.X.0/30".to_string())
 }
 
+/// Removes the namespaces (and links) of earlier runs whose runner is gone: a runner killed
+/// with SIGKILL cannot clean up after itself.
+fn remove_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("chaos")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = ip(&["link", "del", &format!("chv{pid}h")]);
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+}
+
 impl Netns {
     /// Creates the namespace `chaos<tag>` and a veth pair into it, with 10.254.X.1/30 on this
     /// side and 10.254.X.2/30 inside. Fails (cleaning up what it made) where namespaces are
@@ -51,6 +74,7 @@ impl Netns {
         if unsafe { libc::geteuid() } != 0 {
             return Err("not root".into());
         }
+        remove_stale();
         let x = free_subnet(tag)?;
         let name = format!("chaos{tag}");
         ip(&["netns", "add", &name])?;
