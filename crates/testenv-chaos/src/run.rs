@@ -110,8 +110,16 @@ impl Fleet {
         }
     }
 
-    fn record(&mut self, kind: FaultKind, target: &str, lasts: Duration, hit: bool) -> usize {
-        let at = mono_ms();
+    /// Records a fault that began at `at`: taken before acting, since the agents may react
+    /// to a kill before the runner has reaped the process.
+    fn record(
+        &mut self,
+        at: u64,
+        kind: FaultKind,
+        target: &str,
+        lasts: Duration,
+        hit: bool,
+    ) -> usize {
         self.faults.push(FaultRecord {
             kind,
             target: target.to_string(),
@@ -139,6 +147,7 @@ impl Fleet {
     }
 
     fn inject(&mut self, kind: FaultKind, lasts: Duration, pick: u64) -> anyhow::Result<()> {
+        let at = mono_ms();
         let choose = |candidates: &[usize]| -> Option<usize> {
             (!candidates.is_empty()).then(|| candidates[(pick % candidates.len() as u64) as usize])
         };
@@ -160,24 +169,26 @@ impl Fleet {
                     running
                 };
                 let Some(i) = choose(&pool) else {
-                    self.record(kind, "-", lasts, false);
+                    self.record(at, kind, "-", lasts, false);
                     return Ok(());
                 };
                 let mut slot = clients.slot(i);
                 let (Some(pid), id) = (slot.pid, slot.id.clone()) else {
                     drop(slot);
-                    self.record(kind, "-", lasts, false);
+                    self.record(at, kind, "-", lasts, false);
                     return Ok(());
                 };
+                // The holder search above took a while: the fault's time is the signal's.
+                let at = mono_ms();
                 if kind == FaultKind::KillClient {
-                    slot.killed_ms = Some(mono_ms());
+                    slot.killed_ms = Some(at);
                     signal(pid, libc::SIGKILL);
                     drop(slot);
-                    self.record(kind, &id, lasts, true);
+                    self.record(at, kind, &id, lasts, true);
                 } else {
                     signal(pid, libc::SIGSTOP);
                     drop(slot);
-                    let f = self.record(kind, &id, lasts, true);
+                    let f = self.record(at, kind, &id, lasts, true);
                     self.later(f, lasts, Undo::ContClient { slot: i, id });
                 }
             }
@@ -186,17 +197,17 @@ impl Fleet {
                     .filter(|&i| self.workers[i].up() && !self.workers[i].stopped)
                     .collect();
                 let Some(i) = choose(&up) else {
-                    self.record(kind, "-", lasts, false);
+                    self.record(at, kind, "-", lasts, false);
                     return Ok(());
                 };
                 let target = self.workers[i].target.clone();
                 if kind == FaultKind::KillWorker {
                     self.workers[i].kill();
-                    let f = self.record(kind, &target, lasts, true);
+                    let f = self.record(at, kind, &target, lasts, true);
                     self.later(f, lasts, Undo::RestartWorker(i));
                 } else {
                     let hit = self.workers[i].stop();
-                    let f = self.record(kind, &target, lasts, hit);
+                    let f = self.record(at, kind, &target, lasts, hit);
                     self.later(f, lasts, Undo::ContWorker(i));
                 }
             }
@@ -205,17 +216,17 @@ impl Fleet {
                     .filter(|&i| self.brokers[i].service.up() && !self.brokers[i].service.stopped)
                     .collect();
                 let Some(i) = choose(&up) else {
-                    self.record(kind, "-", lasts, false);
+                    self.record(at, kind, "-", lasts, false);
                     return Ok(());
                 };
                 let target = self.brokers[i].service.target.clone();
                 if kind == FaultKind::KillBroker {
                     self.brokers[i].service.kill();
-                    let f = self.record(kind, &target, lasts, true);
+                    let f = self.record(at, kind, &target, lasts, true);
                     self.later(f, lasts, Undo::RestartBroker(i));
                 } else {
                     let hit = self.brokers[i].service.stop();
-                    let f = self.record(kind, &target, lasts, hit);
+                    let f = self.record(at, kind, &target, lasts, hit);
                     self.later(f, lasts, Undo::ContBroker(i));
                 }
             }
@@ -228,7 +239,7 @@ impl Fleet {
                 let cut = ns.cut();
                 match cut {
                     Ok(()) => {
-                        let f = self.record(kind, "b", lasts, true);
+                        let f = self.record(at, kind, "b", lasts, true);
                         self.later(f, lasts, Undo::Restore);
                     }
                     Err(e) => {
