@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::check::{check, Bounds, FaultRecord, Report, Resumes, RunFacts};
+use crate::check::{check, Bounds, ClientRun, FaultRecord, Report, Resumes, RunFacts};
 use crate::clock::mono_ms;
 use crate::fleet::{rotated, signal, worker, Broker, Clients, LoopSettings, Service};
 use crate::holdlog::{parse_log, HoldKind};
@@ -388,6 +388,28 @@ fn count_resumes(dir: &Path) -> usize {
         .sum()
 }
 
+/// Every client run as a line of `OUT/runs.tsv` (times in seconds from the start).
+fn write_runs(path: &Path, t0: u64, runs: &[ClientRun]) -> std::io::Result<()> {
+    let secs = |t: u64| format!("{:.3}", t.saturating_sub(t0) as f64 / 1000.0);
+    let opt = |t: Option<u64>| t.map_or("-".to_string(), secs);
+    let mut text =
+        String::from("client\tstarted\tended\texit\tcommand_code\tkilled\tterminated\thung\n");
+    for r in runs {
+        text.push_str(&format!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            r.id,
+            secs(r.started_ms),
+            secs(r.ended_ms),
+            r.exit,
+            r.code,
+            opt(r.killed_ms),
+            opt(r.terminated_ms),
+            r.hung
+        ));
+    }
+    std::fs::write(path, text)
+}
+
 pub fn run(o: &Options) -> anyhow::Result<Outcome> {
     for program in ["tebroker", "testenv-worker", "testenv-client"] {
         if !o.bin.join(program).is_file() {
@@ -579,6 +601,7 @@ pub fn run(o: &Options) -> anyhow::Result<Outcome> {
         b.service.terminate(Duration::from_secs(5));
     }
 
+    write_runs(&o.out.join("runs.tsv"), fleet.started_ms, &runs)?;
     let holds = parse_log(&std::fs::read_to_string(&hold_log).unwrap_or_default());
     let facts = RunFacts {
         started_ms: fleet.started_ms,
