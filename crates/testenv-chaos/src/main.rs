@@ -126,6 +126,8 @@ fn main() {
     let out = cli.out.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("testenv-chaos-{}-{seed}", std::process::id()))
     });
+    // Every COMMAND appends to OUT/holds.log from wherever its client runs it.
+    let out = std::path::absolute(&out).unwrap_or(out);
     let faults: Vec<FaultKind> = {
         let mut k = cli.faults.0.clone();
         k.sort();
