@@ -678,3 +678,123 @@ fn te_workers_carry_their_te_name_as_client_id_in_tebroker_and_gearmand() {
         "{out:?}"
     );
 }
+
+/// A TE whose jobs keep failing is taken out of rotation after `max_failed_leases` of them and
+/// rebuilt before it is offered again; with autohold it first stays held as the last job left
+/// it: cleanup and rebuild run only after the release.
+#[test]
+fn failed_leases_make_a_te_rebuilt_and_an_autoheld_one_is_cleaned_only_after_its_release() {
+    let broker = tebroker();
+    let dir = te1_with_health_and_rebuild(
+        "echo health >> {d}/events.log",
+        "echo rebuild >> {d}/events.log",
+    );
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+health = "{dir}/health.sh"
+rebuild = "{dir}/rebuild.sh"
+cleanup = "echo cleanup >> {dir}/events.log"
+timeout = "10s"
+[policy]
+max_failed_leases = 2
+hold_on_failure = "1h"
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+"#,
+    );
+    let events = || std::fs::read_to_string(agent.path("events.log")).unwrap_or_default();
+    let mark = |what: &str| {
+        let mut log = events();
+        log.push_str(what);
+        log.push('\n');
+        std::fs::write(agent.path("events.log"), log).unwrap();
+    };
+    agent.wait_state("te1", EnvState::Ready);
+    for round in 1..=2 {
+        let out = finish(client(broker, &[], "exit 3"));
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        let held = agent.wait_state("te1", EnvState::Held);
+        assert_eq!(held.failed_leases, round, "{held:?}");
+        assert!(held.holder.is_some(), "the job's identifier: {held:?}");
+        mark(&format!("release {round}"));
+        let out = agent.ctl(&["release", "te1"]);
+        assert!(out.status.success(), "{out:?}");
+        agent.wait_state("te1", EnvState::Ready);
+    }
+    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
+    assert!(out.status.success(), "{out:?}");
+    let log = wait_until("the last lease's cleanup", || {
+        let log = events();
+        (log.lines().count() >= 8).then_some(log)
+    });
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "health",
+            "release 1",
+            "cleanup",
+            "release 2",
+            "cleanup",
+            "rebuild",
+            "health",
+            "cleanup"
+        ],
+        "each cleanup after its hold, the rebuild after the second failed lease; log:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("2 failed leases in a row"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// Holding a failed (or unhealthy) TE and releasing it does not put it back into rotation:
+/// it returns to where it was, and only an operator's rebuild brings it back.
+#[test]
+fn a_failed_te_held_and_released_stays_failed() {
+    let broker = tebroker();
+    let dir = te1_with_health_and_rebuild(
+        "[ -e {d}/fixed ] || { echo 'still broken'; exit 1; }",
+        "true",
+    );
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+health = "{dir}/health.sh"
+rebuild = "{dir}/rebuild.sh"
+timeout = "10s"
+[policy]
+max_rebuilds = 1
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+"#,
+    );
+    agent.wait_state("te1", EnvState::Failed);
+    let out = agent.ctl(&["hold", "te1"]);
+    assert!(out.status.success(), "{out:?}");
+    agent.wait_state("te1", EnvState::Held);
+    let out = agent.ctl(&["release", "te1"]);
+    assert!(out.status.success(), "{out:?}");
+    let te = agent.wait_state("te1", EnvState::Failed);
+    assert!(te.detail.unwrap().contains("still broken"));
+    // A lock request waits: nothing offers it the failed TE.
+    let waiting = client(broker, &[], "true");
+    wait_until("the lock request queued", || {
+        (function_status(broker, "lockenv")? == (1, 0, 0)).then_some(())
+    });
+    assert_eq!(agent.status().unwrap().envs[0].state, EnvState::Failed);
+    std::fs::write(agent.path("fixed"), "").unwrap();
+    let out = agent.ctl(&["rebuild", "te1"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = finish(waiting);
+    assert!(out.status.success(), "{out:?}");
+}

@@ -16,17 +16,23 @@ pub const LONG: Duration = Duration::from_secs(60);
 
 /// testenv-client, built next to this test binary (by `cargo test --workspace`, or here).
 pub fn client_bin() -> PathBuf {
+    workspace_bin("testenv", "testenv-client")
+}
+
+/// Binary `bin` of workspace package `package`, built next to this test binary (by `cargo
+/// test --workspace`, or here).
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("testenv-client");
-    if !bin.exists() {
+    let path = dir.join(bin);
+    if !path.exists() {
         let out = run_with_timeout(
-            Command::new(env!("CARGO")).args(["build", "-p", "testenv", "--bin", "testenv-client"]),
+            Command::new(env!("CARGO")).args(["build", "-p", package, "--bin", bin]),
             Duration::from_secs(600),
         );
-        assert!(out.status.success(), "cannot build testenv-client: {out:?}");
+        assert!(out.status.success(), "cannot build {bin}: {out:?}");
     }
-    bin
+    path
 }
 
 /// tebroker on a free loopback port, served by a thread of this test process.
@@ -67,6 +73,16 @@ impl Agent {
     /// `body` is the config after `brokers`, `state_dir` and `control_socket`; `{dir}` in it
     /// stands for the agent's temp dir `dir`.
     pub fn start_in(dir: tempfile::TempDir, broker: SocketAddr, body: &str) -> Agent {
+        Agent::start_in_with(dir, broker, body, &[])
+    }
+
+    /// [`Agent::start_in`] with more command-line arguments (e.g. `-d`).
+    pub fn start_in_with(
+        dir: tempfile::TempDir,
+        broker: SocketAddr,
+        body: &str,
+        args: &[&str],
+    ) -> Agent {
         let d = dir.path().display().to_string();
         let config = format!(
             "brokers = [\"{broker}\"]\nagent = \"test-agent\"\nstate_dir = \"{d}/state\"\n\
@@ -77,6 +93,7 @@ impl Agent {
         let child = Command::new(AGENT_BIN)
             .arg("--config")
             .arg(dir.path().join("agent.toml"))
+            .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
             .spawn()
