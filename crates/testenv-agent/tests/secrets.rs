@@ -8,11 +8,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use test_support::{wait_until, LoggedChild};
+use test_support::wait_until;
 use testenv_proto::agent::EnvState;
 
 /// The repository's demo datafile, the same as the shared example TE data: its `ssh-key` and
@@ -112,29 +111,7 @@ fn store_bytes(data_dir: &Path) -> String {
 fn no_te_secret_reaches_a_log_an_answer_a_page_or_the_store() {
     let work = tempfile::tempdir().unwrap();
     let data_dir = work.path().join("data");
-    let mut broker = LoggedChild::spawn(
-        "tebroker",
-        Command::new(workspace_bin("tebroker", "tebroker"))
-            .args(["serve", "-vv", "-p", "0", "-L", "127.0.0.1"])
-            .args(["--http", "127.0.0.1:0", "--data-dir"])
-            .arg(&data_dir)
-            .env("RUST_LOG", "debug"),
-    );
-    let banner = |prefix: &str| -> SocketAddr {
-        let log = broker.log_text();
-        log.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .map(|a| a.trim_end_matches('/').parse().unwrap())
-            .unwrap()
-    };
-    wait_until("tebroker's banner", || {
-        broker
-            .log_text()
-            .contains("tebroker dashboard on")
-            .then_some(())
-    });
-    let addr = banner("tebroker listening on ");
-    let http = banner("tebroker dashboard on http://");
+    let (mut broker, addr, http) = tebroker_process(&data_dir);
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(DATAFILE, dir.path().join("te1.json")).unwrap();

@@ -35,6 +35,29 @@ pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     path
 }
 
+/// The tebroker binary on free loopback ports, logging at debug level, with `--http` and its
+/// SQLite store in `data_dir`: the process, its Gearman address and its HTTP address.
+pub fn tebroker_process(data_dir: &Path) -> (test_support::LoggedChild, SocketAddr, SocketAddr) {
+    let broker = test_support::LoggedChild::spawn(
+        "tebroker",
+        Command::new(workspace_bin("tebroker", "tebroker"))
+            .args(["serve", "-vv", "-p", "0", "-L", "127.0.0.1"])
+            .args(["--http", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "debug"),
+    );
+    let banner = |prefix: &str| -> Option<SocketAddr> {
+        let log = broker.log_text();
+        let addr = log.lines().find_map(|l| l.strip_prefix(prefix))?;
+        Some(addr.trim_end_matches('/').parse().unwrap())
+    };
+    let http = wait_until("tebroker's banner", || {
+        banner("tebroker dashboard on http://")
+    });
+    let addr = banner("tebroker listening on ").unwrap();
+    (broker, addr, http)
+}
+
 /// tebroker on a free loopback port, served by a thread of this test process.
 pub fn tebroker() -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
