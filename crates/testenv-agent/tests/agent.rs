@@ -61,6 +61,7 @@ fn failing_rebuilds_end_failed_and_bad_hooks_do_not_stop_the_other_tes() {
     te_data(&d.join("good.json"), "1", 2);
     te_data(&d.join("broken.json"), "2", 2);
     te_data(&d.join("hung.json"), "3", 2);
+    std::fs::write(d.join("not-executable.sh"), "#!/bin/sh\nexit 0\n").unwrap();
     let agent = Agent::start_in(
         dir,
         broker,
@@ -85,6 +86,11 @@ health = "sleep 1000 & echo $! > {dir}/hung.pid; wait"
 [[te]]
 name = "nodata"
 datafile = "{dir}/missing.json"
+[[te]]
+name = "noexec"
+datafile = "{dir}/good.json"
+[te.hooks]
+health = "{dir}/not-executable.sh"
 "#,
     );
     let broken = agent.wait_state("broken", EnvState::Failed);
@@ -106,6 +112,15 @@ datafile = "{dir}/missing.json"
         // SAFETY: signal 0 only checks for existence.
         (unsafe { libc::kill(pid, 0) } != 0).then_some(())
     });
+    let noexec = agent.wait_state("noexec", EnvState::Failed);
+    assert!(
+        noexec
+            .detail
+            .unwrap()
+            .contains("TE noexec: hook health: not executable"),
+        "{}",
+        agent.log()
+    );
     let nodata = agent.wait_state("nodata", EnvState::Failed);
     assert!(nodata.detail.unwrap().contains("TE nodata: datafile"));
     // The healthy TE serves throughout.
@@ -317,6 +332,21 @@ host_disk_gb = 5000
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("colour"),
+        "{out:?}"
+    );
+    std::fs::write(
+        &config,
+        "state_dir = \"/x\"\ncontrol_socket = \"/y\"\n[policy]\nhealth_interval = \"soon\"\n",
+    )
+    .unwrap();
+    let out = run_with_timeout(
+        Command::new(AGENT_BIN).arg("check-config").arg(&config),
+        LONG,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("health_interval") && err.contains("soon"),
         "{out:?}"
     );
 }
