@@ -828,3 +828,68 @@ datafile = "{dir}/te1.json"
     let out = finish(waiting);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// tebroker's admin commands reach a real agent's TE: `envs` lists it with its state, and
+/// `drain|undrain|hold|release|rebuild TE` are carried out by the agent, answered with its reply.
+#[test]
+fn tebroker_admin_controls_a_real_agents_te() {
+    let broker = tebroker();
+    let dir = te1_with_health_and_rebuild("true", "echo rebuilt >> {d}/rebuild.log");
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+health = "{dir}/health.sh"
+rebuild = "{dir}/rebuild.sh"
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+labels = ["ovb"]
+"#,
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let envs_row = |state: &str| {
+        wait_until(&format!("te1 {state} in admin envs"), || {
+            test_support::admin(broker, "envs").into_iter().find(|l| {
+                let cols: Vec<&str> = l.split('\t').collect();
+                cols.first() == Some(&"te1")
+                    && cols.get(1) == Some(&state)
+                    && cols.get(4) == Some(&"test-agent")
+            })
+        })
+    };
+    let row = envs_row("ready");
+    let cols: Vec<&str> = row.split('\t').collect();
+    assert_eq!(cols[6], "ovb", "{row}");
+    let secs: u64 = cols[2].parse().unwrap();
+    assert!(secs < 3600, "seconds in that state: {row}");
+    let control = |command: &str| {
+        let answer = test_support::admin(broker, command).join("\n");
+        assert!(
+            answer.starts_with(&format!("OK {}:", command.trim_end_matches(" 3600")))
+                && answer.contains("agent test-agent"),
+            "{command}: {answer}"
+        );
+    };
+    control("drain te1");
+    agent.wait_state("te1", EnvState::Drained);
+    envs_row("drained");
+    control("undrain te1");
+    agent.wait_state("te1", EnvState::Ready);
+    control("hold te1 3600");
+    agent.wait_state("te1", EnvState::Held);
+    envs_row("held");
+    control("release te1");
+    agent.wait_state("te1", EnvState::Ready);
+    control("rebuild te1");
+    wait_until("the rebuild hook ran", || {
+        std::fs::read_to_string(agent.path("rebuild.log"))
+            .ok()
+            .filter(|l| l.contains("rebuilt"))
+    });
+    agent.wait_state("te1", EnvState::Ready);
+    // And it still leases.
+    let out = finish(client(broker, &["--label", "ovb"], "true"));
+    assert!(out.status.success(), "{out:?}");
+}
