@@ -821,3 +821,45 @@ fn over_https_a_client_certificate_of_the_client_ca_may_control_and_reading_stay
     assert_eq!(out, "undrain plain-https: done by the broker\n");
     wait_admin_state(&broker, "plain-https", "ready");
 }
+
+/// The store going away under a running broker (its PostgreSQL server stopped): leasing goes
+/// on, the outage shows (`tebroker_store_up 0`), and once the server is back every record held
+/// meanwhile is written — none dropped.
+#[test]
+fn a_broker_keeps_leasing_while_postgresql_is_down_and_catches_up() {
+    let Some(mut pg) = test_support::postgres::PgCluster::start_or_skip(
+        "a_broker_keeps_leasing_while_postgresql_is_down_and_catches_up",
+    ) else {
+        return;
+    };
+    let url = pg.url();
+    let broker = Server::tebroker_with(&["--http", "127.0.0.1:0", "--database", &url]);
+    let http = broker.http.unwrap();
+    let metrics = || request(http, "GET", "/metrics", None).1;
+    lease_once(broker.port, "testenv-worker-pg", "before");
+    history_has(http, "", 1);
+    pg.stop();
+    lease_once(broker.port, "testenv-worker-pg", "during-1");
+    lease_once(broker.port, "testenv-worker-pg", "during-2");
+    test_support::wait_until("the outage in /metrics", || {
+        metrics().contains("tebroker_store_up 0").then_some(())
+    });
+    pg.restart();
+    let page = history_has(http, "", 3);
+    let jobs: Vec<&str> = page["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["job_identifier"].as_str().unwrap())
+        .collect();
+    assert_eq!(jobs, ["during-2", "during-1", "before"], "{page}");
+    let m = test_support::wait_until("the store up again", || {
+        let m = metrics();
+        m.contains("tebroker_store_up 1").then_some(m)
+    });
+    assert!(m.contains("tebroker_store_dropped_total 0"), "{m}");
+    assert!(
+        !m.contains("tebroker_store_errors_total 0\n"),
+        "the outage is counted: {m}"
+    );
+}
