@@ -282,7 +282,7 @@ fn cli_with_token(http: SocketAddr, args: &[&str], token: &Path) -> (i32, String
 }
 
 #[test]
-fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
+fn the_cli_lists_drains_holds_and_releases_a_te_and_shows_its_leases_and_history() {
     use gearman_proto::PacketType as T;
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path());
@@ -346,7 +346,56 @@ fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
     let (code, out, _) = cli(http, &["queue"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("POS"), "{out}");
-    drop(te);
+
+    // hold with a time, release; rebuild has no agent to do it for a plain TE.
+    let (code, out, err) = cli_with_token(
+        http,
+        &["hold", "testenv-worker-cli", "--secs", "600"],
+        &token,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hold testenv-worker-cli"), "{out}");
+    test_support::wait_until("the TE held in `tebroker envs`", || {
+        let (_, out, _) = cli(http, &["envs"]);
+        out.lines()
+            .any(|l| l.starts_with("testenv-worker-cli ") && l.contains(" held "))
+            .then_some(())
+    });
+    let (code, _, err) = cli_with_token(http, &["release", "testenv-worker-cli"], &token);
+    assert_eq!(code, 0, "{err}");
+    test_support::wait_until("the TE ready after its release", || {
+        let (_, out, _) = cli(http, &["envs"]);
+        out.lines()
+            .any(|l| l.starts_with("testenv-worker-cli ") && l.contains(" ready "))
+            .then_some(())
+    });
+    let (code, _, err) = cli_with_token(http, &["rebuild", "testenv-worker-cli"], &token);
+    assert_eq!(code, 1, "no agent to rebuild a plain TE");
+    assert!(err.contains("not_supported"), "{err}");
+
+    // leases: the TE while a lock request holds it.
+    let mut client = harness::Conn::connect(broker.port);
+    client.req(
+        T::SubmitJob,
+        &[
+            "lockenv",
+            "",
+            r#"{"callback_name": "callback_cli2", "job_identifier": "job-cli-2"}"#,
+        ],
+    );
+    client.expect(T::JobCreated);
+    te.expect(T::Noop);
+    te.req(T::GrabJob, &[] as &[&str]);
+    te.expect(T::JobAssign);
+    let leased = test_support::wait_until("the lease in `tebroker leases`", || {
+        let (code, out, err) = cli(http, &["leases"]);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .find(|l| l.contains("testenv-worker-cli") && l.contains("job-cli-2"))
+            .map(str::to_string)
+    });
+    assert!(!leased.contains("SECRET"), "{leased}");
+    drop((te, client));
 }
 
 /// Two brokers on one PostgreSQL database (a real throwaway cluster): each sees the other's
