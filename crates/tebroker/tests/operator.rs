@@ -370,9 +370,15 @@ fn metrics_with_a_store_and_ended_leases_parse_with_the_reference_parser() {
     ]);
     end_leases(&broker, &["released", "failed"]);
     let http = broker.http.unwrap();
-    let body = test_support::wait_until("the store wrote both leases", || {
+    // Both leases counted and every record queued for the store written.
+    let body = test_support::wait_until("both leases in /metrics and the store", || {
         let (_, body) = get(http, "/metrics");
-        (metric(&body, "tebroker_store_written_total ") >= 2.0).then_some(body)
+        let done = body.contains("tebroker_lease_duration_seconds_count 2\n")
+            && body.contains("tebroker_lease_wait_seconds_count 2\n")
+            && metric(&body, "tebroker_store_written_total ") >= 2.0
+            && metric(&body, "tebroker_store_written_total ")
+                == metric(&body, "tebroker_store_records_total ");
+        done.then_some(body)
     });
     let samples = parse_with_prometheus_client(&body);
     let value = |name: &str, label: Option<(&str, &str)>| {

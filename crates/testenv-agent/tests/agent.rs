@@ -893,3 +893,46 @@ labels = ["ovb"]
     let out = finish(client(broker, &["--label", "ovb"], "true"));
     assert!(out.status.success(), "{out:?}");
 }
+
+/// A lease whose holder is lost (its testenv-client killed with SIGKILL mid-lease) is a failed
+/// lease: with `max_failed_leases = 1` the TE is rebuilt and checked before it is offered again.
+#[test]
+fn a_lost_holder_counts_as_a_failed_lease_and_the_te_is_rebuilt() {
+    let broker = tebroker();
+    let dir = te1_with_health_and_rebuild("true", "echo rebuilt >> {d}/rebuild.log");
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+health = "{dir}/health.sh"
+rebuild = "{dir}/rebuild.sh"
+timeout = "10s"
+[policy]
+max_failed_leases = 1
+[lease]
+holder_grace = "1s"
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+"#,
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let mut holder = client(broker, &[], "sleep 600");
+    agent.wait_state("te1", EnvState::Leased);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    wait_until("the rebuild after the lost holder", || {
+        std::fs::read_to_string(agent.path("rebuild.log"))
+            .ok()
+            .filter(|l| l.lines().count() == 1)
+    });
+    assert!(
+        agent.log().contains("failed lease: the holder was lost"),
+        "{}",
+        agent.log()
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let out = finish(client(broker, &[], "true"));
+    assert!(out.status.success(), "{out:?}");
+}
