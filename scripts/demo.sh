@@ -2,12 +2,16 @@
 # The demo: tebroker with a pool of three test environments (demo/testenv-*.json), and a few CI
 # jobs (testenv-client) that each lock one, print which TE they got, and hand it back.
 # Usage: scripts/demo.sh [JOBS]   (default 5 jobs for 3 TEs, so some wait their turn)
+# DEMO_BIN=DIR uses the binaries in DIR (e.g. target/debug) instead of a release build.
+# Run from a terminal, it waits for Enter at the end so the dashboard can be looked at.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs="${1:-5}"
 
-echo "== building (release)"
-cargo build --release -q -p tebroker -p testenv -p testenv-agent
+if [ -z "${DEMO_BIN:-}" ]; then
+    echo "== building (release)"
+    cargo build --release -q -p tebroker -p testenv -p testenv-agent
+fi
 bin=${DEMO_BIN:-target/release}
 work="$(mktemp -d)"
 pids=()
@@ -19,7 +23,8 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== starting tebroker on a free port"
-"$bin/tebroker" serve -p 0 -L 127.0.0.1 --http 127.0.0.1:0 --history-file "$work/history.jsonl" \
+"$bin/tebroker" serve -p 0 -L 127.0.0.1 --http 127.0.0.1:0 --data-dir "$work/data" \
+    --history-file "$work/history.jsonl" \
     >"$work/broker.out" 2>"$work/broker.err" &
 pids+=($!)
 for _ in $(seq 50); do grep -q listening "$work/broker.out" 2>/dev/null && break; sleep 0.1; done
@@ -28,6 +33,7 @@ addr="$(sed -n 's/^tebroker listening on //p' "$work/broker.out")"
 echo "   tebroker listening on $addr"
 for _ in $(seq 50); do grep -q dashboard "$work/broker.out" && break; sleep 0.1; done
 echo "   $(grep dashboard "$work/broker.out") (JSON under /api/, Prometheus at /metrics)"
+url="$(sed -n 's|^tebroker dashboard on \(http://[^/]*\)/$|\1|p' "$work/broker.out")"
 
 echo "== starting one testenv-worker per demo TE"
 for f in demo/testenv-*.json; do
@@ -105,3 +111,12 @@ echo "   testenv-agent ctl status, a few seconds later (agent-te2 was rebuilt an
 "$bin/testenv-agent" ctl --socket "$work/agent.sock" status | sed 's/^/   /'
 echo "   a job asking for label ovb:"
 "$bin/testenv-client" -b "$addr" --label ovb -- sh -c 'echo "   got $(grep -o "\"env-num\": \"[0-9]*\"" "$TE_DATAFILE")"' 2>>"$work/clients.log"
+echo "== tebroker envs (the inventory the dashboard shows: the workers' TEs and the agent's)"
+for _ in $(seq 50); do "$bin/tebroker" envs --url "$url" | grep -q agent-te2 && break; sleep 0.1; done
+"$bin/tebroker" envs --url "$url" | sed 's/^/   /'
+echo "== tebroker history --limit 3 (the ended leases, from the broker's store)"
+"$bin/tebroker" history --url "$url" --limit 3 | sed 's/^/   /'
+if [ -t 0 ]; then
+    echo "== the dashboard is at $url/ ; press Enter to stop the demo"
+    read -r _
+fi

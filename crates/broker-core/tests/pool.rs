@@ -735,3 +735,28 @@ fn a_hold_and_a_reply_deadline_count_from_the_time_passed_in_not_the_last_event(
         "timed out before its deadline"
     );
 }
+
+/// A plain TE is ready since it registered `lockenv`, even when that is the broker's first
+/// event or comes long after the broker's last one (a fresh broker listed its first TE as ready
+/// since 1970).
+#[test]
+fn a_plain_te_is_ready_since_it_registered_lockenv() {
+    let mut sim = Sim::new();
+    plain_worker(&mut sim, 2, "testenv-worker-te1");
+    let envs = sim.broker.envs(sim.now);
+    assert_eq!(
+        env(&sim, "testenv-worker-te1", &envs).since_ms,
+        sim.now.wall
+    );
+    // A minute with no event, then a second TE: ready since now, not since the last event.
+    sim.now.mono += 60_000;
+    sim.now.wall += 60_000;
+    let w = sim.conn(3);
+    sim.send(w, T::SetClientId, &[b"testenv-worker-te2"]);
+    sim.send(w, T::CanDo, &[b"lockenv"]);
+    let envs = sim.broker.envs(sim.now);
+    assert_eq!(
+        env(&sim, "testenv-worker-te2", &envs).since_ms,
+        sim.now.wall
+    );
+}

@@ -191,18 +191,29 @@ impl StoreLink {
     /// not run on a runtime thread, and a slow query must not hold one up).
     pub async fn read<R: Send + 'static>(
         self: &Arc<Self>,
-        f: impl FnOnce(&mut dyn Store) -> Result<R, StoreError> + Send + 'static,
+        f: impl Fn(&mut dyn Store) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let link = self.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let mut reader = link.reader.lock().unwrap_or_else(|e| e.into_inner());
-            if reader.is_none() {
-                *reader = Some(link.database.open()?);
+            let reused = reader.is_some();
+            let store = match reader.as_mut() {
+                Some(store) => store,
+                None => reader.insert(link.database.open()?),
+            };
+            let r = f(store.as_mut());
+            if r.is_ok() {
+                return r;
             }
-            let store = reader.as_mut().expect("opened above");
+            *reader = None;
+            if !reused {
+                return r;
+            }
+            // The kept connection may have broken while idle (the database restarted): one
+            // more try on a fresh one, so the first read after an outage does not fail.
+            let store = reader.insert(link.database.open()?);
             let r = f(store.as_mut());
             if r.is_err() {
-                // A broken connection is reopened on the next read.
                 *reader = None;
             }
             r

@@ -282,7 +282,7 @@ fn cli_with_token(http: SocketAddr, args: &[&str], token: &Path) -> (i32, String
 }
 
 #[test]
-fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
+fn the_cli_lists_drains_holds_and_releases_a_te_and_shows_its_leases_and_history() {
     use gearman_proto::PacketType as T;
     let dir = tempfile::tempdir().unwrap();
     let broker = start(dir.path());
@@ -346,7 +346,56 @@ fn the_cli_lists_drains_and_undrains_a_te_and_shows_history() {
     let (code, out, _) = cli(http, &["queue"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("POS"), "{out}");
-    drop(te);
+
+    // hold with a time, release; rebuild has no agent to do it for a plain TE.
+    let (code, out, err) = cli_with_token(
+        http,
+        &["hold", "testenv-worker-cli", "--secs", "600"],
+        &token,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hold testenv-worker-cli"), "{out}");
+    test_support::wait_until("the TE held in `tebroker envs`", || {
+        let (_, out, _) = cli(http, &["envs"]);
+        out.lines()
+            .any(|l| l.starts_with("testenv-worker-cli ") && l.contains(" held "))
+            .then_some(())
+    });
+    let (code, _, err) = cli_with_token(http, &["release", "testenv-worker-cli"], &token);
+    assert_eq!(code, 0, "{err}");
+    test_support::wait_until("the TE ready after its release", || {
+        let (_, out, _) = cli(http, &["envs"]);
+        out.lines()
+            .any(|l| l.starts_with("testenv-worker-cli ") && l.contains(" ready "))
+            .then_some(())
+    });
+    let (code, _, err) = cli_with_token(http, &["rebuild", "testenv-worker-cli"], &token);
+    assert_eq!(code, 1, "no agent to rebuild a plain TE");
+    assert!(err.contains("not_supported"), "{err}");
+
+    // leases: the TE while a lock request holds it.
+    let mut client = harness::Conn::connect(broker.port);
+    client.req(
+        T::SubmitJob,
+        &[
+            "lockenv",
+            "",
+            r#"{"callback_name": "callback_cli2", "job_identifier": "job-cli-2"}"#,
+        ],
+    );
+    client.expect(T::JobCreated);
+    te.expect(T::Noop);
+    te.req(T::GrabJob, &[] as &[&str]);
+    te.expect(T::JobAssign);
+    let leased = test_support::wait_until("the lease in `tebroker leases`", || {
+        let (code, out, err) = cli(http, &["leases"]);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .find(|l| l.contains("testenv-worker-cli") && l.contains("job-cli-2"))
+            .map(str::to_string)
+    });
+    assert!(!leased.contains("SECRET"), "{leased}");
+    drop((te, client));
 }
 
 /// Two brokers on one PostgreSQL database (a real throwaway cluster): each sees the other's
@@ -820,4 +869,46 @@ fn over_https_a_client_certificate_of_the_client_ca_may_control_and_reading_stay
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "undrain plain-https: done by the broker\n");
     wait_admin_state(&broker, "plain-https", "ready");
+}
+
+/// The store going away under a running broker (its PostgreSQL server stopped): leasing goes
+/// on, the outage shows (`tebroker_store_up 0`), and once the server is back every record held
+/// meanwhile is written — none dropped.
+#[test]
+fn a_broker_keeps_leasing_while_postgresql_is_down_and_catches_up() {
+    let Some(mut pg) = test_support::postgres::PgCluster::start_or_skip(
+        "a_broker_keeps_leasing_while_postgresql_is_down_and_catches_up",
+    ) else {
+        return;
+    };
+    let url = pg.url();
+    let broker = Server::tebroker_with(&["--http", "127.0.0.1:0", "--database", &url]);
+    let http = broker.http.unwrap();
+    let metrics = || request(http, "GET", "/metrics", None).1;
+    lease_once(broker.port, "testenv-worker-pg", "before");
+    history_has(http, "", 1);
+    pg.stop();
+    lease_once(broker.port, "testenv-worker-pg", "during-1");
+    lease_once(broker.port, "testenv-worker-pg", "during-2");
+    test_support::wait_until("the outage in /metrics", || {
+        metrics().contains("tebroker_store_up 0").then_some(())
+    });
+    pg.restart();
+    let page = history_has(http, "", 3);
+    let jobs: Vec<&str> = page["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["job_identifier"].as_str().unwrap())
+        .collect();
+    assert_eq!(jobs, ["during-2", "during-1", "before"], "{page}");
+    let m = test_support::wait_until("the store up again", || {
+        let m = metrics();
+        m.contains("tebroker_store_up 1").then_some(m)
+    });
+    assert!(m.contains("tebroker_store_dropped_total 0"), "{m}");
+    assert!(
+        !m.contains("tebroker_store_errors_total 0\n"),
+        "the outage is counted: {m}"
+    );
 }

@@ -356,3 +356,61 @@ fn the_api_history_keeps_the_last_1000_and_the_file_keeps_all() {
         total as f64
     );
 }
+
+/// With a store and ended leases, `/metrics` carries the wait and duration histograms, TEs by
+/// state and the store's counters, and the reference parser reads all of them.
+#[test]
+fn metrics_with_a_store_and_ended_leases_parse_with_the_reference_parser() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Server::tebroker_with(&[
+        "--http",
+        "127.0.0.1:0",
+        "--data-dir",
+        harness::path(&dir.path().join("data")),
+    ]);
+    end_leases(&broker, &["released", "failed"]);
+    let http = broker.http.unwrap();
+    // Both leases counted and every record queued for the store written.
+    let body = test_support::wait_until("both leases in /metrics and the store", || {
+        let (_, body) = get(http, "/metrics");
+        let done = body.contains("tebroker_lease_duration_seconds_count 2\n")
+            && body.contains("tebroker_lease_wait_seconds_count 2\n")
+            && metric(&body, "tebroker_store_written_total ") >= 2.0
+            && metric(&body, "tebroker_store_written_total ")
+                == metric(&body, "tebroker_store_records_total ");
+        done.then_some(body)
+    });
+    let samples = parse_with_prometheus_client(&body);
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        samples
+            .iter()
+            .find(|(n, labels, _)| {
+                n == name
+                    && label.is_none_or(|(k, v)| labels.get(k).and_then(|l| l.as_str()) == Some(v))
+            })
+            .map(|s| s.2)
+            .unwrap_or_else(|| panic!("no sample {name} {label:?} in\n{body}"))
+    };
+    for histogram in [
+        "tebroker_lease_duration_seconds",
+        "tebroker_lease_wait_seconds",
+    ] {
+        assert_eq!(value(&format!("{histogram}_count"), None), 2.0, "{body}");
+        assert_eq!(
+            value(&format!("{histogram}_bucket"), Some(("le", "+Inf"))),
+            2.0,
+            "{body}"
+        );
+    }
+    // end_leases' worker has disconnected: its TE is gone.
+    assert_eq!(
+        value("tebroker_envs", Some(("state", "gone"))),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(value("tebroker_store_up", None), 1.0);
+    assert!(value("tebroker_store_records_total", None) >= 2.0);
+    assert_eq!(value("tebroker_store_dropped_total", None), 0.0);
+    assert_eq!(value("tebroker_store_errors_total", None), 0.0);
+    value("tebroker_store_backlog", None);
+}

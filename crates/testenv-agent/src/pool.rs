@@ -43,6 +43,9 @@ pub struct EnvStatus {
     /// An operator asked for it to be drained.
     pub drain: bool,
     pub hold_until: Option<Instant>,
+    /// The state (and detail) a hold interrupted when it was unhealthy or failed: restored when
+    /// the hold ends, so holding a broken TE never puts it back into rotation unchecked.
+    pub held_from: Option<(EnvState, Option<String>)>,
     pub rebuild_requested: bool,
     /// A TE is there: always for static and carved TEs; for an on-demand slot, from the moment
     /// its creation is recorded until its destroy succeeds. Slots with no TE are left out of
@@ -82,6 +85,7 @@ impl Pool {
                 failed_rebuilds: 0,
                 drain: false,
                 hold_until: None,
+                held_from: None,
                 rebuild_requested: false,
                 present: te.kind != TeKind::OnDemand,
             })
@@ -428,23 +432,29 @@ pub(crate) fn te_worker(te: &TeConfig, rt: &TeRuntime) -> Worker {
 /// caller looks at the status again.
 pub(crate) async fn sit_out_hold(pool: &Pool, i: usize) -> bool {
     let s = pool.status(i);
-    let Some(until) = s.hold_until else {
+    let Some(until) = s.hold_until.filter(|&until| until > Instant::now()) else {
+        if s.hold_until.is_some() {
+            pool.update(i, |s| s.hold_until = None);
+        }
+        if let Some((state, detail)) = s.held_from {
+            pool.update(i, |s| s.held_from = None);
+            pool.set_state(i, state, detail);
+        }
         return false;
     };
-    if until > Instant::now() {
-        pool.set_state(
-            i,
-            EnvState::Held,
-            s.detail.clone().filter(|_| s.state == EnvState::Held),
-        );
-        tokio::select! {
-            _ = tokio::time::sleep_until(until) => pool.update(i, |s| s.hold_until = None),
-            _ = pool.woken(i) => {}
-        }
-        return true;
+    if matches!(s.state, EnvState::Unhealthy | EnvState::Failed) {
+        pool.update(i, |h| h.held_from = Some((s.state, s.detail.clone())));
     }
-    pool.update(i, |s| s.hold_until = None);
-    false
+    pool.set_state(
+        i,
+        EnvState::Held,
+        s.detail.clone().filter(|_| s.state == EnvState::Held),
+    );
+    tokio::select! {
+        _ = tokio::time::sleep_until(until) => pool.update(i, |s| s.hold_until = None),
+        _ = pool.woken(i) => {}
+    }
+    true
 }
 
 /// Offers ready TE `i` until a lock request arrives. None when a command woke the TE, or after
@@ -704,28 +714,32 @@ pub async fn run_te(pool: Rc<Pool>, i: usize, rt: Rc<TeRuntime>) {
                 continue;
             }
         }
-        let failure = lease_failed(&te, &end);
-        autohold(&pool, i, &end);
-        if let Err(e) = hooks::run(&te, "cleanup", te.hooks.cleanup.as_deref()).await {
-            pool.unhealthy(i, &e);
-        }
-        match failure {
+        // Counted at once (a held TE shows its failed leases); acted on after the cleanup.
+        let quarantine = match lease_failed(&te, &end) {
             Some(why) => {
                 let n = pool.status(i).failed_leases.saturating_add(1);
                 pool.update(i, |s| s.failed_leases = n);
                 tracing::warn!(te = te.name, failed_leases = n, "failed lease: {why}");
-                if n >= te.policy.max_failed_leases {
-                    pool.set_state(
-                        i,
-                        EnvState::Unhealthy,
-                        Some(format!(
-                            "TE {}: {n} failed leases in a row; last: {why}",
-                            te.name
-                        )),
-                    );
-                }
+                (n >= te.policy.max_failed_leases)
+                    .then(|| format!("TE {}: {n} failed leases in a row; last: {why}", te.name))
             }
-            None => pool.update(i, |s| s.failed_leases = 0),
+            None => {
+                pool.update(i, |s| s.failed_leases = 0);
+                None
+            }
+        };
+        autohold(&pool, i, &end);
+        // An autoheld TE stays as its job left it: it is cleaned (and, after failed leases,
+        // rebuilt) only once the hold ends.
+        if pool.status(i).hold_until.is_some() {
+            while !pool.stopping() && sit_out_hold(&pool, i).await {}
+            pool.set_state(i, EnvState::Cleaning, None);
+        }
+        if let Err(e) = hooks::run(&te, "cleanup", te.hooks.cleanup.as_deref()).await {
+            pool.unhealthy(i, &e);
+        }
+        if let Some(why) = quarantine {
+            pool.set_state(i, EnvState::Unhealthy, Some(why));
         }
     }
     worker.stop();

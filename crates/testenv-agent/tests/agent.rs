@@ -61,6 +61,7 @@ fn failing_rebuilds_end_failed_and_bad_hooks_do_not_stop_the_other_tes() {
     te_data(&d.join("good.json"), "1", 2);
     te_data(&d.join("broken.json"), "2", 2);
     te_data(&d.join("hung.json"), "3", 2);
+    std::fs::write(d.join("not-executable.sh"), "#!/bin/sh\nexit 0\n").unwrap();
     let agent = Agent::start_in(
         dir,
         broker,
@@ -85,6 +86,11 @@ health = "sleep 1000 & echo $! > {dir}/hung.pid; wait"
 [[te]]
 name = "nodata"
 datafile = "{dir}/missing.json"
+[[te]]
+name = "noexec"
+datafile = "{dir}/good.json"
+[te.hooks]
+health = "{dir}/not-executable.sh"
 "#,
     );
     let broken = agent.wait_state("broken", EnvState::Failed);
@@ -106,6 +112,15 @@ datafile = "{dir}/missing.json"
         // SAFETY: signal 0 only checks for existence.
         (unsafe { libc::kill(pid, 0) } != 0).then_some(())
     });
+    let noexec = agent.wait_state("noexec", EnvState::Failed);
+    assert!(
+        noexec
+            .detail
+            .unwrap()
+            .contains("TE noexec: hook health: not executable"),
+        "{}",
+        agent.log()
+    );
     let nodata = agent.wait_state("nodata", EnvState::Failed);
     assert!(nodata.detail.unwrap().contains("TE nodata: datafile"));
     // The healthy TE serves throughout.
@@ -317,6 +332,21 @@ host_disk_gb = 5000
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("colour"),
+        "{out:?}"
+    );
+    std::fs::write(
+        &config,
+        "state_dir = \"/x\"\ncontrol_socket = \"/y\"\n[policy]\nhealth_interval = \"soon\"\n",
+    )
+    .unwrap();
+    let out = run_with_timeout(
+        Command::new(AGENT_BIN).arg("check-config").arg(&config),
+        LONG,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("health_interval") && err.contains("soon"),
         "{out:?}"
     );
 }
@@ -677,4 +707,232 @@ fn te_workers_carry_their_te_name_as_client_id_in_tebroker_and_gearmand() {
             .any(|l| l.contains(" te1 : lockenv")),
         "{out:?}"
     );
+}
+
+/// A TE whose jobs keep failing is taken out of rotation after `max_failed_leases` of them and
+/// rebuilt before it is offered again; with autohold it first stays held as the last job left
+/// it: cleanup and rebuild run only after the release.
+#[test]
+fn failed_leases_make_a_te_rebuilt_and_an_autoheld_one_is_cleaned_only_after_its_release() {
+    let broker = tebroker();
+    let dir = te1_with_health_and_rebuild(
+        "echo health >> {d}/events.log",
+        "echo rebuild >> {d}/events.log",
+    );
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+health = "{dir}/health.sh"
+rebuild = "{dir}/rebuild.sh"
+cleanup = "echo cleanup >> {dir}/events.log"
+timeout = "10s"
+[policy]
+max_failed_leases = 2
+hold_on_failure = "1h"
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+"#,
+    );
+    let events = || std::fs::read_to_string(agent.path("events.log")).unwrap_or_default();
+    let mark = |what: &str| {
+        let mut log = events();
+        log.push_str(what);
+        log.push('\n');
+        std::fs::write(agent.path("events.log"), log).unwrap();
+    };
+    agent.wait_state("te1", EnvState::Ready);
+    for round in 1..=2 {
+        let out = finish(client(broker, &[], "exit 3"));
+        assert_eq!(out.status.code(), Some(3), "{out:?}");
+        let held = agent.wait_state("te1", EnvState::Held);
+        assert_eq!(held.failed_leases, round, "{held:?}");
+        assert!(held.holder.is_some(), "the job's identifier: {held:?}");
+        mark(&format!("release {round}"));
+        let out = agent.ctl(&["release", "te1"]);
+        assert!(out.status.success(), "{out:?}");
+        agent.wait_state("te1", EnvState::Ready);
+    }
+    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
+    assert!(out.status.success(), "{out:?}");
+    let log = wait_until("the last lease's cleanup", || {
+        let log = events();
+        (log.lines().count() >= 8).then_some(log)
+    });
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "health",
+            "release 1",
+            "cleanup",
+            "release 2",
+            "cleanup",
+            "rebuild",
+            "health",
+            "cleanup"
+        ],
+        "each cleanup after its hold, the rebuild after the second failed lease; log:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("2 failed leases in a row"),
+        "{}",
+        agent.log()
+    );
+}
+
+/// Holding a failed (or unhealthy) TE and releasing it does not put it back into rotation:
+/// it returns to where it was, and only an operator's rebuild brings it back.
+#[test]
+fn a_failed_te_held_and_released_stays_failed() {
+    let broker = tebroker();
+    let dir = te1_with_health_and_rebuild(
+        "[ -e {d}/fixed ] || { echo 'still broken'; exit 1; }",
+        "true",
+    );
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+health = "{dir}/health.sh"
+rebuild = "{dir}/rebuild.sh"
+timeout = "10s"
+[policy]
+max_rebuilds = 1
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+"#,
+    );
+    agent.wait_state("te1", EnvState::Failed);
+    let out = agent.ctl(&["hold", "te1"]);
+    assert!(out.status.success(), "{out:?}");
+    agent.wait_state("te1", EnvState::Held);
+    let out = agent.ctl(&["release", "te1"]);
+    assert!(out.status.success(), "{out:?}");
+    let te = agent.wait_state("te1", EnvState::Failed);
+    assert!(te.detail.unwrap().contains("still broken"));
+    // A lock request waits: nothing offers it the failed TE.
+    let waiting = client(broker, &[], "true");
+    wait_until("the lock request queued", || {
+        (function_status(broker, "lockenv")? == (1, 0, 0)).then_some(())
+    });
+    assert_eq!(agent.status().unwrap().envs[0].state, EnvState::Failed);
+    std::fs::write(agent.path("fixed"), "").unwrap();
+    let out = agent.ctl(&["rebuild", "te1"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = finish(waiting);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// tebroker's admin commands reach a real agent's TE: `envs` lists it with its state, and
+/// `drain|undrain|hold|release|rebuild TE` are carried out by the agent, answered with its reply.
+#[test]
+fn tebroker_admin_controls_a_real_agents_te() {
+    let broker = tebroker();
+    let dir = te1_with_health_and_rebuild("true", "echo rebuilt >> {d}/rebuild.log");
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+health = "{dir}/health.sh"
+rebuild = "{dir}/rebuild.sh"
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+labels = ["ovb"]
+"#,
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let envs_row = |state: &str| {
+        wait_until(&format!("te1 {state} in admin envs"), || {
+            test_support::admin(broker, "envs").into_iter().find(|l| {
+                let cols: Vec<&str> = l.split('\t').collect();
+                cols.first() == Some(&"te1")
+                    && cols.get(1) == Some(&state)
+                    && cols.get(4) == Some(&"test-agent")
+            })
+        })
+    };
+    let row = envs_row("ready");
+    let cols: Vec<&str> = row.split('\t').collect();
+    assert_eq!(cols[6], "ovb", "{row}");
+    let secs: u64 = cols[2].parse().unwrap();
+    assert!(secs < 3600, "seconds in that state: {row}");
+    let control = |command: &str| {
+        let answer = test_support::admin(broker, command).join("\n");
+        assert!(
+            answer.starts_with(&format!("OK {}:", command.trim_end_matches(" 3600")))
+                && answer.contains("agent test-agent"),
+            "{command}: {answer}"
+        );
+    };
+    control("drain te1");
+    agent.wait_state("te1", EnvState::Drained);
+    envs_row("drained");
+    control("undrain te1");
+    agent.wait_state("te1", EnvState::Ready);
+    control("hold te1 3600");
+    agent.wait_state("te1", EnvState::Held);
+    envs_row("held");
+    control("release te1");
+    agent.wait_state("te1", EnvState::Ready);
+    control("rebuild te1");
+    wait_until("the rebuild hook ran", || {
+        std::fs::read_to_string(agent.path("rebuild.log"))
+            .ok()
+            .filter(|l| l.contains("rebuilt"))
+    });
+    agent.wait_state("te1", EnvState::Ready);
+    // And it still leases.
+    let out = finish(client(broker, &["--label", "ovb"], "true"));
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// A lease whose holder is lost (its testenv-client killed with SIGKILL mid-lease) is a failed
+/// lease: with `max_failed_leases = 1` the TE is rebuilt and checked before it is offered again.
+#[test]
+fn a_lost_holder_counts_as_a_failed_lease_and_the_te_is_rebuilt() {
+    let broker = tebroker();
+    let dir = te1_with_health_and_rebuild("true", "echo rebuilt >> {d}/rebuild.log");
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        r#"
+[hooks]
+health = "{dir}/health.sh"
+rebuild = "{dir}/rebuild.sh"
+timeout = "10s"
+[policy]
+max_failed_leases = 1
+[lease]
+holder_grace = "1s"
+[[te]]
+name = "te1"
+datafile = "{dir}/te1.json"
+"#,
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let mut holder = client(broker, &[], "sleep 600");
+    agent.wait_state("te1", EnvState::Leased);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    wait_until("the rebuild after the lost holder", || {
+        std::fs::read_to_string(agent.path("rebuild.log"))
+            .ok()
+            .filter(|l| l.lines().count() == 1)
+    });
+    assert!(
+        agent.log().contains("failed lease: the holder was lost"),
+        "{}",
+        agent.log()
+    );
+    agent.wait_state("te1", EnvState::Ready);
+    let out = finish(client(broker, &[], "true"));
+    assert!(out.status.success(), "{out:?}");
 }

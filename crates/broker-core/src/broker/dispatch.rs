@@ -5,6 +5,7 @@ use gearman_proto::{Magic, Packet, PacketType};
 
 use super::jobs::Submit;
 use super::Broker;
+use crate::testenv::LOCKENV_PREFIX;
 use crate::types::{parse_num, Action, ConnId, Job, JobState, Now, Priority};
 
 impl Broker {
@@ -161,7 +162,15 @@ impl Broker {
         if !self.claim_callback(conn, &function, out) {
             return;
         }
+        let now = self.now.wall;
         let c = self.conn(conn);
+        // A plain TE is ready from its first lockenv* registration (the connection itself may
+        // date from before the broker's latest event).
+        if function.starts_with(LOCKENV_PREFIX)
+            && !c.abilities.keys().any(|f| f.starts_with(LOCKENV_PREFIX))
+        {
+            c.te_since = now;
+        }
         c.abilities.insert(function.clone(), timeout);
         let sleeping = c.sleeping;
         self.functions

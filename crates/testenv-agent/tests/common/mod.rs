@@ -16,17 +16,46 @@ pub const LONG: Duration = Duration::from_secs(60);
 
 /// testenv-client, built next to this test binary (by `cargo test --workspace`, or here).
 pub fn client_bin() -> PathBuf {
+    workspace_bin("testenv", "testenv-client")
+}
+
+/// Binary `bin` of workspace package `package`, built next to this test binary (by `cargo
+/// test --workspace`, or here).
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
-    let bin = dir.join("testenv-client");
-    if !bin.exists() {
+    let path = dir.join(bin);
+    if !path.exists() {
         let out = run_with_timeout(
-            Command::new(env!("CARGO")).args(["build", "-p", "testenv", "--bin", "testenv-client"]),
+            Command::new(env!("CARGO")).args(["build", "-p", package, "--bin", bin]),
             Duration::from_secs(600),
         );
-        assert!(out.status.success(), "cannot build testenv-client: {out:?}");
+        assert!(out.status.success(), "cannot build {bin}: {out:?}");
     }
-    bin
+    path
+}
+
+/// The tebroker binary on free loopback ports, logging at debug level, with `--http` and its
+/// SQLite store in `data_dir`: the process, its Gearman address and its HTTP address.
+pub fn tebroker_process(data_dir: &Path) -> (test_support::LoggedChild, SocketAddr, SocketAddr) {
+    let broker = test_support::LoggedChild::spawn(
+        "tebroker",
+        Command::new(workspace_bin("tebroker", "tebroker"))
+            .args(["serve", "-vv", "-p", "0", "-L", "127.0.0.1"])
+            .args(["--http", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "debug"),
+    );
+    let banner = |prefix: &str| -> Option<SocketAddr> {
+        let log = broker.log_text();
+        let addr = log.lines().find_map(|l| l.strip_prefix(prefix))?;
+        Some(addr.trim_end_matches('/').parse().unwrap())
+    };
+    let http = wait_until("tebroker's banner", || {
+        banner("tebroker dashboard on http://")
+    });
+    let addr = banner("tebroker listening on ").unwrap();
+    (broker, addr, http)
 }
 
 /// tebroker on a free loopback port, served by a thread of this test process.
@@ -67,6 +96,16 @@ impl Agent {
     /// `body` is the config after `brokers`, `state_dir` and `control_socket`; `{dir}` in it
     /// stands for the agent's temp dir `dir`.
     pub fn start_in(dir: tempfile::TempDir, broker: SocketAddr, body: &str) -> Agent {
+        Agent::start_in_with(dir, broker, body, &[])
+    }
+
+    /// [`Agent::start_in`] with more command-line arguments (e.g. `-d`).
+    pub fn start_in_with(
+        dir: tempfile::TempDir,
+        broker: SocketAddr,
+        body: &str,
+        args: &[&str],
+    ) -> Agent {
         let d = dir.path().display().to_string();
         let config = format!(
             "brokers = [\"{broker}\"]\nagent = \"test-agent\"\nstate_dir = \"{d}/state\"\n\
@@ -77,6 +116,7 @@ impl Agent {
         let child = Command::new(AGENT_BIN)
             .arg("--config")
             .arg(dir.path().join("agent.toml"))
+            .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
             .spawn()
