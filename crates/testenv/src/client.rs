@@ -238,6 +238,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let callback = format!("callback_{jobnum}");
     let timeout = timeout_duration(&args.timeout);
+    let resume_key = crate::resume::new_key()?;
     let request = LockRequest {
         callback_name: callback.clone(),
         timeout: args.timeout.clone(),
@@ -254,6 +255,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         extra_nodes: args.extra_nodes.clone(),
         job_identifier: LockRequest::job_identifier_from_env(),
         tenant: args.tenant.clone(),
+        resume_key: resume_key.secret_hex(),
     };
     let target = LockTarget {
         function: match &args.label {
