@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use gearman_client::{
-    Backoff, Client, ClientOptions, ForegroundJob, JobRequest, Liveness, Priority, ServerAddr,
-    Worker, WorkerOptions,
+    Backoff, Client, ClientOptions, ForegroundJob, JobEvent, JobRequest, Liveness, Priority,
+    ServerAddr, Worker, WorkerOptions,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -111,6 +111,12 @@ pub struct ClientArgs {
     /// Seconds a probed broker has to answer before its connection counts as dead.
     #[arg(long, default_value = "10", value_parser = parse_probe_seconds, hide = true)]
     pub probe_timeout: Duration,
+    /// Seconds to keep COMMAND running after the broker carrying the lease is lost, while the
+    /// lease is resumed through any broker; when the worker has not taken it back by then,
+    /// COMMAND is killed and the client exits 3. 0 turns resume off. Keep it below the
+    /// workers' --resume-grace minus the kill grace and the time to notice a dead broker.
+    #[arg(long, default_value = "60", value_parser = parse_resume_grace)]
+    pub resume_grace: Duration,
     #[command(flatten)]
     pub tls: crate::TlsArgs,
     /// Ask only for a TE with this label (testenv-agent registers `lockenv:LABEL` for it).
@@ -142,6 +148,10 @@ fn parse_seconds(text: &str, min: f64, max: f64) -> Result<Duration, String> {
 
 fn parse_kill_grace(text: &str) -> Result<Duration, String> {
     parse_seconds(text, 0.0, 3600.0)
+}
+
+fn parse_resume_grace(text: &str) -> Result<Duration, String> {
+    parse_seconds(text, 0.0, testenv_proto::MAX_TIMEOUT_SECS as f64)
 }
 
 fn parse_probe_seconds(text: &str) -> Result<Duration, String> {
@@ -239,6 +249,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     let callback = format!("callback_{jobnum}");
     let timeout = timeout_duration(&args.timeout);
     let resume_key = crate::resume::new_key()?;
+    let resumable = !args.resume_grace.is_zero();
     let request = LockRequest {
         callback_name: callback.clone(),
         timeout: args.timeout.clone(),
@@ -255,7 +266,11 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         extra_nodes: args.extra_nodes.clone(),
         job_identifier: LockRequest::job_identifier_from_env(),
         tenant: args.tenant.clone(),
-        resume_key: resume_key.secret_hex(),
+        resume_key: if resumable {
+            resume_key.secret_hex()
+        } else {
+            String::new()
+        },
     };
     let target = LockTarget {
         function: match &args.label {
@@ -328,6 +343,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     let every = args.report_interval;
     let mut report = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut lockenv_retries = 0u32;
+    let mut worker_resumes = false;
     let job = loop {
         let resubmit_after = tokio::select! {
             job = worker.grab_job() => match job {
@@ -346,6 +362,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
                     tracing::warn!(event = ?e, "the lock request ended without an environment; submitting again");
                     Backoff::RECONNECT.initial * 2 * lockenv_retries
                 }
+                Ok(Some(JobEvent::Status { .. })) => { worker_resumes = true; continue }
                 Ok(_) => continue,
                 Err(e) => {
                     eprintln!("testenv-client: lost the broker holding our request ({e}); submitting it again");
@@ -401,68 +418,43 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     let mut guard_process = guard
         .start(datafile.path())
         .context("cannot start the command")?;
-    let mut lockenv_open = true;
-    let ending = loop {
-        tokio::select! {
-            code = guard_process.wait() => break Ending::Command(code),
-            ev = lockenv.next_event(), if lockenv_open => match ev {
-                Ok(Some(e)) if e.is_final() => {
-                    eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
-                    guard_process.signal(libc::SIGTERM);
-                    let _ = guard_process.wait().await;
-                    break Ending::LeaseLost;
-                }
-                Ok(_) => {}
-                Err(e) if job.server() == lockenv.server() => {
-                    // The callback job lived on that broker too: the worker has lost sight of
-                    // it (it waits its holder grace, then offers the TE again) and we can no
-                    // longer answer it. Running on would share the TE with its next holder.
-                    eprintln!(
-                        "testenv-client: lost the broker holding the lock ({e}); the testenv \
-                         worker will release the environment; killing the command"
-                    );
-                    guard_process.signal(libc::SIGTERM);
-                    let _ = guard_process.wait().await;
-                    break Ending::LeaseLost;
-                }
-                Err(e) => {
-                    // The broker holding lockenv is gone, but the callback job lives on
-                    // another one: the worker still holds the TE for us until it ends.
-                    tracing::warn!(error = %e, "lost the broker holding the lock request");
-                    lockenv_open = false;
-                }
-            },
-            _ = tokio::time::sleep_until(stops.deadline) => {
-                eprintln!("testenv-client: --timeout of {:.0}s reached; killing the command", timeout.as_secs_f64());
-                guard_process.signal(libc::SIGTERM);
-                let _ = guard_process.wait().await;
-                break Ending::TimedOut;
-            }
-            _ = stops.sigint.recv() => {
-                guard_process.signal(libc::SIGINT);
-                let _ = guard_process.wait().await;
-                break Ending::Signalled(libc::SIGINT);
-            }
-            _ = stops.sigterm.recv() => {
-                guard_process.signal(libc::SIGTERM);
-                let _ = guard_process.wait().await;
-                break Ending::Signalled(libc::SIGTERM);
-            }
-        }
+    let carriers = Carriers {
+        c1: Some(lockenv),
+        c2: Some(job),
+        c1_offer: None,
+        release_offer: None,
     };
+    let resume = ResumeSetup {
+        key: &resume_key,
+        grace: args.resume_grace,
+        worker_resumes,
+        clients: crate::resume::per_broker_clients(&client, liveness),
+    };
+    let (ending, mut carriers) = hold(
+        &mut guard_process,
+        carriers,
+        &worker,
+        &resume,
+        &mut stops,
+        timeout,
+    )
+    .await;
     drop(datafile);
 
     // Hand the environment back, saying how COMMAND ended (testenv-agent counts failed jobs
-    // and holds their TEs; other workers ignore the data).
+    // and holds their TEs; other workers ignore the data). After a lost lease this also tells
+    // a resuming worker that COMMAND is dead.
     let how = match ending {
         Ending::Command(code) => format!("{COMMAND_EXIT_PREFIX}{code}"),
         _ => String::new(),
     };
-    if let Err(e) = job.complete(how).await {
-        tracing::warn!(error = %e, "could not complete the callback job; the worker will free the TE when it notices");
+    if let Some(job) = carriers.c2.take() {
+        if let Err(e) = job.complete(how).await {
+            tracing::warn!(error = %e, "could not complete the callback job; the worker will free the TE when it notices");
+        }
     }
     worker.stop();
-    if lockenv_open && !matches!(ending, Ending::LeaseLost) {
+    if let (Some(lockenv), false) = (&mut carriers.c1, matches!(ending, Ending::LeaseLost)) {
         // The worker completes lockenv once it has released the TE; do not wait forever, nor
         // past a signal.
         let released = async {
@@ -484,6 +476,211 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         Ending::TimedOut => EXIT_TIMEOUT,
         Ending::Signalled(sig) => 128 + sig,
     })
+}
+
+/// The client's ends of a lease: C1 (the lock job it submitted, or the resume that replaced
+/// it) and C2 (the callback job it took), and the resumes it is offering.
+struct Carriers {
+    c1: Option<ForegroundJob>,
+    c2: Option<gearman_client::Job>,
+    /// A C1 resume offered on every broker's `lease_<id>` after C1 was lost.
+    c1_offer: Option<crate::resume::Offer>,
+    /// COMMAND's end offered on `lease_<id>`, when there was no C2 to report it on.
+    release_offer: Option<crate::resume::Offer>,
+}
+
+struct ResumeSetup<'k> {
+    key: &'k testenv_proto::resume::LeaseKey,
+    /// Zero: this client does not resume (it sent no key).
+    grace: Duration,
+    /// The worker said it resumes leases (WORK_STATUS on lockenv); an original one never does.
+    worker_resumes: bool,
+    clients: Vec<Client>,
+}
+
+async fn c1_event(c1: &mut Option<ForegroundJob>) -> gearman_client::Result<Option<JobEvent>> {
+    match c1 {
+        Some(job) => job.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn offer_taken(offer: &mut Option<crate::resume::Offer>) -> crate::resume::OfferEvent {
+    match offer {
+        Some(o) => o.next_taken().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn kill_command(guard: &mut guard::RunningGuard, sig: libc::c_int) {
+    guard.signal(sig);
+    let _ = guard.wait().await;
+}
+
+/// Holds the TE while COMMAND runs; resumes the lease when a broker carrying it is lost.
+async fn hold(
+    guard_process: &mut guard::RunningGuard,
+    mut carriers: Carriers,
+    worker: &Worker,
+    resume: &ResumeSetup<'_>,
+    stops: &mut Stops,
+    timeout: Duration,
+) -> (Ending, Carriers) {
+    use crate::resume::{Offer, OfferEvent};
+    use testenv_proto::resume::{LeaseMessage, LeaseOp};
+    let lease_fn = resume.key.lease_id().function();
+    let resumable = !resume.grace.is_zero();
+    let mut c1_lost_until: Option<tokio::time::Instant> = None;
+    let mut command_code: Option<i32> = None;
+    let mut report_until: Option<tokio::time::Instant> = None;
+    let mut worker_resumes = resume.worker_resumes;
+    let ending = loop {
+        tokio::select! {
+            code = guard_process.wait(), if command_code.is_none() => {
+                let on_c2 = carriers.c2.as_ref().is_some_and(|j| j.is_connected());
+                if on_c2 || !resumable || !worker_resumes {
+                    break Ending::Command(code);
+                }
+                // The callback job is gone with its broker: tell the worker on lease_<id>,
+                // or on the new callback job it sends.
+                tracing::warn!(code, "the command ended while the callback job was lost; reporting its end on every broker");
+                command_code = Some(code);
+                let mut released = LeaseMessage::new(LeaseOp::Released, resume.key);
+                released.exit = Some(code);
+                carriers.release_offer = Some(Offer::new(lease_fn.clone(), released.to_json(), resume.clients.clone()));
+                report_until = tokio::time::Instant::now().checked_add(resume.grace);
+            }
+            taken = offer_taken(&mut carriers.release_offer) => {
+                let OfferEvent::Taken(_, _) = taken;
+                carriers.release_offer = None;
+                tracing::info!("the testenv worker took the command's end");
+                break Ending::Command(command_code.unwrap_or(0));
+            }
+            _ = sleep_until_opt(report_until), if report_until.is_some() => {
+                eprintln!("testenv-client: could not report the command's end to the testenv worker within --resume-grace; it frees the environment after its own grace");
+                break Ending::Command(command_code.unwrap_or(0));
+            }
+            ev = c1_event(&mut carriers.c1) => match ev {
+                Ok(Some(JobEvent::Status { .. })) => worker_resumes = true,
+                Ok(Some(e)) if e.is_final() => {
+                    eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
+                    kill_command(guard_process, libc::SIGTERM).await;
+                    break Ending::LeaseLost;
+                }
+                Ok(_) => {}
+                Err(e) if resumable && worker_resumes => {
+                    eprintln!(
+                        "testenv-client: lost the broker carrying the lock ({e}); the command keeps \
+                         running; resuming the lease on every broker for up to {:.0}s",
+                        resume.grace.as_secs_f64()
+                    );
+                    carriers.c1 = None;
+                    let msg = LeaseMessage::new(LeaseOp::Resume, resume.key);
+                    carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients.clone()));
+                    c1_lost_until = tokio::time::Instant::now().checked_add(resume.grace);
+                }
+                Err(e) => {
+                    let c2_here = carriers
+                        .c2
+                        .as_ref()
+                        .is_none_or(|j| Some(j.server()) == carriers.c1.as_ref().map(|c| c.server()));
+                    if resumable {
+                        eprintln!("testenv-client: the testenv worker does not resume leases (an original testenv-worker?); a lost broker ends the lease as before");
+                    }
+                    if c2_here {
+                        // The callback job lived on that broker too: the worker has lost sight
+                        // of it (it waits its holder grace, then offers the TE again) and we can
+                        // no longer answer it. Running on would share the TE with its next holder.
+                        eprintln!(
+                            "testenv-client: lost the broker holding the lock ({e}); the testenv \
+                             worker will release the environment; killing the command"
+                        );
+                        kill_command(guard_process, libc::SIGTERM).await;
+                        break Ending::LeaseLost;
+                    }
+                    // The callback job lives on another broker: the worker still holds the TE
+                    // for us until it ends.
+                    tracing::warn!(error = %e, "lost the broker holding the lock request");
+                    carriers.c1 = None;
+                }
+            },
+            taken = offer_taken(&mut carriers.c1_offer) => {
+                let OfferEvent::Taken(job, ev) = taken;
+                carriers.c1_offer = None;
+                if ev.is_final() {
+                    eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
+                    kill_command(guard_process, libc::SIGTERM).await;
+                    break Ending::LeaseLost;
+                }
+                eprintln!("testenv-client: lease resumed: the testenv worker took our new lock job on {}", job.server());
+                c1_lost_until = None;
+                carriers.c1 = Some(job);
+            }
+            _ = sleep_until_opt(c1_lost_until), if c1_lost_until.is_some() => {
+                eprintln!(
+                    "testenv-client: the testenv worker did not take our lease resume within \
+                     --resume-grace ({:.0}s); killing the command",
+                    resume.grace.as_secs_f64()
+                );
+                kill_command(guard_process, libc::SIGTERM).await;
+                break Ending::LeaseLost;
+            }
+            grabbed = worker.grab_job(), if resumable => {
+                let Some(grabbed) = grabbed else { continue };
+                match LeaseMessage::parse(grabbed.data()) {
+                    Some(Ok(m)) if m.key.matches(resume.key) && m.op == LeaseOp::Resume => {
+                        let _ = grabbed.send_status(1, 1).await;
+                        eprintln!("testenv-client: lease resumed: took the testenv worker's new callback job on {}", grabbed.server());
+                        worker_resumes = true;
+                        carriers.c2 = Some(grabbed);
+                        if let Some(code) = command_code {
+                            break Ending::Command(code);
+                        }
+                    }
+                    Some(Ok(m)) if m.key.matches(resume.key) && m.op == LeaseOp::Revoke => {
+                        eprintln!("testenv-client: the testenv worker took the environment back (revoke); killing the command");
+                        kill_command(guard_process, libc::SIGTERM).await;
+                        let _ = grabbed.complete("").await;
+                        break Ending::LeaseLost;
+                    }
+                    Some(Ok(_)) => {
+                        eprintln!("testenv-client: refused a lease message with a wrong key (forged or stale) from {}", grabbed.server());
+                        let _ = grabbed.fail().await;
+                    }
+                    Some(Err(e)) => {
+                        eprintln!("testenv-client: refused a malformed lease message from {}: {e}", grabbed.server());
+                        let _ = grabbed.fail().await;
+                    }
+                    None => {
+                        // TE data for a lock request we no longer wait for.
+                        tracing::warn!(server = grabbed.server(), "refused a second environment while holding one");
+                        let _ = grabbed.fail().await;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(stops.deadline) => {
+                eprintln!("testenv-client: --timeout of {:.0}s reached; killing the command", timeout.as_secs_f64());
+                kill_command(guard_process, libc::SIGTERM).await;
+                break Ending::TimedOut;
+            }
+            _ = stops.sigint.recv() => {
+                kill_command(guard_process, libc::SIGINT).await;
+                break Ending::Signalled(libc::SIGINT);
+            }
+            _ = stops.sigterm.recv() => {
+                kill_command(guard_process, libc::SIGTERM).await;
+                break Ending::Signalled(libc::SIGTERM);
+            }
+        }
+    };
+    (ending, carriers)
 }
 
 /// Submits the lock request, trying every broker in turn with backoff until one takes it.

@@ -14,6 +14,7 @@ use crate::journal::{Journal, LeaseRecord};
 use crate::tedata;
 
 mod environment;
+mod resumable;
 
 pub use environment::run_destroy;
 use environment::{client_alive, read_datafile, run_create, Environment};
@@ -69,6 +70,17 @@ pub enum Outcome {
         has: usize,
         needs: usize,
     },
+    /// A resumable lease lost its callback job and the holder did not take a resume within
+    /// the worker's resume grace (`extra`): the holder may still run for its own resume grace.
+    ResumeExpired {
+        extra: Duration,
+    },
+    /// A resumable lease ended early (`ended`) and the holder did not confirm that COMMAND is
+    /// dead: it may run on for its own resume grace, which `extra` covers.
+    Unconfirmed {
+        ended: Box<Outcome>,
+        extra: Duration,
+    },
 }
 
 impl Outcome {
@@ -92,6 +104,10 @@ impl Outcome {
             // The callback job failed: the client's connection is gone, so the client is dead
             // and its guard SIGKILLs COMMAND's whole tree at once.
             Outcome::Failed => settings.dead_holder_grace,
+            Outcome::ResumeExpired { extra } => settings.holder_grace.saturating_add(*extra),
+            Outcome::Unconfirmed { ended, extra } => {
+                ended.holder_grace(settings).saturating_add(*extra)
+            }
             // The client is alive and learns from lockenv that the TE was taken back; it gives
             // COMMAND its kill grace.
             _ => settings.holder_grace,
@@ -99,7 +115,10 @@ impl Outcome {
     }
 
     pub fn stops_worker(&self) -> bool {
-        *self == Outcome::Stopping
+        match self {
+            Outcome::Unconfirmed { ended, .. } => ended.stops_worker(),
+            o => *o == Outcome::Stopping,
+        }
     }
 
     /// Whether a TE was leased at all (for --once: a refused request does not count).
@@ -287,15 +306,26 @@ pub fn nodes_needed(req: &ValidLockRequest) -> usize {
         .saturating_add(n(req.extra_nodes, 0))
 }
 
-/// One lease, from lockenv grabbed to lockenv completed.
+/// One lease, from lockenv grabbed to lockenv completed, resumable for the default
+/// [`crate::resume::WORKER_RESUME_GRACE`] when the client asks for it.
 pub async fn lease<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Job) -> LeaseEnd {
+    lease_with(ctx, lockenv, crate::resume::WORKER_RESUME_GRACE).await
+}
+
+/// [`lease`] with the worker's `--resume-grace`: how long the TE stays locked for a holder
+/// whose callback job was lost (zero: leases never resume).
+pub async fn lease_with<I: Interrupts>(
+    ctx: &mut LeaseContext<'_, I>,
+    lockenv: Job,
+    resume_grace: Duration,
+) -> LeaseEnd {
     let started = Instant::now();
     let job_identifier = LockRequest::parse(lockenv.data())
         .map(|r| r.job_identifier)
         .unwrap_or_default();
     ctx.exit_status = None;
     ctx.leasing = true;
-    let outcome = lease_outcome(ctx, lockenv).await;
+    let outcome = lease_outcome(ctx, lockenv, resume_grace).await;
     ctx.leasing = false;
     if std::mem::take(&mut ctx.pause_after_lease) {
         ctx.worker.pause();
@@ -308,7 +338,11 @@ pub async fn lease<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Job) -
     }
 }
 
-async fn lease_outcome<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Job) -> Outcome {
+async fn lease_outcome<I: Interrupts>(
+    ctx: &mut LeaseContext<'_, I>,
+    lockenv: Job,
+    resume_grace: Duration,
+) -> Outcome {
     let started = Instant::now();
     let tenum = ctx.tenum;
     let request = match LockRequest::parse_valid(lockenv.data()) {
@@ -319,7 +353,14 @@ async fn lease_outcome<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Jo
         .timeout_or(ctx.settings.timeout)
         .saturating_sub(HOLD_MARGIN)
         .max(Duration::from_secs(1));
+    let resume_key = request
+        .resume_key
+        .as_ref()
+        .filter(|_| !resume_grace.is_zero());
     let mut record = LeaseRecord::new(tenum, &request.callback_name, &request.job_identifier);
+    if let Some(key) = resume_key {
+        record = record.resumable(key, resume_grace);
+    }
     if !ctx.heartbeat(&mut record) {
         // Failing it (rather than serving without a journal) lets the broker or the client
         // give the request to another TE; this one waits for its journal in `run`.
@@ -364,23 +405,47 @@ async fn lease_outcome<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Jo
         }
     }
     let alive = if no_env { None } else { Some(&request) };
-    let mut outcome = hand_over(
-        ctx,
-        &request.callback_name,
-        env.into_callback_data(),
-        hold_for,
-        alive,
-        Some(&mut record),
-    )
-    .await;
+    let mut outcome = match resume_key.filter(|_| !no_env) {
+        Some(key) => {
+            let resumable = resumable::Resumable {
+                request: &request,
+                key,
+                grace: resume_grace,
+                data: env.into_callback_data(),
+                hold_for,
+                alive: true,
+            };
+            // Answers lockenv, and any lock job that replaced it, itself.
+            resumable::hand_over(ctx, lockenv, resumable, &mut record).await
+        }
+        None => {
+            if request.resume_key.is_none() && !no_env {
+                tracing::info!(
+                    tenum,
+                    holder = request.callback_name,
+                    "the holder does not resume leases (an original testenv-client?): losing \
+                     its broker ends this lease as before"
+                );
+            }
+            let outcome = hand_over(
+                ctx,
+                &request.callback_name,
+                env.into_callback_data(),
+                hold_for,
+                alive,
+                Some(&mut record),
+            )
+            .await;
+            // Tell the client first: if its command still runs, it is killed now, before the
+            // TE is destroyed or offered to anyone else.
+            if let Err(e) = lockenv.complete("").await {
+                tracing::warn!(tenum, error = %e, "could not complete lockenv");
+            }
+            outcome
+        }
+    };
     if no_env && outcome == Outcome::Completed {
         outcome = Outcome::NoEnvironment;
-    }
-
-    // Tell the client first: if its command still runs, it is killed now, before the TE is
-    // destroyed or offered to anyone else.
-    if let Err(e) = lockenv.complete("").await {
-        tracing::warn!(tenum, error = %e, "could not complete lockenv");
     }
     if let Source::Scripts { destroy, .. } = ctx.source {
         // Also after a failed create: it may have left half an environment behind.

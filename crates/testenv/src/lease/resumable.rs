@@ -1,0 +1,372 @@
+//! The lease side of lease resume (docs/design/lease-resume.md): a lease whose client sent a
+//! `resume_key` survives the loss of the broker carrying either of its two jobs.
+//!
+//! - C2 (the callback job) lost, or failed → the TE stays locked for the holder; a C2 resume is
+//!   offered on every broker until the holder takes it (WORK_STATUS) or `--resume-grace` runs
+//!   out.
+//! - C1 (`lockenv`) lost → the holder sends a C1 resume to `lease_<id>`, registered on every
+//!   broker for the whole lease; one with the right key becomes the new C1.
+//! - An early end (timeout, client-alive check, stop) completes C1 and revokes through C2; the
+//!   holder confirms COMMAND is dead by completing C2. Without that confirmation the TE is kept
+//!   for the holder's own resume grace on top of the holder grace.
+
+use std::time::Duration;
+
+use gearman_client::{Job, JobEvent, Liveness, Worker, WorkerOptions};
+use testenv_proto::resume::{LeaseKey, LeaseMessage, LeaseOp};
+use testenv_proto::ValidLockRequest;
+
+use super::{client_alive, sleep_until, Interrupts, LeaseContext, Outcome};
+use crate::journal::LeaseRecord;
+use crate::resume::{per_broker_clients, Offer, OfferEvent};
+
+/// What [`hand_over`] needs besides the context.
+pub(super) struct Resumable<'r> {
+    pub request: &'r ValidLockRequest,
+    pub key: &'r LeaseKey,
+    pub grace: Duration,
+    pub data: String,
+    pub hold_for: Duration,
+    pub alive: bool,
+}
+
+/// The carriers of the lease on the worker's side.
+struct Carriers {
+    c1: Option<Job>,
+    /// Earlier C1s replaced by a resume; answered when the lease ends.
+    retired: Vec<Job>,
+    c2: Option<gearman_client::ForegroundJob>,
+    /// The C2 resume (or revoke) being offered on every broker.
+    offer: Option<Offer>,
+}
+
+async fn c1_lost(c1: &Option<Job>) {
+    match c1 {
+        Some(job) => job.connection_lost().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn c2_event(
+    c2: &mut Option<gearman_client::ForegroundJob>,
+) -> gearman_client::Result<Option<JobEvent>> {
+    match c2 {
+        Some(job) => job.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn offer_taken(offer: &mut Option<Offer>) -> OfferEvent {
+    match offer {
+        Some(o) => o.next_taken().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Carriers {
+    /// Completes every C1 still held: the holder reads it as "the TE is taken back".
+    async fn complete_c1(&mut self, tenum: &str) {
+        for job in self.c1.take().into_iter().chain(self.retired.drain(..)) {
+            if job.is_connected() {
+                if let Err(e) = job.complete("").await {
+                    tracing::debug!(tenum, error = %e, "could not complete a lock job");
+                }
+            }
+        }
+    }
+}
+
+/// A taken lease message: what it means for the lease.
+enum Taken {
+    NewC1,
+    Released(Option<i32>),
+    Refused,
+}
+
+/// Hands the TE over and carries the lease until it ends; answers `lockenv` (and any C1 that
+/// replaced it) itself.
+pub(super) async fn hand_over<I: Interrupts>(
+    ctx: &mut LeaseContext<'_, I>,
+    lockenv: Job,
+    r: Resumable<'_>,
+    record: &mut LeaseRecord,
+) -> Outcome {
+    let tenum = ctx.tenum;
+    let callback = r.request.callback_name.clone();
+    let lease_id = r.key.lease_id();
+    let lease_worker = Worker::with_options(
+        ctx.client.servers().to_vec(),
+        WorkerOptions {
+            client_id: Some(format!("testenv-worker-{tenum}-lease")),
+            ..WorkerOptions::default()
+        },
+    );
+    lease_worker.register(lease_id.function());
+    // Tells the holder this worker resumes leases (an original worker never sends it).
+    let _ = lockenv.send_status(0, 1).await;
+    tracing::info!(tenum, lease = %lease_id, holder = callback, "the lease is resumable");
+
+    let mut carriers = Carriers {
+        c1: Some(lockenv),
+        retired: Vec::new(),
+        c2: None,
+        offer: None,
+    };
+    let outcome = carry(ctx, &r, &lease_worker, &mut carriers, record).await;
+    carriers.complete_c1(tenum).await;
+    lease_worker.stop();
+    outcome
+}
+
+async fn carry<I: Interrupts>(
+    ctx: &mut LeaseContext<'_, I>,
+    r: &Resumable<'_>,
+    lease_worker: &Worker,
+    carriers: &mut Carriers,
+    record: &mut LeaseRecord,
+) -> Outcome {
+    let tenum = ctx.tenum;
+    let settings = ctx.settings;
+    let callback = r.request.callback_name.as_str();
+    let mut resume_msg = LeaseMessage::new(LeaseOp::Resume, r.key);
+    resume_msg.te = tenum.to_string();
+    let clients = per_broker_clients(ctx.client, Liveness::default());
+
+    match ctx
+        .client
+        .submit(gearman_client::JobRequest::new(
+            callback.to_string(),
+            r.data.clone(),
+        ))
+        .await
+    {
+        Ok(job) => carriers.c2 = Some(job),
+        Err(e) => return Outcome::LostBroker(e.to_string()),
+    }
+    let now = tokio::time::Instant::now();
+    let start_check = now.checked_add(settings.callback_start_timeout);
+    let hold_until = now.checked_add(r.hold_for);
+    let mut checked_start = false;
+    let mut resume_until: Option<tokio::time::Instant> = None;
+    let alive_cmd = settings.client_alive_cmd.as_deref().filter(|_| r.alive);
+    let alive_period = settings.alive_interval.max(Duration::from_millis(100));
+    let mut alive_ticks = tokio::time::interval_at(now + alive_period, alive_period);
+    alive_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>> = None;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+
+    let early_end = loop {
+        tokio::select! {
+            ev = c2_event(&mut carriers.c2) => match ev {
+                Ok(Some(JobEvent::Complete(data))) => {
+                    ctx.exit_status = exit_status(&data);
+                    return Outcome::Completed;
+                }
+                Ok(Some(e)) if e.is_final() => {
+                    lost_c2(tenum, callback, r, &format!("{e:?}"));
+                    carriers.c2 = None;
+                    carriers.offer = Some(Offer::new(callback.to_string(), resume_msg.to_json(), clients.clone()));
+                    resume_until = tokio::time::Instant::now().checked_add(r.grace);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    lost_c2(tenum, callback, r, &e.to_string());
+                    carriers.c2 = None;
+                    carriers.offer = Some(Offer::new(callback.to_string(), resume_msg.to_json(), clients.clone()));
+                    resume_until = tokio::time::Instant::now().checked_add(r.grace);
+                }
+            },
+            taken = offer_taken(&mut carriers.offer) => {
+                let OfferEvent::Taken(job, ev) = taken;
+                carriers.offer = None;
+                resume_until = None;
+                if let JobEvent::Complete(data) = ev {
+                    ctx.exit_status = exit_status(&data);
+                    return Outcome::Completed;
+                }
+                tracing::info!(tenum, holder = callback, server = job.server(), "lease resumed: the holder took the new callback job");
+                carriers.c2 = Some(job);
+            }
+            _ = sleep_until(resume_until), if resume_until.is_some() => {
+                tracing::warn!(
+                    tenum,
+                    holder = callback,
+                    seconds = r.grace.as_secs_f64(),
+                    "the holder did not take a lease resume within --resume-grace; ending the lease"
+                );
+                return Outcome::ResumeExpired { extra: r.grace };
+            }
+            _ = c1_lost(&carriers.c1) => {
+                tracing::warn!(tenum, holder = callback, "lost the broker carrying the lock job; the holder resumes it on lease_<id>");
+                if let Some(old) = carriers.c1.take() {
+                    carriers.retired.push(old);
+                }
+            }
+            job = lease_worker.grab_job() => {
+                let Some(job) = job else { continue };
+                match take_lease_message(tenum, r.key, &job) {
+                    Taken::NewC1 => {
+                        let _ = job.send_status(1, 1).await;
+                        tracing::info!(tenum, holder = callback, server = job.server(), "lease resumed: took the holder's new lock job");
+                        if let Some(old) = carriers.c1.replace(job) {
+                            carriers.retired.push(old);
+                        }
+                    }
+                    Taken::Released(code) => {
+                        tracing::info!(tenum, holder = callback, exit = ?code, "the holder reported its command's end on lease_<id>");
+                        ctx.exit_status = code;
+                        let _ = job.complete("").await;
+                        return Outcome::Completed;
+                    }
+                    Taken::Refused => {
+                        let _ = job.fail().await;
+                    }
+                }
+            }
+            _ = sleep_until(start_check), if !checked_start => {
+                checked_start = true;
+                if let Some(c2) = &carriers.c2 {
+                    match ctx.client.get_status(c2.handle()).await {
+                        Ok(s) if s.known && s.running => {}
+                        Ok(_) => return Outcome::NeverStarted,
+                        // The broker is gone: C2 reports it and the resume takes over.
+                        Err(_) => {}
+                    }
+                }
+            }
+            _ = sleep_until(hold_until) => break Outcome::TimedOut,
+            _ = alive_ticks.tick(), if alive_cmd.is_some() && check.is_none() => {
+                if let Some(cmd) = alive_cmd {
+                    check = Some(Box::pin(client_alive(
+                        cmd.to_string(),
+                        tenum.to_string(),
+                        r.request.clone(),
+                        settings.alive_timeout,
+                    )));
+                }
+            }
+            passed = async { check.as_mut().expect("guarded by is_some").await }, if check.is_some() => {
+                check = None;
+                if !passed {
+                    break Outcome::ClientGone;
+                }
+            }
+            _ = heartbeat.tick() => {
+                ctx.heartbeat(record);
+            }
+            stop = ctx.pause_resume_or_stop() => if stop { break Outcome::Stopping },
+        }
+    };
+    end_early(ctx, r, carriers, clients, early_end).await
+}
+
+fn lost_c2(tenum: &str, callback: &str, r: &Resumable<'_>, why: &str) {
+    tracing::warn!(
+        tenum,
+        holder = callback,
+        why,
+        seconds = r.grace.as_secs_f64(),
+        "lost the holder's callback job; keeping the TE locked and offering a lease resume on \
+         every broker"
+    );
+}
+
+/// Takes the TE back before the holder is done: C1 completed and a revoke offered through
+/// C2, then waits (at most the holder grace) for the holder to confirm COMMAND is dead.
+async fn end_early<I: Interrupts>(
+    ctx: &mut LeaseContext<'_, I>,
+    r: &Resumable<'_>,
+    carriers: &mut Carriers,
+    clients: Vec<gearman_client::Client>,
+    ended: Outcome,
+) -> Outcome {
+    let tenum = ctx.tenum;
+    tracing::info!(tenum, outcome = ?ended, "ending the lease early: taking the TE back through every carrier");
+    carriers.complete_c1(tenum).await;
+    carriers.offer = Some(Offer::new(
+        r.request.callback_name.clone(),
+        LeaseMessage::new(LeaseOp::Revoke, r.key).to_json(),
+        clients,
+    ));
+    let confirmed = tokio::time::timeout(ctx.settings.holder_grace, async {
+        loop {
+            tokio::select! {
+                ev = c2_event(&mut carriers.c2) => match ev {
+                    Ok(Some(JobEvent::Complete(_))) => return true,
+                    Ok(Some(e)) if e.is_final() => carriers.c2 = None,
+                    Ok(_) => {}
+                    Err(_) => carriers.c2 = None,
+                },
+                taken = offer_taken(&mut carriers.offer) => {
+                    let OfferEvent::Taken(_, ev) = taken;
+                    carriers.offer = None;
+                    if matches!(ev, JobEvent::Complete(_)) {
+                        return true;
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    if confirmed {
+        tracing::info!(tenum, "the holder confirmed its command is dead");
+        ended
+    } else {
+        tracing::warn!(
+            tenum,
+            seconds = r.grace.as_secs_f64(),
+            "the holder did not confirm its command is dead; keeping the TE for its resume grace too"
+        );
+        Outcome::Unconfirmed {
+            ended: Box::new(ended),
+            extra: r.grace,
+        }
+    }
+}
+
+/// Reads a job grabbed on `lease_<id>`; logs a refused one without its key.
+fn take_lease_message(tenum: &str, key: &LeaseKey, job: &Job) -> Taken {
+    match LeaseMessage::parse(job.data()) {
+        Some(Ok(m)) if m.key.matches(key) => match m.op {
+            LeaseOp::Resume => Taken::NewC1,
+            LeaseOp::Released => Taken::Released(m.exit),
+            LeaseOp::Revoke => {
+                tracing::warn!(
+                    tenum,
+                    server = job.server(),
+                    "refused a revoke sent to the worker's lease function"
+                );
+                Taken::Refused
+            }
+        },
+        Some(Ok(_)) => {
+            tracing::warn!(
+                tenum,
+                server = job.server(),
+                function = job.function(),
+                "refused a lease message with a wrong key (forged or stale)"
+            );
+            Taken::Refused
+        }
+        Some(Err(e)) => {
+            tracing::warn!(tenum, server = job.server(), error = %e, "refused a malformed lease message");
+            Taken::Refused
+        }
+        None => {
+            tracing::warn!(
+                tenum,
+                server = job.server(),
+                "refused a job on the lease function that is not a lease message"
+            );
+            Taken::Refused
+        }
+    }
+}
+
+fn exit_status(data: &[u8]) -> Option<i32> {
+    std::str::from_utf8(data)
+        .ok()
+        .and_then(|t| t.strip_prefix(crate::client::COMMAND_EXIT_PREFIX))
+        .and_then(|n| n.trim().parse().ok())
+}
