@@ -17,6 +17,11 @@ pub const LEASE_PREFIX: &str = "lease_";
 /// The top-level key of every lease message; TE data never has it.
 const ENVELOPE: &str = "testenv_lease";
 
+/// The WORK_EXCEPTION data tebroker ends a callback job with when the holder's connection
+/// failed (timed out, cut) instead of closing: the holder may still be alive. A plain
+/// WORK_FAIL from tebroker means the connection closed (the holder's process is gone).
+pub const HOLDER_CONNECTION_LOST: &str = "testenv: holder connection lost";
+
 /// The number of random bytes in a key (128 bits).
 pub const KEY_BYTES: usize = 16;
 

@@ -162,6 +162,11 @@ async fn carry<I: Interrupts>(
                     ctx.exit_status = exit_status(&data);
                     return Outcome::Completed;
                 }
+                Ok(Some(JobEvent::Fail)) if from_tebroker(ctx.client.servers(), carriers.c2.as_ref()).await => {
+                    // tebroker fails a callback job only when its connection closed: the
+                    // holder's process is gone and its guard has killed COMMAND.
+                    return Outcome::Failed;
+                }
                 Ok(Some(e)) if e.is_final() => {
                     lost_c2(tenum, callback, r, &format!("{e:?}"));
                     carriers.c2 = None;
@@ -258,6 +263,25 @@ async fn carry<I: Interrupts>(
         }
     };
     end_early(ctx, r, carriers, clients, early_end).await
+}
+
+/// Whether the broker carrying `job` is a tebroker, which tells a closed holder connection
+/// (WORK_FAIL) from a failed one (WORK_EXCEPTION); other brokers fail both alike.
+async fn from_tebroker(
+    servers: &[gearman_client::ServerAddr],
+    job: Option<&gearman_client::ForegroundJob>,
+) -> bool {
+    let Some(server) = job.and_then(|j| servers.iter().find(|s| s.to_string() == j.server()))
+    else {
+        return false;
+    };
+    match gearman_client::admin::query(server, "version", Duration::from_secs(2)).await {
+        Ok(lines) => lines.first().is_some_and(|v| {
+            let v = v.trim_start_matches("OK ");
+            v.starts_with(testenv_proto::agent::TEBROKER_VERSION_PREFIX)
+        }),
+        Err(_) => false,
+    }
 }
 
 fn lost_c2(tenum: &str, callback: &str, r: &Resumable<'_>, why: &str) {
