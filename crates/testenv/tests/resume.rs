@@ -1,0 +1,379 @@
+//! Lease resume end to end (docs/design/lease-resume.md): the real testenv-client and
+//! testenv-worker binaries, real tebroker processes killed with SIGKILL and restarted, real
+//! COMMANDs. Timers are turned down with flags; every wait has a deadline and none concludes
+//! from a fixed sleep.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// A COMMAND that records its pid and start time, waits for `NAME.go` to appear, records its
+/// end time and exits `code`.
+fn held_until_go(s: &Scene, name: &str, code: i32) -> String {
+    format!(
+        "echo $$ > {pid}; date +%s.%N > {start}; while [ ! -e {go} ]; do sleep 0.05; done; \
+         date +%s.%N > {end}; exit {code}",
+        pid = s.p(&format!("{name}.pid")),
+        start = s.p(&format!("{name}.start")),
+        go = s.p(&format!("{name}.go")),
+        end = s.p(&format!("{name}.end")),
+    )
+}
+
+fn time_in(s: &Scene, name: &str) -> f64 {
+    s.read(name)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} holds no time: {:?}", s.read(name)))
+}
+
+fn wait_log(p: &Proc, line: &str, within: Duration) {
+    wait_until(within, &format!("{} logs {line:?}", p.name), || {
+        p.output().contains(line)
+    });
+}
+
+fn count(text: &str, what: &str) -> usize {
+    text.matches(what).count()
+}
+
+const CLIENT_C1_RESUMED: &str = "lease resumed: the testenv worker took our new lock job";
+const CLIENT_C2_RESUMED: &str = "lease resumed: took the testenv worker's new callback job";
+const WORKER_C2_RESUMED: &str = "lease resumed: the holder took the new callback job";
+
+#[test]
+fn a_broker_killed_and_restarted_mid_lease_loses_nothing() {
+    let s = Scene::new();
+    let mut b = Broker::start();
+    let port = b.addr.port();
+    let w = s.worker(
+        &b.spec(),
+        "te1",
+        &["--holder-grace", "2", "--resume-grace", "30"],
+        &[&s.datafile("1")],
+    );
+    b.wait_lockenv_workers(1);
+    let mut held = s.client(
+        &b.spec(),
+        "held",
+        &["--resume-grace", "20", "--kill-grace", "1"],
+        &held_until_go(&s, "held", 7),
+    );
+    let pid = read_pid(&s.path("held.pid"));
+
+    b.kill();
+    let b = Broker::start_on(port);
+    wait_log(&held, CLIENT_C1_RESUMED, 20 * SEC);
+    wait_log(&held, CLIENT_C2_RESUMED, 20 * SEC);
+    wait_log(&w, WORKER_C2_RESUMED, 20 * SEC);
+    assert!(alive(pid), "COMMAND died in the resume:\n{}", held.output());
+    assert!(held.running());
+
+    // A second client waits for the TE while the first still holds it.
+    let mut waiter = s.client(&b.spec(), "waiter", &[], &held_until_go(&s, "waiter", 0));
+    wait_until(TIMEOUT, "the waiter's lock request queued", || {
+        b.status()
+            .iter()
+            .any(|(f, total, running, _)| f == "lockenv" && *total >= 1 && *running == 0)
+    });
+    assert!(!s.path("waiter.start").exists(), "the TE was leased twice");
+
+    std::fs::write(s.path("held.go"), "").unwrap();
+    held.expect_code(7, TIMEOUT);
+    std::fs::write(s.path("waiter.go"), "").unwrap();
+    waiter.expect_code(0, TIMEOUT);
+    assert!(
+        time_in(&s, "waiter.start") >= time_in(&s, "held.end"),
+        "the waiter got the TE before the holder's COMMAND ended"
+    );
+    wait_until(TIMEOUT, "both leases ended", || {
+        count(&w.output(), "lease end") >= 2
+    });
+    let log = w.output();
+    assert_eq!(
+        count(&log, "lease end"),
+        2,
+        "one end per lease, the resumed one included:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("lease end")
+            && l.contains("callback_held")
+            && l.contains("Completed")),
+        "{log}"
+    );
+}
+
+#[test]
+fn when_nobody_comes_back_the_command_is_killed_and_the_te_offered_only_after() {
+    // The client reaches only broker A; the worker is on A and B. A dies for good: the client
+    // cannot resume, kills COMMAND after its grace and exits 3; the worker keeps the TE for its
+    // own, longer, grace (plus the holder grace) before offering it on B.
+    let s = Scene::new();
+    let mut a = Broker::start();
+    let b = Broker::start();
+    let both = format!("{},{}", a.spec(), b.spec());
+    let w = s.worker(
+        &both,
+        "te1",
+        &["--holder-grace", "1", "--resume-grace", "6"],
+        &[&s.datafile("1")],
+    );
+    a.wait_lockenv_workers(1);
+    b.wait_lockenv_workers(1);
+    let mut held = s.client(
+        &a.spec(),
+        "held",
+        &["--resume-grace", "2", "--kill-grace", "1"],
+        &format!(
+            "trap 'date +%s.%N > {end}; exit 1' TERM; {cmd}",
+            end = s.p("held.killed"),
+            cmd = held_until_go(&s, "held", 0)
+        ),
+    );
+    let pid = read_pid(&s.path("held.pid"));
+    a.kill();
+    let mut next = s.client(&b.spec(), "next", &[], &held_until_go(&s, "next", 0));
+    held.expect_code(3, 30 * SEC);
+    assert!(!alive(pid), "COMMAND outlived its client");
+    let out = held.output();
+    assert!(
+        out.contains("did not take our lease resume within --resume-grace"),
+        "{out}"
+    );
+    std::fs::write(s.path("next.go"), "").unwrap();
+    next.expect_code(0, 30 * SEC);
+    assert!(
+        time_in(&s, "next.start") > time_in(&s, "held.killed"),
+        "the TE was offered while the holder's COMMAND ran"
+    );
+    let log = w.output();
+    assert!(
+        log.contains("the holder did not take a lease resume within --resume-grace"),
+        "{log}"
+    );
+    assert!(log.contains("ResumeExpired"), "{log}");
+}
+
+#[test]
+fn a_lease_fails_over_to_the_second_broker() {
+    let s = Scene::new();
+    let mut a = Broker::start();
+    let b = Broker::start();
+    let both = format!("{},{}", a.spec(), b.spec());
+    let w = s.worker(&both, "te1", &["--holder-grace", "2"], &[&s.datafile("1")]);
+    a.wait_lockenv_workers(1);
+    b.wait_lockenv_workers(1);
+    let mut held = s.client(&both, "held", &[], &held_until_go(&s, "held", 5));
+    let pid = read_pid(&s.path("held.pid"));
+    // Both carriers start on the first broker of the lists.
+    assert!(
+        a.status()
+            .iter()
+            .any(|(f, _, running, _)| f == "callback_held" && *running == 1),
+        "{:?}",
+        a.status()
+    );
+    a.kill();
+    wait_log(&held, CLIENT_C1_RESUMED, 20 * SEC);
+    wait_log(&held, CLIENT_C2_RESUMED, 20 * SEC);
+    assert!(alive(pid));
+    assert!(
+        b.status()
+            .iter()
+            .any(|(f, _, running, _)| f == "callback_held" && *running == 1),
+        "the new callback job is not on B: {:?}",
+        b.status()
+    );
+    std::fs::write(s.path("held.go"), "").unwrap();
+    held.expect_code(5, TIMEOUT);
+    wait_until(TIMEOUT, "the lease ended on the worker", || {
+        w.output().contains("lease end")
+    });
+    assert!(w.output().contains("Completed"), "{}", w.output());
+    let mut next = s.client(&b.spec(), "next", &[], "exit 0");
+    next.expect_code(0, TIMEOUT);
+}
+
+/// Submits `data` to `function` on `addr` and returns the job's end, from a throwaway runtime.
+fn submit(addr: std::net::SocketAddr, function: &str, data: String) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let servers = gearman_client::parse_servers(&addr.to_string()).expect("broker address");
+        let client = gearman_client::Client::new(servers);
+        let mut job = client
+            .submit(gearman_client::JobRequest::new(function, data))
+            .await
+            .expect("submit");
+        loop {
+            match tokio::time::timeout(TIMEOUT, job.next_event()).await {
+                Ok(Ok(Some(e))) if e.is_final() => return format!("{e:?}"),
+                Ok(Ok(Some(_))) => {}
+                other => return format!("{other:?}"),
+            }
+        }
+    })
+}
+
+#[test]
+fn a_forged_resume_or_revoke_is_refused_and_changes_nothing() {
+    let s = Scene::new();
+    let b = Broker::start();
+    let w = s.worker(
+        &b.spec(),
+        "te1",
+        &["--holder-grace", "1"],
+        &[&s.datafile("1")],
+    );
+    b.wait_lockenv_workers(1);
+    let mut held = s.client(&b.spec(), "held", &[], &held_until_go(&s, "held", 0));
+    let pid = read_pid(&s.path("held.pid"));
+    // The lease function is public (it shows in the broker's status); its key is not.
+    let lease_fn = {
+        let mut found = None;
+        wait_until(TIMEOUT, "lease_<id> registered", || {
+            found = b
+                .status()
+                .into_iter()
+                .map(|(f, ..)| f)
+                .find(|f| f.starts_with("lease_"));
+            found.is_some()
+        });
+        found.unwrap()
+    };
+    let forged = testenv_proto::resume::LeaseKey::from_bytes([0x5a; 16]);
+    for op in [
+        testenv_proto::resume::LeaseOp::Resume,
+        testenv_proto::resume::LeaseOp::Revoke,
+    ] {
+        let msg = testenv_proto::resume::LeaseMessage::new(op, &forged).to_json();
+        assert_eq!(
+            submit(b.addr, "callback_held", msg.clone()),
+            "Fail",
+            "{op:?} to the client"
+        );
+        assert_eq!(
+            submit(b.addr, &lease_fn, msg),
+            "Fail",
+            "{op:?} to the worker"
+        );
+    }
+    let mut released =
+        testenv_proto::resume::LeaseMessage::new(testenv_proto::resume::LeaseOp::Released, &forged);
+    released.exit = Some(0);
+    assert_eq!(submit(b.addr, &lease_fn, released.to_json()), "Fail");
+    assert_eq!(
+        submit(b.addr, "callback_held", "{\"testenv_lease\": 1}".into()),
+        "Fail"
+    );
+
+    assert!(alive(pid), "a forged message killed COMMAND");
+    assert!(held.running());
+    assert!(!w.output().contains("lease end"), "{}", w.output());
+    let client_log = held.output();
+    assert_eq!(
+        count(&client_log, "refused a lease message with a wrong key"),
+        2,
+        "{client_log}"
+    );
+    assert!(
+        client_log.contains("refused a malformed lease message"),
+        "{client_log}"
+    );
+    assert!(
+        count(&w.output(), "refused a lease message with a wrong key") >= 2,
+        "{}",
+        w.output()
+    );
+    // The real key is in the worker's 0600 journal, and in no log.
+    let journal = std::fs::read_dir(s.path("state"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a lease journal");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&journal).unwrap()).unwrap();
+    let key = record["resume_key"]
+        .as_str()
+        .expect("resume_key in the journal")
+        .to_string();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&journal).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    std::fs::write(s.path("held.go"), "").unwrap();
+    held.expect_code(0, TIMEOUT);
+    wait_until(TIMEOUT, "lease end", || w.output().contains("lease end"));
+    for (who, log) in [("worker", w.output()), ("client", held.output())] {
+        assert!(!log.contains(&key), "the {who} logs the lease key:\n{log}");
+    }
+}
+
+#[test]
+fn our_client_and_an_original_worker_degrade_to_the_old_rules_with_one_line() {
+    // The original worker never says it resumes: a lost broker ends the lease as before.
+    let s = Scene::new();
+    let mut b = Broker::start();
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg("-u")
+        .arg(py_script("te_worker.py"))
+        .args(["-b", &b.spec(), "-n", "te1"])
+        .arg(s.datafile("1"));
+    let py = Proc::spawn("py worker", &mut cmd, s.path("py-worker.log"));
+    wait_until(TIMEOUT, "py worker READY", || py.output().contains("READY"));
+    let mut held = s.client(
+        &b.spec(),
+        "held",
+        &["--kill-grace", "1"],
+        &held_until_go(&s, "held", 0),
+    );
+    let pid = read_pid(&s.path("held.pid"));
+    b.kill();
+    held.expect_code(3, TIMEOUT);
+    assert!(!alive(pid));
+    let out = held.output();
+    assert_eq!(
+        count(&out, "the testenv worker does not resume leases"),
+        1,
+        "{out}"
+    );
+}
+
+#[test]
+fn an_original_client_with_our_worker_is_told_apart_in_one_line() {
+    let s = Scene::new();
+    let b = Broker::start();
+    let w = s.worker(&b.spec(), "te1", &[], &[&s.datafile("1")]);
+    b.wait_lockenv_workers(1);
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg("-u").arg(py_script("te_client.py")).args([
+        "-b",
+        &b.spec(),
+        "-n",
+        "py1",
+        "--",
+        "sh",
+        "-c",
+        "exit 4",
+    ]);
+    let mut c = Proc::spawn("py client", &mut cmd, s.path("py-client.log"));
+    c.expect_code(4, TIMEOUT);
+    wait_until(TIMEOUT, "lease end", || w.output().contains("lease end"));
+    let log = w.output();
+    assert_eq!(count(&log, "the holder does not resume leases"), 1, "{log}");
+    assert!(!log.contains("lease_"), "{log}");
+}
+
+/// Not a test: the entry point of the broker processes [`Broker::start`] runs.
+#[test]
+fn broker_child_process() {
+    broker_child_main();
+}
