@@ -423,6 +423,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         c2: Some(job),
         c1_offer: None,
         release_offer: None,
+        tell_released: false,
     };
     let resume = ResumeSetup {
         key: &resume_key,
@@ -454,6 +455,9 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         }
     }
     worker.stop();
+    if carriers.tell_released {
+        tell_released(&resume).await;
+    }
     if let (Some(lockenv), false) = (&mut carriers.c1, matches!(ending, Ending::LeaseLost)) {
         // The worker completes lockenv once it has released the TE; do not wait forever, nor
         // past a signal.
@@ -487,6 +491,10 @@ struct Carriers {
     c1_offer: Option<crate::resume::Offer>,
     /// COMMAND's end offered on `lease_<id>`, when there was no C2 to report it on.
     release_offer: Option<crate::resume::Offer>,
+    /// The lease ended without a live worker hearing that COMMAND is dead (the worker died,
+    /// or never took our resume): a restarted worker learns it from `released` on
+    /// `lease_<id>` and need not sit out its whole quarantine.
+    tell_released: bool,
 }
 
 struct ResumeSetup<'k> {
@@ -516,6 +524,29 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Leaves `released` (COMMAND is dead) on `lease_<id>` of every broker that takes it, as a
+/// background job: the worker that restarts after dying mid-lease registers that function
+/// from its journal and ends its quarantine when it finds this.
+async fn tell_released(resume: &ResumeSetup<'_>) {
+    let msg = testenv_proto::resume::LeaseMessage::new(
+        testenv_proto::resume::LeaseOp::Released,
+        resume.key,
+    );
+    let lease_fn = resume.key.lease_id().function();
+    for client in &resume.clients {
+        let req = JobRequest::new(lease_fn.clone(), msg.to_json()).unique(lease_fn.clone());
+        match tokio::time::timeout(Duration::from_secs(2), client.submit_background(req)).await {
+            Ok(Ok(_)) => {
+                tracing::info!(servers = ?client.servers().iter().map(|s| s.to_string()).collect::<Vec<_>>(), "left the command's end for a restarted testenv worker")
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot leave the command's end on this broker")
+            }
+            Err(_) => tracing::debug!("no broker answered in time to take the command's end"),
+        }
     }
 }
 
@@ -572,6 +603,8 @@ async fn hold(
                 Ok(Some(e)) if e.is_final() => {
                     eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
                     kill_command(guard_process, libc::SIGTERM).await;
+                    // WORK_FAIL: the worker's connection ended (the worker died), not its choice.
+                    carriers.tell_released = resumable && worker_resumes && !matches!(e, JobEvent::Complete(_));
                     break Ending::LeaseLost;
                 }
                 Ok(_) => {}
@@ -617,6 +650,7 @@ async fn hold(
                 if ev.is_final() {
                     eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
                     kill_command(guard_process, libc::SIGTERM).await;
+                    carriers.tell_released = true;
                     break Ending::LeaseLost;
                 }
                 eprintln!("testenv-client: lease resumed: the testenv worker took our new lock job on {}", job.server());
@@ -630,6 +664,7 @@ async fn hold(
                     resume.grace.as_secs_f64()
                 );
                 kill_command(guard_process, libc::SIGTERM).await;
+                carriers.tell_released = true;
                 break Ending::LeaseLost;
             }
             grabbed = worker.grab_job(), if resumable => {

@@ -455,6 +455,13 @@ async fn lease_outcome<I: Interrupts>(
         // The holder may still be running: keep the lease in the journal, its heartbeat set to
         // now, until the holder grace in `run` is over (a worker restarted meanwhile, or after
         // --once or a stop, then sits out the rest of it).
+        if !matches!(
+            outcome,
+            Outcome::ResumeExpired { .. } | Outcome::Unconfirmed { .. }
+        ) {
+            // The holder is known to stop within the holder grace: no resume grace on top.
+            record.resume_grace_ms = 0;
+        }
         ctx.heartbeat(&mut record);
     } else {
         ctx.clear_journal();

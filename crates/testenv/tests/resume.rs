@@ -372,6 +372,44 @@ fn an_original_client_with_our_worker_is_told_apart_in_one_line() {
     assert!(!log.contains("lease_"), "{log}");
 }
 
+#[test]
+fn a_worker_restarted_mid_lease_ends_its_quarantine_when_the_holder_reports_its_end() {
+    // The worker dies: tebroker fails lockenv, the client kills COMMAND and leaves `released`
+    // on lease_<id>; the restarted worker finds it from its journal's key instead of sitting
+    // out its resume grace (here 600 s, far beyond the test's deadline).
+    let s = Scene::new();
+    let b = Broker::start();
+    let df = s.datafile("1");
+    let args = ["--holder-grace", "1", "--resume-grace", "600"];
+    let mut w = s.worker(&b.spec(), "te1", &args, &[&df]);
+    b.wait_lockenv_workers(1);
+    let mut held = s.client(
+        &b.spec(),
+        "held",
+        &["--kill-grace", "1"],
+        &format!(
+            "trap 'date +%s.%N > {end}; exit 1' TERM; {cmd}",
+            end = s.p("held.killed"),
+            cmd = held_until_go(&s, "held", 0)
+        ),
+    );
+    let pid = read_pid(&s.path("held.pid"));
+    w.signal(libc::SIGKILL);
+    w.wait(TIMEOUT);
+    held.expect_code(3, TIMEOUT);
+    assert!(!alive(pid));
+    let w2 = s.worker(&b.spec(), "te1", &args, &[&df]);
+    let mut next = s.client(&b.spec(), "next", &[], &held_until_go(&s, "next", 0));
+    wait_log(
+        &w2,
+        "the previous holder reported its command's end",
+        TIMEOUT,
+    );
+    std::fs::write(s.path("next.go"), "").unwrap();
+    next.expect_code(0, TIMEOUT);
+    assert!(time_in(&s, "next.start") > time_in(&s, "held.killed"));
+}
+
 /// Not a test: the entry point of the broker processes [`Broker::start`] runs.
 #[test]
 fn broker_child_process() {
