@@ -39,6 +39,12 @@ pub struct WorkerOptions {
     /// How a connection notices a dead server; the link then reconnects (jobs taken on it can
     /// no longer be answered).
     pub liveness: Liveness,
+    /// A connection given up because its server stopped answering probes, while it still
+    /// holds jobs, is kept open (unread) until the worker stops, instead of closed. A server
+    /// that was only stopped or hung then never reads an end-of-file from it, which would say
+    /// "this worker's process is gone" (tebroker fails such a job with WORK_FAIL, and a
+    /// testenv-worker reads that as its holder's death). Off by default.
+    pub keep_abandoned_connections: bool,
 }
 
 impl Default for WorkerOptions {
@@ -48,6 +54,7 @@ impl Default for WorkerOptions {
             backoff: Backoff::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             liveness: Liveness::default(),
+            keep_abandoned_connections: false,
         }
     }
 }
@@ -159,6 +166,7 @@ impl Worker {
                 demand: shared.demand.subscribe(),
                 opts: opts.clone(),
                 draining: false,
+                abandoned: Mutex::new(Vec::new()),
             };
             tasks.push(tokio::spawn(link.run()));
             links.push(tx);
@@ -376,6 +384,10 @@ struct Link {
     demand: watch::Receiver<()>,
     opts: WorkerOptions,
     draining: bool,
+    /// Connections given up while holding jobs (see
+    /// [`WorkerOptions::keep_abandoned_connections`]); closed when the link ends.
+    /// (A mutex only so that `&Link` is `Sync`: transports are `Send` but not `Sync`.)
+    abandoned: Mutex<Vec<Connection>>,
 }
 
 /// Per-connection state of a link.
@@ -492,6 +504,13 @@ impl Link {
                     Some(ProbeDue::Dead) => {
                         let reason = s.prober.dead_reason();
                         warn!(server = %s.server, %reason, "worker connection dead; reconnecting");
+                        if self.opts.keep_abandoned_connections && !s.in_flight.is_empty() {
+                            debug!(server = %s.server, jobs = s.in_flight.len(), "keeping the abandoned connection open");
+                            self.abandoned
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(s.conn);
+                        }
                         return Err(Error::Disconnected { server: s.server.clone(), reason });
                     }
                     None => {}

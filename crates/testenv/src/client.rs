@@ -303,6 +303,10 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         WorkerOptions {
             client_id: Some(format!("testenv-client-{jobnum}")),
             liveness,
+            // A hung broker must not later read an end-of-file from the connection carrying
+            // our callback job: tebroker would tell the worker we died (see
+            // docs/design/lease-resume.md, "A gap this closes").
+            keep_abandoned_connections: resumable,
             ..WorkerOptions::default()
         },
     );

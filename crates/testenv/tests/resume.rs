@@ -410,6 +410,47 @@ fn a_worker_restarted_mid_lease_ends_its_quarantine_when_the_holder_reports_its_
     assert!(time_in(&s, "next.start") > time_in(&s, "held.killed"));
 }
 
+#[test]
+fn a_hung_broker_does_not_read_the_holder_as_dead_when_it_wakes() {
+    // The broker stops answering (SIGSTOP) long enough for the client's probes to give up on
+    // its connections. When it wakes, the connection carrying the callback job must not read
+    // as closed (the client never closes it), or tebroker would tell the worker its holder died
+    // and the TE would be leased again while COMMAND still runs.
+    let s = Scene::new();
+    let b = Broker::start();
+    let w = s.worker(
+        &b.spec(),
+        "te1",
+        &["--holder-grace", "1"],
+        &[&s.datafile("1")],
+    );
+    b.wait_lockenv_workers(1);
+    let quick = ["--probe-idle", "0.3", "--probe-timeout", "0.5"];
+    let mut held = s.client(&b.spec(), "held", &quick, &held_until_go(&s, "held", 6));
+    let pid = read_pid(&s.path("held.pid"));
+    b.signal(libc::SIGSTOP);
+    wait_log(&held, "lost the broker carrying the lock", TIMEOUT);
+    b.signal(libc::SIGCONT);
+    wait_log(&held, CLIENT_C1_RESUMED, TIMEOUT);
+    let mut next = s.client(&b.spec(), "next", &[], &held_until_go(&s, "next", 0));
+    // Queued: one lockenv more than the worker runs (the first C1 still runs, unattached).
+    wait_until(TIMEOUT, "the next lock request queued", || {
+        b.status()
+            .iter()
+            .any(|(f, total, running, _)| f == "lockenv" && *total > *running)
+    });
+    assert!(alive(pid));
+    std::fs::write(s.path("held.go"), "").unwrap();
+    held.expect_code(6, TIMEOUT);
+    std::fs::write(s.path("next.go"), "").unwrap();
+    next.expect_code(0, TIMEOUT);
+    assert!(
+        time_in(&s, "next.start") >= time_in(&s, "held.end"),
+        "the TE was leased again while the holder's COMMAND ran:\n{}",
+        w.output()
+    );
+}
+
 /// Not a test: the entry point of the broker processes [`Broker::start`] runs.
 #[test]
 fn broker_child_process() {
