@@ -546,6 +546,13 @@ async fn hand_over(
                         .and_then(|n| n.trim().parse().ok());
                     return Outcome::Completed;
                 }
+                // tebroker: the holder's connection failed, not closed; it may still run and
+                // needs its kill grace once it notices.
+                Ok(Some(JobEvent::Exception(data)))
+                    if data == testenv_proto::resume::HOLDER_CONNECTION_LOST.as_bytes() =>
+                {
+                    return Outcome::LostBroker(testenv_proto::resume::HOLDER_CONNECTION_LOST.into());
+                }
                 Ok(Some(e)) if e.is_final() => return Outcome::Failed,
                 Ok(_) => {}
                 Err(e) => return Outcome::LostBroker(e.to_string()),
