@@ -517,20 +517,6 @@ async fn c1_event(c1: &mut Option<ForegroundJob>) -> gearman_client::Result<Opti
     }
 }
 
-async fn offer_taken(offer: &mut Option<crate::resume::Offer>) -> crate::resume::OfferEvent {
-    match offer {
-        Some(o) => o.next_taken().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Leaves `released` (COMMAND is dead) on `lease_<id>` of every broker that takes it, as a
 /// background job: the worker that restarts after dying mid-lease registers that function
 /// from its journal and ends its quarantine when it finds this.
@@ -568,7 +554,7 @@ async fn hold(
     stops: &mut Stops,
     timeout: Duration,
 ) -> (Ending, Carriers) {
-    use crate::resume::{Offer, OfferEvent};
+    use crate::resume::{sleep_until_opt, taken, Offer, OfferEvent};
     use testenv_proto::resume::{LeaseMessage, LeaseOp};
     let lease_fn = resume.key.lease_id().function();
     let resumable = !resume.grace.is_zero();
@@ -592,7 +578,7 @@ async fn hold(
                 carriers.release_offer = Some(Offer::new(lease_fn.clone(), released.to_json(), resume.clients.clone()));
                 report_until = tokio::time::Instant::now().checked_add(resume.grace);
             }
-            taken = offer_taken(&mut carriers.release_offer) => {
+            taken = taken(&mut carriers.release_offer) => {
                 let OfferEvent::Taken(_, _) = taken;
                 carriers.release_offer = None;
                 tracing::info!("the testenv worker took the command's end");
@@ -648,7 +634,7 @@ async fn hold(
                     carriers.c1 = None;
                 }
             },
-            taken = offer_taken(&mut carriers.c1_offer) => {
+            taken = taken(&mut carriers.c1_offer) => {
                 let OfferEvent::Taken(job, ev) = taken;
                 carriers.c1_offer = None;
                 if ev.is_final() {

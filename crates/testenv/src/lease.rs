@@ -11,13 +11,14 @@ use gearman_client::{Client, Job, JobEvent, JobRequest, Worker};
 use testenv_proto::{LockRequest, ValidLockRequest};
 
 use crate::journal::{Journal, LeaseRecord};
+use crate::resume::sleep_until_opt as sleep_until;
 use crate::tedata;
 
 mod environment;
 mod resumable;
 
 pub use environment::run_destroy;
-use environment::{client_alive, read_datafile, run_create, Environment};
+use environment::{read_datafile, run_create, AliveWatch, Environment};
 
 /// How often an unwritable journal is tried again before the TE is offered again.
 pub const JOURNAL_RETRY: Duration = Duration::from_secs(5);
@@ -413,7 +414,6 @@ async fn lease_outcome<I: Interrupts>(
                 grace: resume_grace,
                 data: env.into_callback_data(),
                 hold_for,
-                alive: true,
             };
             // Answers lockenv, and any lock job that replaced it, itself.
             resumable::hand_over(ctx, lockenv, resumable, &mut record).await
@@ -528,13 +528,13 @@ async fn hand_over(
     let start_check = now.checked_add(args.callback_start_timeout);
     let hold_until = now.checked_add(hold_for);
     let mut checked_start = false;
-    let alive_cmd = alive.and(args.client_alive_cmd.as_deref());
-    let alive_period = args.alive_interval.max(Duration::from_millis(100));
-    let mut alive_ticks = tokio::time::interval_at(now + alive_period, alive_period);
-    alive_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A running client-alive check: polled alongside everything else, so a hung check holds
-    // up neither the heartbeat nor signals nor the callback's events.
-    let mut check: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>> = None;
+    let mut alive_watch = AliveWatch::new(
+        args.client_alive_cmd.as_deref(),
+        alive,
+        ctx.tenum,
+        args.alive_interval,
+        args.alive_timeout,
+    );
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -566,22 +566,7 @@ async fn hand_over(
                 }
             }
             _ = sleep_until(hold_until) => return Outcome::TimedOut,
-            _ = alive_ticks.tick(), if alive_cmd.is_some() && check.is_none() => {
-                if let (Some(cmd), Some(req)) = (alive_cmd, alive) {
-                    check = Some(Box::pin(client_alive(
-                        cmd.to_string(),
-                        ctx.tenum.to_string(),
-                        req.clone(),
-                        args.alive_timeout,
-                    )));
-                }
-            }
-            passed = async { check.as_mut().expect("guarded by is_some").await }, if check.is_some() => {
-                check = None;
-                if !passed {
-                    return Outcome::ClientGone;
-                }
-            }
+            _ = alive_watch.failed() => return Outcome::ClientGone,
             _ = heartbeat.tick() => {
                 if let Some(r) = record.as_deref_mut() {
                     ctx.heartbeat(r);
@@ -589,13 +574,5 @@ async fn hand_over(
             }
             stop = ctx.pause_resume_or_stop() => if stop { return Outcome::Stopping },
         }
-    }
-}
-
-/// Sleeps until `deadline`, or for ever if there is none.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }

@@ -166,7 +166,16 @@ async fn select_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> F::O
     .await
 }
 
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+/// The next taking of `offer`; pending for ever when there is none (for `select!`).
+pub async fn taken(offer: &mut Option<Offer>) -> OfferEvent {
+    match offer {
+        Some(o) => o.next_taken().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `at`, or for ever when there is no deadline.
+pub async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

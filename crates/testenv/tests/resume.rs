@@ -24,6 +24,15 @@ fn held_until_go(s: &Scene, name: &str, code: i32) -> String {
     )
 }
 
+/// [`held_until_go`] that also records when SIGTERM killed it (`NAME.killed`).
+fn held_until_go_or_killed(s: &Scene, name: &str, code: i32) -> String {
+    format!(
+        "trap 'date +%s.%N > {killed}; exit 1' TERM; {cmd}",
+        killed = s.p(&format!("{name}.killed")),
+        cmd = held_until_go(s, name, code)
+    )
+}
+
 fn time_in(s: &Scene, name: &str) -> f64 {
     s.read(name)
         .trim()
@@ -128,11 +137,7 @@ fn when_nobody_comes_back_the_command_is_killed_and_the_te_offered_only_after() 
         &a.spec(),
         "held",
         &["--resume-grace", "2", "--kill-grace", "1"],
-        &format!(
-            "trap 'date +%s.%N > {end}; exit 1' TERM; {cmd}",
-            end = s.p("held.killed"),
-            cmd = held_until_go(&s, "held", 0)
-        ),
+        &held_until_go_or_killed(&s, "held", 0),
     );
     let pid = read_pid(&s.path("held.pid"));
     a.kill();
@@ -387,11 +392,7 @@ fn a_worker_restarted_mid_lease_ends_its_quarantine_when_the_holder_reports_its_
         &b.spec(),
         "held",
         &["--kill-grace", "1"],
-        &format!(
-            "trap 'date +%s.%N > {end}; exit 1' TERM; {cmd}",
-            end = s.p("held.killed"),
-            cmd = held_until_go(&s, "held", 0)
-        ),
+        &held_until_go_or_killed(&s, "held", 0),
     );
     let pid = read_pid(&s.path("held.pid"));
     w.signal(libc::SIGKILL);
@@ -449,6 +450,39 @@ fn a_hung_broker_does_not_read_the_holder_as_dead_when_it_wakes() {
         "the TE was leased again while the holder's COMMAND ran:\n{}",
         w.output()
     );
+}
+
+#[test]
+fn an_early_release_kills_the_command_and_is_confirmed() {
+    // -t 42: the worker holds the TE 2 s, then takes it back; the client kills COMMAND and
+    // confirms on the callback job, so the TE comes back after the holder grace alone.
+    let s = Scene::new();
+    let b = Broker::start();
+    let w = s.worker(
+        &b.spec(),
+        "te1",
+        &["--holder-grace", "1"],
+        &[&s.datafile("1")],
+    );
+    b.wait_lockenv_workers(1);
+    let mut held = s.client(
+        &b.spec(),
+        "held",
+        &["-t", "42", "--kill-grace", "1"],
+        &held_until_go_or_killed(&s, "held", 0),
+    );
+    held.expect_code(3, TIMEOUT);
+    assert!(s.path("held.killed").exists(), "COMMAND was not signalled");
+    wait_log(&w, "the holder confirmed its command is dead", TIMEOUT);
+    let log = w.output();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("lease end") && l.contains("TimedOut")),
+        "{log}"
+    );
+    assert!(!log.contains("Unconfirmed"), "{log}");
+    let mut next = s.client(&b.spec(), "next", &[], "exit 0");
+    next.expect_code(0, TIMEOUT);
 }
 
 /// Not a test: the entry point of the broker processes [`Broker::start`] runs.

@@ -16,9 +16,10 @@ use gearman_client::{Job, JobEvent, Liveness, Worker, WorkerOptions};
 use testenv_proto::resume::{LeaseKey, LeaseMessage, LeaseOp};
 use testenv_proto::ValidLockRequest;
 
-use super::{client_alive, sleep_until, Interrupts, LeaseContext, Outcome};
+use super::environment::AliveWatch;
+use super::{sleep_until, Interrupts, LeaseContext, Outcome};
 use crate::journal::LeaseRecord;
-use crate::resume::{per_broker_clients, Offer, OfferEvent};
+use crate::resume::{per_broker_clients, taken, Offer, OfferEvent};
 
 /// What [`hand_over`] needs besides the context.
 pub(super) struct Resumable<'r> {
@@ -27,7 +28,6 @@ pub(super) struct Resumable<'r> {
     pub grace: Duration,
     pub data: String,
     pub hold_for: Duration,
-    pub alive: bool,
 }
 
 /// The carriers of the lease on the worker's side.
@@ -52,13 +52,6 @@ async fn c2_event(
 ) -> gearman_client::Result<Option<JobEvent>> {
     match c2 {
         Some(job) => job.next_event().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn offer_taken(offer: &mut Option<Offer>) -> OfferEvent {
-    match offer {
-        Some(o) => o.next_taken().await,
         None => std::future::pending().await,
     }
 }
@@ -148,11 +141,13 @@ async fn carry<I: Interrupts>(
     let hold_until = now.checked_add(r.hold_for);
     let mut checked_start = false;
     let mut resume_until: Option<tokio::time::Instant> = None;
-    let alive_cmd = settings.client_alive_cmd.as_deref().filter(|_| r.alive);
-    let alive_period = settings.alive_interval.max(Duration::from_millis(100));
-    let mut alive_ticks = tokio::time::interval_at(now + alive_period, alive_period);
-    alive_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut check: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>> = None;
+    let mut alive_watch = AliveWatch::new(
+        settings.client_alive_cmd.as_deref(),
+        Some(r.request),
+        tenum,
+        settings.alive_interval,
+        settings.alive_timeout,
+    );
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
 
     let early_end = loop {
@@ -181,7 +176,7 @@ async fn carry<I: Interrupts>(
                     resume_until = tokio::time::Instant::now().checked_add(r.grace);
                 }
             },
-            taken = offer_taken(&mut carriers.offer) => {
+            taken = taken(&mut carriers.offer) => {
                 let OfferEvent::Taken(job, ev) = taken;
                 carriers.offer = None;
                 resume_until = None;
@@ -240,22 +235,7 @@ async fn carry<I: Interrupts>(
                 }
             }
             _ = sleep_until(hold_until) => break Outcome::TimedOut,
-            _ = alive_ticks.tick(), if alive_cmd.is_some() && check.is_none() => {
-                if let Some(cmd) = alive_cmd {
-                    check = Some(Box::pin(client_alive(
-                        cmd.to_string(),
-                        tenum.to_string(),
-                        r.request.clone(),
-                        settings.alive_timeout,
-                    )));
-                }
-            }
-            passed = async { check.as_mut().expect("guarded by is_some").await }, if check.is_some() => {
-                check = None;
-                if !passed {
-                    break Outcome::ClientGone;
-                }
-            }
+            _ = alive_watch.failed() => break Outcome::ClientGone,
             _ = heartbeat.tick() => {
                 ctx.heartbeat(record);
             }
@@ -321,7 +301,7 @@ async fn end_early<I: Interrupts>(
                     Ok(_) => {}
                     Err(_) => carriers.c2 = None,
                 },
-                taken = offer_taken(&mut carriers.offer) => {
+                taken = taken(&mut carriers.offer) => {
                     let OfferEvent::Taken(_, ev) = taken;
                     carriers.offer = None;
                     if matches!(ev, JobEvent::Complete(_)) {
