@@ -425,6 +425,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     let carriers = Carriers {
         c1: Some(lockenv),
         c2: Some(job),
+        retired_c2: Vec::new(),
         c1_offer: None,
         release_offer: None,
         tell_released: false,
@@ -433,7 +434,8 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         key: &resume_key,
         grace: args.resume_grace,
         worker_resumes,
-        clients: crate::resume::per_broker_clients(&client, liveness),
+        client: &client,
+        liveness,
     };
     let (ending, mut carriers) = hold(
         &mut guard_process,
@@ -453,8 +455,12 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         Ending::Command(code) => format!("{COMMAND_EXIT_PREFIX}{code}"),
         _ => String::new(),
     };
-    if let Some(job) = carriers.c2.take() {
-        if let Err(e) = job.complete(how).await {
+    let retired = std::mem::take(&mut carriers.retired_c2);
+    for job in carriers.c2.take().into_iter().chain(retired) {
+        if !job.is_connected() {
+            continue;
+        }
+        if let Err(e) = job.complete(how.clone()).await {
             tracing::warn!(error = %e, "could not complete the callback job; the worker will free the TE when it notices");
         }
     }
@@ -491,6 +497,10 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
 struct Carriers {
     c1: Option<ForegroundJob>,
     c2: Option<gearman_client::Job>,
+    /// Callback jobs replaced by a resume. Never answered before the end (dropping one would
+    /// fail it, and the worker may still be watching it rather than the newest): at the end
+    /// every one gets COMMAND's result, so whichever the worker watches hears it.
+    retired_c2: Vec<gearman_client::Job>,
     /// A C1 resume offered on every broker's `lease_<id>` after C1 was lost.
     c1_offer: Option<crate::resume::Offer>,
     /// COMMAND's end offered on `lease_<id>`, when there was no C2 to report it on.
@@ -507,7 +517,15 @@ struct ResumeSetup<'k> {
     grace: Duration,
     /// The worker said it resumes leases (WORK_STATUS on lockenv); an original one never does.
     worker_resumes: bool,
-    clients: Vec<Client>,
+    /// The template of the offers' own per-broker clients.
+    client: &'k Client,
+    liveness: Liveness,
+}
+
+impl ResumeSetup<'_> {
+    fn clients(&self) -> Vec<Client> {
+        crate::resume::per_broker_clients(self.client, self.liveness)
+    }
 }
 
 async fn c1_event(c1: &mut Option<ForegroundJob>) -> gearman_client::Result<Option<JobEvent>> {
@@ -526,7 +544,7 @@ async fn tell_released(resume: &ResumeSetup<'_>) {
         resume.key,
     );
     let lease_fn = resume.key.lease_id().function();
-    for client in &resume.clients {
+    for client in &resume.clients() {
         let req = JobRequest::new(lease_fn.clone(), msg.to_json()).unique(lease_fn.clone());
         match tokio::time::timeout(Duration::from_secs(2), client.submit_background(req)).await {
             Ok(Ok(_)) => {
@@ -565,7 +583,11 @@ async fn hold(
     let ending = loop {
         tokio::select! {
             code = guard_process.wait(), if command_code.is_none() => {
-                let on_c2 = carriers.c2.as_ref().is_some_and(|j| j.is_connected());
+                let on_c2 = carriers
+                    .c2
+                    .iter()
+                    .chain(&carriers.retired_c2)
+                    .any(|j| j.is_connected());
                 if on_c2 || !resumable || !worker_resumes {
                     break Ending::Command(code);
                 }
@@ -575,7 +597,7 @@ async fn hold(
                 command_code = Some(code);
                 let mut released = LeaseMessage::new(LeaseOp::Released, resume.key);
                 released.exit = Some(code);
-                carriers.release_offer = Some(Offer::new(lease_fn.clone(), released.to_json(), resume.clients.clone()));
+                carriers.release_offer = Some(Offer::new(lease_fn.clone(), released.to_json(), resume.clients()));
                 report_until = tokio::time::Instant::now().checked_add(resume.grace);
             }
             taken = taken(&mut carriers.release_offer) => {
@@ -606,7 +628,7 @@ async fn hold(
                     );
                     carriers.c1 = None;
                     let msg = LeaseMessage::new(LeaseOp::Resume, resume.key);
-                    carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients.clone()));
+                    carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients()));
                     c1_lost_until = tokio::time::Instant::now().checked_add(resume.grace);
                 }
                 Err(e) => {
@@ -664,7 +686,9 @@ async fn hold(
                         let _ = grabbed.send_status(1, 1).await;
                         eprintln!("testenv-client: lease resumed: took the testenv worker's new callback job on {}", grabbed.server());
                         worker_resumes = true;
-                        carriers.c2 = Some(grabbed);
+                        if let Some(old) = carriers.c2.replace(grabbed) {
+                            carriers.retired_c2.push(old);
+                        }
                         if let Some(code) = command_code {
                             break Ending::Command(code);
                         }

@@ -1,7 +1,12 @@
 //! What both agents share for lease resume (docs/design/lease-resume.md): drawing a key, one
 //! client per broker, and submitting a lease message on every broker until one side takes it.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::time::error::Elapsed;
 
 use gearman_client::{
     Backoff, Client, ClientOptions, ForegroundJob, JobEvent, JobRequest, Liveness,
@@ -60,9 +65,20 @@ pub struct Offer {
     function: String,
     data: String,
     clients: Vec<Client>,
-    pending: Vec<Option<ForegroundJob>>,
-    retry_at: Vec<tokio::time::Instant>,
+    slots: Vec<Slot>,
     delay: Vec<Duration>,
+}
+
+type Submitting =
+    Pin<Box<dyn Future<Output = Result<gearman_client::Result<ForegroundJob>, Elapsed>>>>;
+
+/// Where one broker's copy stands. A submit in flight lives here, not in a caller's future,
+/// so an offer raced against other events (`select!`) never loses a copy it already created
+/// on a broker (which the other side could still take, unseen).
+enum Slot {
+    Idle { retry_at: tokio::time::Instant },
+    Submitting(Submitting),
+    Pending(ForegroundJob),
 }
 
 /// What became of an offer.
@@ -74,6 +90,9 @@ pub enum OfferEvent {
 }
 
 impl Offer {
+    /// `clients` (one per broker, see [`per_broker_clients`]) must be the offer's own: when it
+    /// is dropped their connections close once no taken job needs them, and the brokers
+    /// discard the copies nobody took, so none is taken later as a stale carrier.
     pub fn new(function: String, data: String, clients: Vec<Client>) -> Offer {
         let now = tokio::time::Instant::now();
         let n = clients.len();
@@ -81,89 +100,121 @@ impl Offer {
             function,
             data,
             clients,
-            pending: (0..n).map(|_| None).collect(),
-            retry_at: vec![now; n],
+            slots: (0..n).map(|_| Slot::Idle { retry_at: now }).collect(),
             delay: vec![Backoff::RECONNECT.initial; n],
         }
     }
 
     /// Waits until some broker's copy is taken (a WORK_STATUS or a final event other than
     /// WORK_FAIL). A refused copy (WORK_FAIL: a wrong key, or a stale party) is offered again
-    /// later, as is one whose broker went away. Cancel-safe between calls: pending jobs stay.
+    /// later, as is one whose broker went away. Cancel-safe: submits in flight and pending
+    /// copies stay with the offer.
     pub async fn next_taken(&mut self) -> OfferEvent {
         loop {
-            let now = tokio::time::Instant::now();
-            for i in 0..self.clients.len() {
-                if self.pending[i].is_none() && self.retry_at[i] <= now {
-                    let req = JobRequest::new(self.function.clone(), self.data.clone());
-                    match tokio::time::timeout(Duration::from_secs(5), self.clients[i].submit(req))
-                        .await
-                    {
-                        Ok(Ok(job)) => self.pending[i] = Some(job),
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, function = self.function, "cannot offer the lease message here yet");
-                            self.back_off(i, now);
-                        }
-                        Err(_) => self.back_off(i, now),
+            self.start_due();
+            let next_retry = self
+                .slots
+                .iter()
+                .filter_map(|s| match s {
+                    Slot::Idle { retry_at } => Some(*retry_at),
+                    _ => None,
+                })
+                .min();
+            tokio::select! {
+                taken = std::future::poll_fn(|cx| self.poll_slots(cx)) => {
+                    if let Some(taken) = taken {
+                        return taken;
                     }
                 }
-            }
-            let next_retry = (0..self.clients.len())
-                .filter(|&i| self.pending[i].is_none())
-                .map(|i| self.retry_at[i])
-                .min();
-            let events = futures_any(&mut self.pending);
-            tokio::select! {
-                (i, ev) = events => match ev {
-                    Ok(Some(e @ (JobEvent::Status { .. } | JobEvent::Complete(_)))) => {
-                        let job = self.pending[i].take().expect("event from a pending job");
-                        return OfferEvent::Taken(job, e);
-                    }
-                    Ok(Some(JobEvent::Fail | JobEvent::Exception(_))) | Err(_) | Ok(None) => {
-                        self.pending[i] = None;
-                        let now = tokio::time::Instant::now();
-                        self.back_off(i, now);
-                    }
-                    Ok(Some(_)) => {}
-                },
                 _ = sleep_until_opt(next_retry) => {}
             }
         }
     }
 
-    fn back_off(&mut self, i: usize, now: tokio::time::Instant) {
-        self.retry_at[i] = now + self.delay[i];
+    fn start_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        for (slot, client) in self.slots.iter_mut().zip(&self.clients) {
+            if matches!(slot, Slot::Idle { retry_at } if *retry_at <= now) {
+                let req = JobRequest::new(self.function.clone(), self.data.clone());
+                let client = client.clone();
+                *slot = Slot::Submitting(Box::pin(async move {
+                    tokio::time::timeout(Duration::from_secs(5), client.submit(req)).await
+                }));
+            }
+        }
+    }
+
+    /// Advances every slot; `Ready(Some)` when a copy was taken, `Ready(None)` when a slot
+    /// changed (so the caller starts due submits again), `Pending` otherwise.
+    fn poll_slots(&mut self, cx: &mut Context<'_>) -> Poll<Option<OfferEvent>> {
+        let mut changed = false;
+        for i in 0..self.slots.len() {
+            match &mut self.slots[i] {
+                Slot::Idle { .. } => {}
+                Slot::Submitting(submit) => {
+                    if let Poll::Ready(r) = submit.as_mut().poll(cx) {
+                        changed = true;
+                        match r {
+                            Ok(Ok(job)) => self.slots[i] = Slot::Pending(job),
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, function = self.function, "cannot offer the lease message here yet");
+                                self.back_off(i);
+                            }
+                            Err(_) => self.back_off(i),
+                        }
+                    }
+                }
+                Slot::Pending(job) => {
+                    let event = {
+                        let next = job.next_event();
+                        std::pin::pin!(next).poll(cx)
+                    };
+                    match event {
+                        Poll::Pending => {}
+                        Poll::Ready(Ok(Some(
+                            e @ (JobEvent::Status { .. } | JobEvent::Complete(_)),
+                        ))) => {
+                            // No copy on this broker until the caller makes a new offer.
+                            let taken = std::mem::replace(
+                                &mut self.slots[i],
+                                Slot::Idle {
+                                    retry_at: far_future(),
+                                },
+                            );
+                            let Slot::Pending(job) = taken else {
+                                unreachable!("matched Pending above")
+                            };
+                            return Poll::Ready(Some(OfferEvent::Taken(job, e)));
+                        }
+                        Poll::Ready(Ok(Some(JobEvent::Data(_) | JobEvent::Warning(_)))) => {
+                            changed = true;
+                        }
+                        Poll::Ready(_) => {
+                            changed = true;
+                            self.back_off(i);
+                        }
+                    }
+                }
+            }
+        }
+        if changed {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn back_off(&mut self, i: usize) {
+        self.slots[i] = Slot::Idle {
+            retry_at: tokio::time::Instant::now() + self.delay[i],
+        };
         self.delay[i] = Backoff::RECONNECT.next(self.delay[i]);
     }
 }
 
-/// The next event of any pending job, with its index; pending for ever when there is none.
-async fn futures_any(
-    pending: &mut [Option<ForegroundJob>],
-) -> (usize, gearman_client::Result<Option<JobEvent>>) {
-    let futures: Vec<_> = pending
-        .iter_mut()
-        .enumerate()
-        .filter_map(|(i, j)| j.as_mut().map(|j| (i, j)))
-        .map(|(i, j)| Box::pin(async move { (i, j.next_event().await) }))
-        .collect();
-    if futures.is_empty() {
-        return std::future::pending().await;
-    }
-    select_all(futures).await
-}
-
-/// The first of `futures` to finish.
-async fn select_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> F::Output {
-    std::future::poll_fn(move |cx| {
-        for f in futures.iter_mut() {
-            if let std::task::Poll::Ready(v) = std::pin::Pin::new(f).poll(cx) {
-                return std::task::Poll::Ready(v);
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
+/// A deadline that never comes in practice (a year away).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
 /// The next taking of `offer`; pending for ever when there is none (for `select!`).

@@ -474,6 +474,7 @@ fn an_early_release_kills_the_command_and_is_confirmed() {
     held.expect_code(3, TIMEOUT);
     assert!(s.path("held.killed").exists(), "COMMAND was not signalled");
     wait_log(&w, "the holder confirmed its command is dead", TIMEOUT);
+    wait_log(&w, "lease end", TIMEOUT);
     let log = w.output();
     assert!(
         log.lines()

@@ -123,7 +123,7 @@ async fn carry<I: Interrupts>(
     let callback = r.request.callback_name.as_str();
     let mut resume_msg = LeaseMessage::new(LeaseOp::Resume, r.key);
     resume_msg.te = tenum.to_string();
-    let clients = per_broker_clients(ctx.client, Liveness::default());
+    let fresh = || per_broker_clients(ctx.client, Liveness::default());
 
     match ctx
         .client
@@ -165,14 +165,14 @@ async fn carry<I: Interrupts>(
                 Ok(Some(e)) if e.is_final() => {
                     lost_c2(tenum, callback, r, &format!("{e:?}"));
                     carriers.c2 = None;
-                    carriers.offer = Some(Offer::new(callback.to_string(), resume_msg.to_json(), clients.clone()));
+                    carriers.offer = Some(Offer::new(callback.to_string(), resume_msg.to_json(), fresh()));
                     resume_until = tokio::time::Instant::now().checked_add(r.grace);
                 }
                 Ok(_) => {}
                 Err(e) => {
                     lost_c2(tenum, callback, r, &e.to_string());
                     carriers.c2 = None;
-                    carriers.offer = Some(Offer::new(callback.to_string(), resume_msg.to_json(), clients.clone()));
+                    carriers.offer = Some(Offer::new(callback.to_string(), resume_msg.to_json(), fresh()));
                     resume_until = tokio::time::Instant::now().checked_add(r.grace);
                 }
             },
@@ -242,7 +242,7 @@ async fn carry<I: Interrupts>(
             stop = ctx.pause_resume_or_stop() => if stop { break Outcome::Stopping },
         }
     };
-    end_early(ctx, r, carriers, clients, early_end).await
+    end_early(ctx, r, carriers, early_end).await
 }
 
 /// Whether the broker carrying `job` is a tebroker, which tells a closed holder connection
@@ -281,7 +281,6 @@ async fn end_early<I: Interrupts>(
     ctx: &mut LeaseContext<'_, I>,
     r: &Resumable<'_>,
     carriers: &mut Carriers,
-    clients: Vec<gearman_client::Client>,
     ended: Outcome,
 ) -> Outcome {
     let tenum = ctx.tenum;
@@ -290,7 +289,7 @@ async fn end_early<I: Interrupts>(
     carriers.offer = Some(Offer::new(
         r.request.callback_name.clone(),
         LeaseMessage::new(LeaseOp::Revoke, r.key).to_json(),
-        clients,
+        per_broker_clients(ctx.client, Liveness::default()),
     ));
     let confirmed = tokio::time::timeout(ctx.settings.holder_grace, async {
         loop {
