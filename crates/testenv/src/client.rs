@@ -613,6 +613,10 @@ async fn hold(
             ev = c1_event(&mut carriers.c1) => match ev {
                 Ok(Some(JobEvent::Status { .. })) => worker_resumes = true,
                 Ok(Some(e)) if e.is_final() => {
+                    if let Some(code) = command_code {
+                        // The worker ended the lease after taking our report of COMMAND's end.
+                        break Ending::Command(code);
+                    }
                     eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
                     kill_command(guard_process, libc::SIGTERM).await;
                     // WORK_FAIL: the worker's connection ended (the worker died), not its choice.
@@ -659,6 +663,9 @@ async fn hold(
             taken = taken(&mut carriers.c1_offer) => {
                 let OfferEvent::Taken(job, ev) = taken;
                 carriers.c1_offer = None;
+                if let (true, Some(code)) = (ev.is_final(), command_code) {
+                    break Ending::Command(code);
+                }
                 if ev.is_final() {
                     eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
                     kill_command(guard_process, libc::SIGTERM).await;
@@ -669,7 +676,7 @@ async fn hold(
                 c1_lost_until = None;
                 carriers.c1 = Some(job);
             }
-            _ = sleep_until_opt(c1_lost_until), if c1_lost_until.is_some() => {
+            _ = sleep_until_opt(c1_lost_until), if c1_lost_until.is_some() && command_code.is_none() => {
                 eprintln!(
                     "testenv-client: the testenv worker did not take our lease resume within \
                      --resume-grace ({:.0}s); killing the command",
@@ -694,6 +701,10 @@ async fn hold(
                         }
                     }
                     Some(Ok(m)) if m.key.matches(resume.key) && m.op == LeaseOp::Revoke => {
+                        if let Some(code) = command_code {
+                            let _ = grabbed.complete("").await;
+                            break Ending::Command(code);
+                        }
                         eprintln!("testenv-client: the testenv worker took the environment back (revoke); killing the command");
                         kill_command(guard_process, libc::SIGTERM).await;
                         let _ = grabbed.complete("").await;
