@@ -3,8 +3,10 @@
 //!
 //! The client puts a secret [`LeaseKey`] in its lock request (`resume_key`). The public
 //! [`LeaseId`] derived from it names the function `lease_<id>` the worker registers while it
-//! holds a resumable lease. Every message carries the key, so nobody who only saw function
-//! names can forge one; [`LeaseKey`] never prints itself.
+//! holds a resumable lease. Every message carries a proof derived from the key, its op and the
+//! function it is sent to ([`LeaseKey::proof`]): nobody who only saw function names or other
+//! messages can forge one, and taking a message (anyone may register a function name on some
+//! brokers) does not reveal the key. [`LeaseKey`] never prints itself.
 
 use std::fmt;
 
@@ -87,13 +89,56 @@ impl LeaseKey {
 
     /// Compares without an early exit, so the time taken does not tell how much matched.
     pub fn matches(&self, other: &LeaseKey) -> bool {
-        self.0
-            .iter()
-            .zip(other.0.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+        same_bytes(&self.0, &other.0)
+    }
+
+    /// What a message `op` sent to `to` carries instead of the key: the first 16 bytes of
+    /// SHA-256 over a label, the op, the carrier and the key. One-way, so a message taken by a
+    /// stranger does not give the key away; bound to op and carrier, so one cannot be turned
+    /// into another.
+    pub fn proof(&self, op: LeaseOp, to: Carrier) -> Proof {
+        let mut h = Sha256::new();
+        h.update(b"testenv-lease-v1\0");
+        h.update(op.name().as_bytes());
+        h.update(b"\0");
+        h.update(to.name().as_bytes());
+        h.update(b"\0");
+        h.update(self.secret_hex().as_bytes());
+        let digest = h.finalize();
+        let mut out = [0u8; KEY_BYTES];
+        out.copy_from_slice(&digest[..KEY_BYTES]);
+        Proof(out)
     }
 }
+
+fn same_bytes(a: &[u8; KEY_BYTES], b: &[u8; KEY_BYTES]) -> bool {
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The function a lease message is sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carrier {
+    /// The client's `callback_<jobnum>` (C2 resume, revoke).
+    Callback,
+    /// The worker's `lease_<id>` (C1 resume, released).
+    Lease,
+}
+
+impl Carrier {
+    fn name(self) -> &'static str {
+        match self {
+            Carrier::Callback => "callback",
+            Carrier::Lease => "lease",
+        }
+    }
+}
+
+/// A message's proof of the key (see [`LeaseKey::proof`]); 32 hex digits on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proof([u8; KEY_BYTES]);
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -132,11 +177,21 @@ pub enum LeaseOp {
     Released,
 }
 
-/// One lease message: `{"testenv_lease": {"op": ..., "key": ..., "te": ..., "exit": ...}}`.
+impl LeaseOp {
+    fn name(self) -> &'static str {
+        match self {
+            LeaseOp::Resume => "resume",
+            LeaseOp::Revoke => "revoke",
+            LeaseOp::Released => "released",
+        }
+    }
+}
+
+/// One lease message: `{"testenv_lease": {"op": ..., "proof": ..., "te": ..., "exit": ...}}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseMessage {
     pub op: LeaseOp,
-    pub key: LeaseKey,
+    pub proof: Proof,
     /// The TE's name (worker → client), for the client's log; empty otherwise.
     pub te: String,
     /// COMMAND's exit status (`released` only).
@@ -146,7 +201,7 @@ pub struct LeaseMessage {
 #[derive(Serialize, Deserialize)]
 struct Wire {
     op: LeaseOp,
-    key: String,
+    proof: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     te: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,10 +221,16 @@ impl fmt::Display for MessageError {
 impl std::error::Error for MessageError {}
 
 impl LeaseMessage {
-    pub fn new(op: LeaseOp, key: &LeaseKey) -> LeaseMessage {
+    /// Whether this message was made with `key` for its op, sent to `to`.
+    pub fn proves(&self, key: &LeaseKey, to: Carrier) -> bool {
+        same_bytes(&self.proof.0, &key.proof(self.op, to).0)
+    }
+
+    /// A message `op` for the function kind `to`, proved with `key`.
+    pub fn new(op: LeaseOp, key: &LeaseKey, to: Carrier) -> LeaseMessage {
         LeaseMessage {
             op,
-            key: key.clone(),
+            proof: key.proof(op, to),
             te: String::new(),
             exit: None,
         }
@@ -178,7 +239,7 @@ impl LeaseMessage {
     pub fn to_json(&self) -> String {
         let wire = Wire {
             op: self.op,
-            key: self.key.secret_hex(),
+            proof: hex(&self.proof.0),
             te: self.te.clone(),
             exit: self.exit,
         };
@@ -199,12 +260,14 @@ impl LeaseMessage {
     fn from_value(inner: serde_json::Value) -> Result<LeaseMessage, MessageError> {
         // serde's message could quote the key; say only which shape was wrong.
         let wire: Wire = serde_json::from_value(inner).map_err(|_| {
-            MessageError("expected {\"op\": resume|revoke|released, \"key\": KEY}".into())
+            MessageError("expected {\"op\": resume|revoke|released, \"proof\": PROOF}".into())
         })?;
-        let key = LeaseKey::parse(&wire.key).map_err(|e| MessageError(e.to_string()))?;
+        let proof = LeaseKey::parse(&wire.proof)
+            .map(|k| Proof(k.0))
+            .map_err(|_| MessageError(format!("proof must be {} hex digits", KEY_BYTES * 2)))?;
         Ok(LeaseMessage {
             op: wire.op,
-            key,
+            proof,
             te: wire.te,
             exit: wire.exit,
         })
@@ -256,25 +319,34 @@ mod tests {
     }
 
     #[test]
-    fn messages_round_trip() {
-        let mut m = LeaseMessage::new(LeaseOp::Resume, &key(7));
+    fn messages_round_trip_and_prove_only_their_key_op_and_carrier() {
+        let mut m = LeaseMessage::new(LeaseOp::Resume, &key(7), Carrier::Callback);
         m.te = "te-1".into();
-        let parsed = LeaseMessage::parse(m.to_json().as_bytes())
-            .unwrap()
-            .unwrap();
+        let text = m.to_json();
+        assert!(
+            !text.contains(&key(7).secret_hex()),
+            "the key is on the wire: {text}"
+        );
+        let parsed = LeaseMessage::parse(text.as_bytes()).unwrap().unwrap();
         assert_eq!(parsed, m);
-        let mut released = LeaseMessage::new(LeaseOp::Released, &key(7));
+        assert!(parsed.proves(&key(7), Carrier::Callback));
+        assert!(!parsed.proves(&key(8), Carrier::Callback), "another key");
+        assert!(!parsed.proves(&key(7), Carrier::Lease), "another carrier");
+        let mut as_revoke = parsed.clone();
+        as_revoke.op = LeaseOp::Revoke;
+        assert!(!as_revoke.proves(&key(7), Carrier::Callback), "another op");
+
+        let mut released = LeaseMessage::new(LeaseOp::Released, &key(7), Carrier::Lease);
         released.exit = Some(3);
         let text = released.to_json();
         assert!(
             text.contains("\"op\":\"released\"") && text.contains("\"exit\":3"),
             "{text}"
         );
-        assert_eq!(
-            LeaseMessage::parse(text.as_bytes()).unwrap().unwrap(),
-            released
-        );
-        let revoke = LeaseMessage::new(LeaseOp::Revoke, &key(1));
+        let back = LeaseMessage::parse(text.as_bytes()).unwrap().unwrap();
+        assert_eq!(back, released);
+        assert!(back.proves(&key(7), Carrier::Lease));
+        let revoke = LeaseMessage::new(LeaseOp::Revoke, &key(1), Carrier::Callback);
         assert_eq!(
             LeaseMessage::parse(revoke.to_json().as_bytes())
                 .unwrap()
@@ -297,8 +369,8 @@ mod tests {
         }
         let secretish = "0123456789abcdef0123456789abcdeX";
         for bad in [
-            format!("{{\"testenv_lease\": {{\"op\": \"resume\", \"key\": \"{secretish}\"}}}}"),
-            format!("{{\"testenv_lease\": {{\"op\": \"steal\", \"key\": \"{secretish}\"}}}}"),
+            format!("{{\"testenv_lease\": {{\"op\": \"resume\", \"proof\": \"{secretish}\"}}}}"),
+            format!("{{\"testenv_lease\": {{\"op\": \"steal\", \"proof\": \"{secretish}\"}}}}"),
             "{\"testenv_lease\": 5}".to_string(),
         ] {
             let err = LeaseMessage::parse(bad.as_bytes()).unwrap().unwrap_err();

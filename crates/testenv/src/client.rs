@@ -542,6 +542,7 @@ async fn tell_released(resume: &ResumeSetup<'_>) {
     let msg = testenv_proto::resume::LeaseMessage::new(
         testenv_proto::resume::LeaseOp::Released,
         resume.key,
+        testenv_proto::resume::Carrier::Lease,
     );
     let lease_fn = resume.key.lease_id().function();
     for client in &resume.clients() {
@@ -573,7 +574,7 @@ async fn hold(
     timeout: Duration,
 ) -> (Ending, Carriers) {
     use crate::resume::{sleep_until_opt, taken, Offer, OfferEvent};
-    use testenv_proto::resume::{LeaseMessage, LeaseOp};
+    use testenv_proto::resume::{Carrier, LeaseMessage, LeaseOp};
     let lease_fn = resume.key.lease_id().function();
     let resumable = !resume.grace.is_zero();
     let mut c1_lost_until: Option<tokio::time::Instant> = None;
@@ -595,7 +596,7 @@ async fn hold(
                 // or on the new callback job it sends.
                 tracing::warn!(code, "the command ended while the callback job was lost; reporting its end on every broker");
                 command_code = Some(code);
-                let mut released = LeaseMessage::new(LeaseOp::Released, resume.key);
+                let mut released = LeaseMessage::new(LeaseOp::Released, resume.key, Carrier::Lease);
                 released.exit = Some(code);
                 carriers.release_offer = Some(Offer::new(lease_fn.clone(), released.to_json(), resume.clients()));
                 report_until = tokio::time::Instant::now().checked_add(resume.grace);
@@ -631,7 +632,7 @@ async fn hold(
                         resume.grace.as_secs_f64()
                     );
                     carriers.c1 = None;
-                    let msg = LeaseMessage::new(LeaseOp::Resume, resume.key);
+                    let msg = LeaseMessage::new(LeaseOp::Resume, resume.key, Carrier::Lease);
                     carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients()));
                     c1_lost_until = tokio::time::Instant::now().checked_add(resume.grace);
                 }
@@ -689,7 +690,7 @@ async fn hold(
             grabbed = worker.grab_job(), if resumable => {
                 let Some(grabbed) = grabbed else { continue };
                 match LeaseMessage::parse(grabbed.data()) {
-                    Some(Ok(m)) if m.key.matches(resume.key) && m.op == LeaseOp::Resume => {
+                    Some(Ok(m)) if m.op == LeaseOp::Resume && m.proves(resume.key, Carrier::Callback) => {
                         let _ = grabbed.send_status(1, 1).await;
                         eprintln!("testenv-client: lease resumed: took the testenv worker's new callback job on {}", grabbed.server());
                         worker_resumes = true;
@@ -700,7 +701,7 @@ async fn hold(
                             break Ending::Command(code);
                         }
                     }
-                    Some(Ok(m)) if m.key.matches(resume.key) && m.op == LeaseOp::Revoke => {
+                    Some(Ok(m)) if m.op == LeaseOp::Revoke && m.proves(resume.key, Carrier::Callback) => {
                         if let Some(code) = command_code {
                             let _ = grabbed.complete("").await;
                             break Ending::Command(code);

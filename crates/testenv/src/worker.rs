@@ -303,7 +303,7 @@ async fn previous_holder_done(
     servers: &[gearman_client::ServerAddr],
     tenum: &str,
 ) {
-    use testenv_proto::resume::{LeaseKey, LeaseMessage, LeaseOp};
+    use testenv_proto::resume::{Carrier, LeaseKey, LeaseMessage, LeaseOp};
     let key = match previous {
         PreviousLease::Open(r) if r.resume_grace_ms > 0 => r
             .resume_key
@@ -318,7 +318,7 @@ async fn previous_holder_done(
     lease_worker.register(key.lease_id().function());
     while let Some(job) = lease_worker.grab_job().await {
         match LeaseMessage::parse(job.data()) {
-            Some(Ok(m)) if m.key.matches(&key) && m.op == LeaseOp::Released => {
+            Some(Ok(m)) if m.op == LeaseOp::Released && m.proves(&key, Carrier::Lease) => {
                 tracing::info!(
                     tenum,
                     "the previous holder reported its command's end; the quarantine ends"
@@ -327,7 +327,7 @@ async fn previous_holder_done(
                 lease_worker.stop();
                 return;
             }
-            Some(Ok(m)) if m.key.matches(&key) && m.op == LeaseOp::Resume => {
+            Some(Ok(m)) if m.op == LeaseOp::Resume && m.proves(&key, Carrier::Lease) => {
                 tracing::info!(
                     tenum,
                     "the previous holder tried to resume its lease; taking the TE back"

@@ -257,20 +257,25 @@ fn a_forged_resume_or_revoke_is_refused_and_changes_nothing() {
         testenv_proto::resume::LeaseOp::Resume,
         testenv_proto::resume::LeaseOp::Revoke,
     ] {
-        let msg = testenv_proto::resume::LeaseMessage::new(op, &forged).to_json();
+        use testenv_proto::resume::{Carrier, LeaseMessage};
+        let to_client = LeaseMessage::new(op, &forged, Carrier::Callback).to_json();
         assert_eq!(
-            submit(b.addr, "callback_held", msg.clone()),
+            submit(b.addr, "callback_held", to_client),
             "Fail",
             "{op:?} to the client"
         );
+        let to_worker = LeaseMessage::new(op, &forged, Carrier::Lease).to_json();
         assert_eq!(
-            submit(b.addr, &lease_fn, msg),
+            submit(b.addr, &lease_fn, to_worker),
             "Fail",
             "{op:?} to the worker"
         );
     }
-    let mut released =
-        testenv_proto::resume::LeaseMessage::new(testenv_proto::resume::LeaseOp::Released, &forged);
+    let mut released = testenv_proto::resume::LeaseMessage::new(
+        testenv_proto::resume::LeaseOp::Released,
+        &forged,
+        testenv_proto::resume::Carrier::Lease,
+    );
     released.exit = Some(0);
     assert_eq!(submit(b.addr, &lease_fn, released.to_json()), "Fail");
     assert_eq!(

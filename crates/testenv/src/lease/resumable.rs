@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use gearman_client::{Job, JobEvent, Liveness, Worker, WorkerOptions};
-use testenv_proto::resume::{LeaseKey, LeaseMessage, LeaseOp};
+use testenv_proto::resume::{Carrier, LeaseKey, LeaseMessage, LeaseOp};
 use testenv_proto::ValidLockRequest;
 
 use super::environment::AliveWatch;
@@ -121,7 +121,7 @@ async fn carry<I: Interrupts>(
     let tenum = ctx.tenum;
     let settings = ctx.settings;
     let callback = r.request.callback_name.as_str();
-    let mut resume_msg = LeaseMessage::new(LeaseOp::Resume, r.key);
+    let mut resume_msg = LeaseMessage::new(LeaseOp::Resume, r.key, Carrier::Callback);
     resume_msg.te = tenum.to_string();
     let fresh = || per_broker_clients(ctx.client, Liveness::default());
 
@@ -288,7 +288,7 @@ async fn end_early<I: Interrupts>(
     carriers.complete_c1(tenum).await;
     carriers.offer = Some(Offer::new(
         r.request.callback_name.clone(),
-        LeaseMessage::new(LeaseOp::Revoke, r.key).to_json(),
+        LeaseMessage::new(LeaseOp::Revoke, r.key, Carrier::Callback).to_json(),
         per_broker_clients(ctx.client, Liveness::default()),
     ));
     let confirmed = tokio::time::timeout(ctx.settings.holder_grace, async {
@@ -331,7 +331,7 @@ async fn end_early<I: Interrupts>(
 /// Reads a job grabbed on `lease_<id>`; logs a refused one without its key.
 fn take_lease_message(tenum: &str, key: &LeaseKey, job: &Job) -> Taken {
     match LeaseMessage::parse(job.data()) {
-        Some(Ok(m)) if m.key.matches(key) => match m.op {
+        Some(Ok(m)) if m.proves(key, Carrier::Lease) => match m.op {
             LeaseOp::Resume => Taken::NewC1,
             LeaseOp::Released => Taken::Released(m.exit),
             LeaseOp::Revoke => {
