@@ -576,3 +576,56 @@ async fn hand_over(
         }
     }
 }
+
+/// Resolves when the holder of a resumable lease a previous run left open says its COMMAND is
+/// dead (`released` on `lease_<id>`); never for other leases. A resume of the lock job it sends
+/// meanwhile is completed: "the TE is taken back", so it kills COMMAND and says so. For a
+/// restarted worker or agent to race against its quarantine.
+pub async fn previous_holder_done(
+    previous: &crate::journal::PreviousLease,
+    servers: &[gearman_client::ServerAddr],
+    tenum: &str,
+) {
+    use testenv_proto::resume::{Carrier, LeaseKey, LeaseMessage, LeaseOp};
+    let key = match previous {
+        crate::journal::PreviousLease::Open(r) if r.resume_grace_ms > 0 => r
+            .resume_key
+            .as_deref()
+            .and_then(|k| LeaseKey::parse(k).ok()),
+        _ => None,
+    };
+    let Some(key) = key else {
+        return std::future::pending().await;
+    };
+    let lease_worker = Worker::new(servers.to_vec());
+    lease_worker.register(key.lease_id().function());
+    while let Some(job) = lease_worker.grab_job().await {
+        match LeaseMessage::parse(job.data()) {
+            Some(Ok(m)) if m.op == LeaseOp::Released && m.proves(&key, Carrier::Lease) => {
+                tracing::info!(
+                    tenum,
+                    "the previous holder reported its command's end; the quarantine ends"
+                );
+                let _ = job.complete("").await;
+                lease_worker.stop();
+                return;
+            }
+            Some(Ok(m)) if m.op == LeaseOp::Resume && m.proves(&key, Carrier::Lease) => {
+                tracing::info!(
+                    tenum,
+                    "the previous holder tried to resume its lease; taking the TE back"
+                );
+                let _ = job.complete("").await;
+            }
+            _ => {
+                tracing::warn!(
+                    tenum,
+                    server = job.server(),
+                    "refused a lease message with a wrong key (forged or stale)"
+                );
+                let _ = job.fail().await;
+            }
+        }
+    }
+    std::future::pending().await
+}

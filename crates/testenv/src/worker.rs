@@ -228,7 +228,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             seconds = wait.as_secs_f64(),
             "quarantine before offering the TE again"
         );
-        let holder_done = previous_holder_done(&previous, &servers, &tenum);
+        let holder_done = crate::lease::previous_holder_done(&previous, &servers, &tenum);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = holder_done => {}
@@ -293,58 +293,6 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     }
     worker.stop();
     Ok(())
-}
-
-/// Resolves when the holder of a resumable lease a previous run left open says its COMMAND is
-/// dead (`released` on `lease_<id>`); never for other leases. A resume of the lock job it sends
-/// meanwhile is completed: "the TE is taken back", so it kills COMMAND and says so.
-async fn previous_holder_done(
-    previous: &PreviousLease,
-    servers: &[gearman_client::ServerAddr],
-    tenum: &str,
-) {
-    use testenv_proto::resume::{Carrier, LeaseKey, LeaseMessage, LeaseOp};
-    let key = match previous {
-        PreviousLease::Open(r) if r.resume_grace_ms > 0 => r
-            .resume_key
-            .as_deref()
-            .and_then(|k| LeaseKey::parse(k).ok()),
-        _ => None,
-    };
-    let Some(key) = key else {
-        return std::future::pending().await;
-    };
-    let lease_worker = Worker::new(servers.to_vec());
-    lease_worker.register(key.lease_id().function());
-    while let Some(job) = lease_worker.grab_job().await {
-        match LeaseMessage::parse(job.data()) {
-            Some(Ok(m)) if m.op == LeaseOp::Released && m.proves(&key, Carrier::Lease) => {
-                tracing::info!(
-                    tenum,
-                    "the previous holder reported its command's end; the quarantine ends"
-                );
-                let _ = job.complete("").await;
-                lease_worker.stop();
-                return;
-            }
-            Some(Ok(m)) if m.op == LeaseOp::Resume && m.proves(&key, Carrier::Lease) => {
-                tracing::info!(
-                    tenum,
-                    "the previous holder tried to resume its lease; taking the TE back"
-                );
-                let _ = job.complete("").await;
-            }
-            _ => {
-                tracing::warn!(
-                    tenum,
-                    server = job.server(),
-                    "refused a lease message with a wrong key (forged or stale)"
-                );
-                let _ = job.fail().await;
-            }
-        }
-    }
-    std::future::pending().await
 }
 
 fn state_dir(args: &WorkerArgs) -> PathBuf {
