@@ -24,6 +24,12 @@ const ENVELOPE: &str = "testenv_lease";
 /// WORK_FAIL from tebroker means the connection closed (the holder's process is gone).
 pub const HOLDER_CONNECTION_LOST: &str = "testenv: holder connection lost";
 
+/// A client that already holds a TE answers a second environment's callback job with this
+/// result (WORK_COMPLETE), and a resuming worker then completes the `lockenv` it served with it:
+/// that lock request was a duplicate (submitted again after its broker died while a worker
+/// already held the first), so its end is not the end of the client's lease.
+pub const ALREADY_SERVED: &str = "testenv: already served";
+
 /// The number of random bytes in a key (128 bits).
 pub const KEY_BYTES: usize = 16;
 

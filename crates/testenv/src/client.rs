@@ -574,7 +574,7 @@ async fn hold(
     timeout: Duration,
 ) -> (Ending, Carriers) {
     use crate::resume::{sleep_until_opt, taken, Offer, OfferEvent};
-    use testenv_proto::resume::{Carrier, LeaseMessage, LeaseOp};
+    use testenv_proto::resume::{Carrier, LeaseMessage, LeaseOp, ALREADY_SERVED};
     let lease_fn = resume.key.lease_id().function();
     let resumable = !resume.grace.is_zero();
     let mut c1_lost_until: Option<tokio::time::Instant> = None;
@@ -613,6 +613,21 @@ async fn hold(
             }
             ev = c1_event(&mut carriers.c1) => match ev {
                 Ok(Some(JobEvent::Status { .. })) => worker_resumes = true,
+                Ok(Some(JobEvent::Complete(data)))
+                    if resumable && data == ALREADY_SERVED.as_bytes() =>
+                {
+                    // That lockenv was a duplicate: the lease we hold came from the first one,
+                    // whose broker is gone, so resume it.
+                    eprintln!(
+                        "testenv-client: our lock request was submitted twice; resuming the lease \
+                         of the environment we hold on every broker for up to {:.0}s",
+                        resume.grace.as_secs_f64()
+                    );
+                    carriers.c1 = None;
+                    let msg = LeaseMessage::new(LeaseOp::Resume, resume.key, Carrier::Lease);
+                    carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients()));
+                    c1_lost_until = tokio::time::Instant::now().checked_add(resume.grace);
+                }
                 Ok(Some(e)) if e.is_final() => {
                     if let Some(code) = command_code {
                         // The worker ended the lease after taking our report of COMMAND's end.
@@ -720,9 +735,11 @@ async fn hold(
                         let _ = grabbed.fail().await;
                     }
                     None => {
-                        // TE data for a lock request we no longer wait for.
-                        tracing::warn!(server = grabbed.server(), "refused a second environment while holding one");
-                        let _ = grabbed.fail().await;
+                        // TE data for a lock request submitted again after its broker died,
+                        // while a worker already held the first: that worker frees its TE and
+                        // tells us this lockenv was not our lease's (ALREADY_SERVED).
+                        tracing::warn!(server = grabbed.server(), "turned down a second environment while holding one");
+                        let _ = grabbed.complete(ALREADY_SERVED).await;
                     }
                 }
             }

@@ -491,6 +491,73 @@ fn an_early_release_kills_the_command_and_is_confirmed() {
     next.expect_code(0, TIMEOUT);
 }
 
+#[test]
+fn a_lock_request_submitted_twice_does_not_end_the_lease_it_did_not_carry() {
+    // te1 takes the first lock request on A and is still creating its TE when A dies; the
+    // client submits the request again on B and then gets te1's TE. Later te4 takes the
+    // duplicate on B: the client turns that TE down, te4 frees it and ends the duplicate
+    // with ALREADY_SERVED, and the client resumes te1's lease instead of killing COMMAND.
+    let s = Scene::new();
+    let mut a = Broker::start();
+    let b = Broker::start();
+    let create = s.script(
+        "create",
+        &format!(
+            "while [ ! -e {go} ]; do sleep 0.05; done; cp {df} \"$TE_DATAFILE\"",
+            go = s.p("create.go"),
+            df = s.datafile("1").display()
+        ),
+    );
+    let destroy = s.script("destroy", "exit 0");
+    let te1 = s.worker(
+        &format!("{},{}", b.spec(), a.spec()),
+        "te1",
+        &["--holder-grace", "1"],
+        &[&create, &destroy],
+    );
+    let te4 = s.worker(
+        &b.spec(),
+        "te4",
+        &["--holder-grace", "1"],
+        &[&s.datafile("4")],
+    );
+    b.wait_lockenv_workers(2);
+    te4.signal(libc::SIGUSR2);
+    wait_until(TIMEOUT, "te4 paused", || {
+        b.status()
+            .iter()
+            .any(|(f, _, _, workers)| f == "lockenv" && *workers == 1)
+    });
+    a.wait_lockenv_workers(1);
+    let mut held = s.client(
+        &format!("{},{}", a.spec(), b.spec()),
+        "held",
+        &[],
+        &held_until_go(&s, "held", 7),
+    );
+    wait_log(&te1, "lease start", TIMEOUT);
+    a.kill();
+    wait_until(TIMEOUT, "the request submitted again on B", || {
+        b.status()
+            .iter()
+            .any(|(f, total, running, _)| f == "lockenv" && (*total, *running) == (1, 0))
+    });
+    std::fs::write(s.path("create.go"), "").unwrap();
+    let pid = read_pid(&s.path("held.pid"));
+    te4.signal(libc::SIGUSR1);
+    wait_log(&te4, "the holder already holds another TE", TIMEOUT);
+    wait_log(&held, CLIENT_C1_RESUMED, TIMEOUT);
+    assert!(alive(pid), "COMMAND was killed:\n{}", held.output());
+    std::fs::write(s.path("held.go"), "").unwrap();
+    held.expect_code(7, TIMEOUT);
+    wait_log(&te1, "lease end", TIMEOUT);
+    assert!(
+        te1.output().contains("outcome=Completed"),
+        "{}",
+        te1.output()
+    );
+}
+
 /// Not a test: the entry point of the broker processes [`Broker::start`] runs.
 #[test]
 fn broker_child_process() {

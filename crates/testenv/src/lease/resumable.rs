@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use gearman_client::{Job, JobEvent, Liveness, Worker, WorkerOptions};
-use testenv_proto::resume::{Carrier, LeaseKey, LeaseMessage, LeaseOp};
+use testenv_proto::resume::{Carrier, LeaseKey, LeaseMessage, LeaseOp, ALREADY_SERVED};
 use testenv_proto::ValidLockRequest;
 
 use super::environment::AliveWatch;
@@ -38,6 +38,9 @@ struct Carriers {
     c2: Option<gearman_client::ForegroundJob>,
     /// The C2 resume (or revoke) being offered on every broker.
     offer: Option<Offer>,
+    /// What C1 is completed with: empty, or [`ALREADY_SERVED`] when the holder turned this TE
+    /// down because it holds another.
+    c1_result: &'static str,
 }
 
 async fn c1_lost(c1: &Option<Job>) {
@@ -61,7 +64,7 @@ impl Carriers {
     async fn complete_c1(&mut self, tenum: &str) {
         for job in self.c1.take().into_iter().chain(self.retired.drain(..)) {
             if job.is_connected() {
-                if let Err(e) = job.complete("").await {
+                if let Err(e) = job.complete(self.c1_result).await {
                     tracing::debug!(tenum, error = %e, "could not complete a lock job");
                 }
             }
@@ -104,6 +107,7 @@ pub(super) async fn hand_over<I: Interrupts>(
         retired: Vec::new(),
         c2: None,
         offer: None,
+        c1_result: "",
     };
     let outcome = carry(ctx, &r, &lease_worker, &mut carriers, record).await;
     carriers.complete_c1(tenum).await;
@@ -153,6 +157,11 @@ async fn carry<I: Interrupts>(
     let early_end = loop {
         tokio::select! {
             ev = c2_event(&mut carriers.c2) => match ev {
+                Ok(Some(JobEvent::Complete(data))) if data == ALREADY_SERVED.as_bytes() => {
+                    tracing::info!(tenum, holder = callback, "the holder already holds another TE; this was a duplicate lock request");
+                    carriers.c1_result = ALREADY_SERVED;
+                    return Outcome::Completed;
+                }
                 Ok(Some(JobEvent::Complete(data))) => {
                     ctx.exit_status = exit_status(&data);
                     return Outcome::Completed;
