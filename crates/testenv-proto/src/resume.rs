@@ -30,6 +30,11 @@ pub const HOLDER_CONNECTION_LOST: &str = "testenv: holder connection lost";
 /// already held the first), so its end is not the end of the client's lease.
 pub const ALREADY_SERVED: &str = "testenv: already served";
 
+/// A client still waiting for its TE answers a lease message (WORK_COMPLETE) with this: it never
+/// got the TE data (that callback job was lost on its way), so COMMAND never started and the
+/// worker may free the TE at once.
+pub const NEVER_STARTED: &str = "testenv: never started";
+
 /// The number of random bytes in a key (128 bits).
 pub const KEY_BYTES: usize = 16;
 

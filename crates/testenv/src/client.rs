@@ -351,6 +351,10 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     let job = loop {
         let resubmit_after = tokio::select! {
             job = worker.grab_job() => match job {
+                Some(job) if testenv_proto::resume::LeaseMessage::parse(job.data()).is_some() => {
+                    answer_before_lease(job, &resume_key).await;
+                    continue;
+                }
                 Some(job) => break job,
                 None => anyhow::bail!("callback worker stopped"),
             },
@@ -532,6 +536,26 @@ async fn c1_event(c1: &mut Option<ForegroundJob>) -> gearman_client::Result<Opti
     match c1 {
         Some(job) => job.next_event().await,
         None => std::future::pending().await,
+    }
+}
+
+/// A lease message that reaches us while we still wait for a TE: the worker that took our
+/// request lost the callback job carrying its TE data before we got it. COMMAND never started,
+/// so we say so (the worker frees the TE) and go on waiting.
+async fn answer_before_lease(job: gearman_client::Job, key: &testenv_proto::resume::LeaseKey) {
+    use testenv_proto::resume::{Carrier, LeaseMessage, NEVER_STARTED};
+    match LeaseMessage::parse(job.data()) {
+        Some(Ok(m)) if m.proves(key, Carrier::Callback) => {
+            eprintln!("testenv-client: a testenv worker lost the environment it was sending us; it frees it, and we keep waiting");
+            let _ = job.complete(NEVER_STARTED).await;
+        }
+        _ => {
+            eprintln!(
+                "testenv-client: refused a lease message with a wrong key (forged or stale) from {}",
+                job.server()
+            );
+            let _ = job.fail().await;
+        }
     }
 }
 

@@ -558,6 +558,49 @@ fn a_lock_request_submitted_twice_does_not_end_the_lease_it_did_not_carry() {
     );
 }
 
+#[test]
+fn a_resume_reaching_a_client_that_never_got_its_te_frees_the_te() {
+    // te1 sends the TE data through B, which the client (on A only) never reads; B dies, so
+    // te1 offers a lease resume on A. The waiting client must not take it for TE data: it says
+    // it never started, te1 frees the TE, and the client's next request gets the real data.
+    let s = Scene::new();
+    let a = Broker::start();
+    let mut b = Broker::start();
+    let w = s.worker(
+        &format!("{},{}", b.spec(), a.spec()),
+        "te1",
+        &["--holder-grace", "1", "--callback-start-timeout", "600"],
+        &[&s.datafile("1")],
+    );
+    a.wait_lockenv_workers(1);
+    b.wait_lockenv_workers(1);
+    let mut c = s.client(
+        &a.spec(),
+        "held",
+        &[],
+        &format!(r#"cp "$TE_DATAFILE" {}; exit 5"#, s.p("out")),
+    );
+    wait_until(TIMEOUT, "the TE data waiting on B", || {
+        b.status()
+            .iter()
+            .any(|(f, total, running, _)| f == "callback_held" && (*total, *running) == (1, 0))
+    });
+    b.kill();
+    c.expect_code(5, TIMEOUT);
+    assert_eq!(
+        s.read("out"),
+        te_json("1"),
+        "COMMAND got something else as its TE"
+    );
+    assert!(
+        c.output()
+            .contains("lost the environment it was sending us"),
+        "{}",
+        c.output()
+    );
+    wait_log(&w, "the holder never got the TE data", TIMEOUT);
+}
+
 /// Not a test: the entry point of the broker processes [`Broker::start`] runs.
 #[test]
 fn broker_child_process() {

@@ -13,7 +13,9 @@
 use std::time::Duration;
 
 use gearman_client::{Job, JobEvent, Liveness, Worker, WorkerOptions};
-use testenv_proto::resume::{Carrier, LeaseKey, LeaseMessage, LeaseOp, ALREADY_SERVED};
+use testenv_proto::resume::{
+    Carrier, LeaseKey, LeaseMessage, LeaseOp, ALREADY_SERVED, NEVER_STARTED,
+};
 use testenv_proto::ValidLockRequest;
 
 use super::environment::AliveWatch;
@@ -190,6 +192,10 @@ async fn carry<I: Interrupts>(
                 carriers.offer = None;
                 resume_until = None;
                 if let JobEvent::Complete(data) = ev {
+                    if data == NEVER_STARTED.as_bytes() {
+                        tracing::warn!(tenum, holder = callback, "the holder never got the TE data (its callback job was lost); freeing the TE");
+                        return Outcome::NeverStarted;
+                    }
                     ctx.exit_status = exit_status(&data);
                     return Outcome::Completed;
                 }
