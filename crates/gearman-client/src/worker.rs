@@ -121,6 +121,10 @@ impl Shared {
     }
 }
 
+/// The first wait before abilities are sent again after an ERROR, doubling up to the second.
+const RESYNC_FIRST: Duration = Duration::from_millis(500);
+const RESYNC_MAX: Duration = Duration::from_secs(30);
+
 /// Commands from the worker handle to its links. Ability changes are not carried in the
 /// message: the link re-reads the shared state, so a link that was reconnecting meanwhile
 /// cannot miss or reorder one.
@@ -401,6 +405,11 @@ struct Session {
     in_flight: HashSet<Bytes>,
     out_tx: mpsc::UnboundedSender<Outgoing>,
     prober: Prober,
+    /// When to send every ability again after the server refused something (ERROR): e.g.
+    /// tebroker refuses a callback function still held by our previous connection, which it
+    /// has not yet seen close; once it has, the same CAN_DO succeeds.
+    resync_at: Option<tokio::time::Instant>,
+    resync_delay: Duration,
 }
 
 impl Link {
@@ -431,6 +440,8 @@ impl Link {
                         in_flight: HashSet::new(),
                         out_tx,
                         prober: Prober::new(&self.opts.liveness),
+                        resync_at: None,
+                        resync_delay: RESYNC_FIRST,
                     };
                     match self.serve(session, out_rx).await {
                         Ok(()) => return,
@@ -495,7 +506,14 @@ impl Link {
                 return Ok(());
             }
             let probe_at = s.prober.deadline();
+            let resync_at = s.resync_at;
             tokio::select! {
+                _ = sleep_until_some(resync_at) => {
+                    s.resync_at = None;
+                    debug!(server = %s.server, "sending every ability again after an ERROR");
+                    s.sent.clear();
+                    self.sync(&mut s).await?;
+                }
                 _ = sleep_until_some(probe_at) => match s.prober.due() {
                     Some(ProbeDue::Send) => {
                         s.send(Prober::probe_packet()).await?;
@@ -655,6 +673,10 @@ impl Link {
                 let code = String::from_utf8_lossy(p.arg(0));
                 let text = String::from_utf8_lossy(p.arg(1));
                 warn!(server = %s.server, %code, %text, "ERROR from server");
+                if s.resync_at.is_none() {
+                    s.resync_at = tokio::time::Instant::now().checked_add(s.resync_delay);
+                    s.resync_delay = (s.resync_delay * 2).min(RESYNC_MAX);
+                }
                 if s.grab == Grab::Grabbing {
                     // Do not spin on a grab the server refuses: wait for its NOOP instead.
                     s.grab = Grab::Sleeping;

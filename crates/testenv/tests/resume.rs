@@ -601,6 +601,72 @@ fn a_resume_reaching_a_client_that_never_got_its_te_frees_the_te() {
     wait_log(&w, "the holder never got the TE data", TIMEOUT);
 }
 
+#[test]
+fn a_callback_refused_while_its_old_connection_lives_is_registered_once_it_closes() {
+    // What a hung broker that wakes can do to a client that reconnected meanwhile: tebroker
+    // refuses the new connection's CAN_DO callback_x (CALLBACK_TAKEN) while the old one still
+    // holds it. Once the old one is gone the library must register again by itself, or no TE
+    // would ever reach the client through that broker.
+    let b = Broker::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let server = gearman_client::parse_servers(&b.spec()).unwrap().remove(0);
+        let mut old = gearman_client::Connection::connect(&server, TIMEOUT)
+            .await
+            .expect("connect");
+        old.send(gearman_proto::Packet::req(
+            gearman_proto::PacketType::CanDo,
+            [bytes::Bytes::from_static(b"callback_x")],
+        ))
+        .await
+        .unwrap();
+        // The old connection is registered before the new one asks.
+        let registered = || {
+            b.status()
+                .iter()
+                .any(|(f, _, _, workers)| f == "callback_x" && *workers >= 1)
+        };
+        tokio::time::timeout(TIMEOUT, async {
+            while !registered() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the first connection registers");
+        let worker = gearman_client::Worker::new([server.clone()]);
+        worker.register("callback_x");
+        worker.wait_for_server(TIMEOUT).await.unwrap();
+        tokio::time::timeout(TIMEOUT, async {
+            while !b
+                .admin("stats")
+                .iter()
+                .any(|l| l == "callback_hijacks_refused\t1")
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("tebroker refuses the second registration");
+        drop(old);
+        // A job for callback_x reaches the new worker once the broker has seen the old close.
+        let client = gearman_client::Client::new([server]);
+        let job = client
+            .submit(gearman_client::JobRequest::new("callback_x", "te"))
+            .await
+            .unwrap();
+        let grabbed = tokio::time::timeout(TIMEOUT, worker.grab_job())
+            .await
+            .expect("the worker registered callback_x again and got the job")
+            .unwrap();
+        assert_eq!(&grabbed.data()[..], b"te");
+        grabbed.complete("done").await.unwrap();
+        assert_eq!(&job.result().await.unwrap()[..], b"done");
+    });
+}
+
 /// Not a test: the entry point of the broker processes [`Broker::start`] runs.
 #[test]
 fn broker_child_process() {
