@@ -228,15 +228,7 @@ fn submit(addr: std::net::SocketAddr, function: &str, data: String) -> String {
 
 #[test]
 fn a_forged_resume_or_revoke_is_refused_and_changes_nothing() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let w = s.worker(
-        &b.spec(),
-        "te1",
-        &["--holder-grace", "1"],
-        &[&s.datafile("1")],
-    );
-    b.wait_lockenv_workers(1);
+    let (s, b, w) = one_te(&["--holder-grace", "1"]);
     let mut held = s.client(&b.spec(), "held", &[], &held_until_go(&s, "held", 0));
     let pid = read_pid(&s.path("held.pid"));
     // The lease function is public (it shows in the broker's status); its key is not.
@@ -359,10 +351,7 @@ fn our_client_and_an_original_worker_degrade_to_the_old_rules_with_one_line() {
 
 #[test]
 fn an_original_client_with_our_worker_is_told_apart_in_one_line() {
-    let s = Scene::new();
-    let b = Broker::start();
-    let w = s.worker(&b.spec(), "te1", &[], &[&s.datafile("1")]);
-    b.wait_lockenv_workers(1);
+    let (s, b, w) = one_te(&[]);
     let mut cmd = std::process::Command::new(python());
     cmd.arg("-u").arg(py_script("te_client.py")).args([
         "-b",
@@ -422,15 +411,7 @@ fn a_hung_broker_does_not_read_the_holder_as_dead_when_it_wakes() {
     // its connections. When it wakes, the connection carrying the callback job must not read
     // as closed (the client never closes it), or tebroker would tell the worker its holder died
     // and the TE would be leased again while COMMAND still runs.
-    let s = Scene::new();
-    let b = Broker::start();
-    let w = s.worker(
-        &b.spec(),
-        "te1",
-        &["--holder-grace", "1"],
-        &[&s.datafile("1")],
-    );
-    b.wait_lockenv_workers(1);
+    let (s, b, w) = one_te(&["--holder-grace", "1"]);
     let quick = ["--probe-idle", "0.3", "--probe-timeout", "0.5"];
     let mut held = s.client(&b.spec(), "held", &quick, &held_until_go(&s, "held", 6));
     let pid = read_pid(&s.path("held.pid"));
@@ -461,15 +442,7 @@ fn a_hung_broker_does_not_read_the_holder_as_dead_when_it_wakes() {
 fn an_early_release_kills_the_command_and_is_confirmed() {
     // -t 42: the worker holds the TE 2 s, then takes it back; the client kills COMMAND and
     // confirms on the callback job, so the TE comes back after the holder grace alone.
-    let s = Scene::new();
-    let b = Broker::start();
-    let w = s.worker(
-        &b.spec(),
-        "te1",
-        &["--holder-grace", "1"],
-        &[&s.datafile("1")],
-    );
-    b.wait_lockenv_workers(1);
+    let (s, b, w) = one_te(&["--holder-grace", "1"]);
     let mut held = s.client(
         &b.spec(),
         "held",
