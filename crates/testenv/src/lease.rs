@@ -307,10 +307,11 @@ pub fn nodes_needed(req: &ValidLockRequest) -> usize {
         .saturating_add(n(req.extra_nodes, 0))
 }
 
-/// One lease, from lockenv grabbed to lockenv completed, resumable for the default
-/// [`crate::resume::WORKER_RESUME_GRACE`] when the client asks for it.
+/// One lease, from lockenv grabbed to lockenv completed, without resume (as before lease
+/// resume existed). A caller that resumes leases uses [`lease_with`] and, after a restart,
+/// races its quarantine against [`previous_holder_done`], as testenv-worker does.
 pub async fn lease<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Job) -> LeaseEnd {
-    lease_with(ctx, lockenv, crate::resume::WORKER_RESUME_GRACE).await
+    lease_with(ctx, lockenv, Duration::ZERO).await
 }
 
 /// [`lease`] with the worker's `--resume-grace`: how long the TE stays locked for a holder
