@@ -456,13 +456,14 @@ async fn lease_outcome<I: Interrupts>(
         // The holder may still be running: keep the lease in the journal, its heartbeat set to
         // now, until the holder grace in `run` is over (a worker restarted meanwhile, or after
         // --once or a stop, then sits out the rest of it).
-        if !matches!(
-            outcome,
-            Outcome::ResumeExpired { .. } | Outcome::Unconfirmed { .. }
-        ) {
-            // The holder is known to stop within the holder grace: no resume grace on top.
-            record.resume_grace_ms = 0;
-        }
+        // A restart quarantines the holder grace plus what the holder may run beyond it.
+        record.resume_grace_ms = match &outcome {
+            Outcome::ResumeExpired { extra } | Outcome::Unconfirmed { extra, .. } => {
+                u64::try_from(extra.as_millis()).unwrap_or(u64::MAX)
+            }
+            // The holder is known to stop within the holder grace: nothing on top.
+            _ => 0,
+        };
         ctx.heartbeat(&mut record);
     } else {
         ctx.clear_journal();

@@ -161,6 +161,19 @@ fn when_nobody_comes_back_the_command_is_killed_and_the_te_offered_only_after() 
         "{log}"
     );
     assert!(log.contains("ResumeExpired"), "{log}");
+    // Both carriers were lost at once: the holder's own grace has run since then, so after
+    // ours only the holder grace (1 s) is left, not the resume grace (6 s) once more.
+    let sit_out: f64 = log
+        .lines()
+        .find(|l| l.contains("waiting for the previous holder"))
+        .and_then(|l| l.split("seconds=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sit-out line:\n{log}"));
+    assert!(
+        sit_out < 6.0,
+        "sat out {sit_out} s after the resume grace:\n{log}"
+    );
 }
 
 #[test]

@@ -43,6 +43,9 @@ struct Carriers {
     /// What C1 is completed with: empty, or [`ALREADY_SERVED`] when the holder turned this TE
     /// down because it holds another.
     c1_result: &'static str,
+    /// When the worker lost its last C1 (none held since): the holder noticed by then plus
+    /// K and kills COMMAND within its own grace after that.
+    c1_lost_at: Option<tokio::time::Instant>,
 }
 
 async fn c1_lost(c1: &Option<Job>) {
@@ -62,6 +65,20 @@ async fn c2_event(
 }
 
 impl Carriers {
+    /// How much longer than the holder grace the holder may run after an end it did not
+    /// confirm. With a C1 still held, the take-back sent on it may be lost with its broker:
+    /// the holder then waits its whole resume grace, covered by ours (`grace`). With C1 lost
+    /// at `t`, the holder's own grace has been running since `t` (plus K), so ours from `t`
+    /// covers it: only what is left of it counts.
+    fn unconfirmed_extra(&self, grace: Duration) -> Duration {
+        match (&self.c1, self.c1_lost_at) {
+            (None, Some(lost)) => lost.checked_add(grace).map_or(grace, |until| {
+                until.saturating_duration_since(tokio::time::Instant::now())
+            }),
+            _ => grace,
+        }
+    }
+
     /// Completes every C1 still held: the holder reads it as "the TE is taken back".
     async fn complete_c1(&mut self, tenum: &str) {
         for job in self.c1.take().into_iter().chain(self.retired.drain(..)) {
@@ -110,6 +127,7 @@ pub(super) async fn hand_over<I: Interrupts>(
         c2: None,
         offer: None,
         c1_result: "",
+        c1_lost_at: None,
     };
     let outcome = carry(ctx, &r, &lease_worker, &mut carriers, record).await;
     carriers.complete_c1(tenum).await;
@@ -209,13 +227,14 @@ async fn carry<I: Interrupts>(
                     seconds = r.grace.as_secs_f64(),
                     "the holder did not take a lease resume within --resume-grace; ending the lease"
                 );
-                return Outcome::ResumeExpired { extra: r.grace };
+                return Outcome::ResumeExpired { extra: carriers.unconfirmed_extra(r.grace) };
             }
             _ = c1_lost(&carriers.c1) => {
                 tracing::warn!(tenum, holder = callback, "lost the broker carrying the lock job; the holder resumes it on lease_<id>");
                 if let Some(old) = carriers.c1.take() {
                     carriers.retired.push(old);
                 }
+                carriers.c1_lost_at = Some(tokio::time::Instant::now());
             }
             job = lease_worker.grab_job() => {
                 let Some(job) = job else { continue };
@@ -226,6 +245,7 @@ async fn carry<I: Interrupts>(
                         if let Some(old) = carriers.c1.replace(job) {
                             carriers.retired.push(old);
                         }
+                        carriers.c1_lost_at = None;
                     }
                     Taken::Released(code) => {
                         tracing::info!(tenum, holder = callback, exit = ?code, "the holder reported its command's end on lease_<id>");
@@ -299,6 +319,7 @@ async fn end_early<I: Interrupts>(
     ended: Outcome,
 ) -> Outcome {
     let tenum = ctx.tenum;
+    let extra = carriers.unconfirmed_extra(r.grace);
     tracing::info!(tenum, outcome = ?ended, "ending the lease early: taking the TE back through every carrier");
     carriers.complete_c1(tenum).await;
     carriers.offer = Some(Offer::new(
@@ -333,12 +354,12 @@ async fn end_early<I: Interrupts>(
     } else {
         tracing::warn!(
             tenum,
-            seconds = r.grace.as_secs_f64(),
-            "the holder did not confirm its command is dead; keeping the TE for its resume grace too"
+            seconds = extra.as_secs_f64(),
+            "the holder did not confirm its command is dead; keeping the TE longer than the holder grace"
         );
         Outcome::Unconfirmed {
             ended: Box::new(ended),
-            extra: r.grace,
+            extra,
         }
     }
 }
