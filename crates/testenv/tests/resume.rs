@@ -653,6 +653,44 @@ fn a_callback_refused_while_its_old_connection_lives_is_registered_once_it_close
     });
 }
 
+#[test]
+fn te_data_the_holder_never_took_is_withdrawn_before_the_te_is_offered_again() {
+    // te1 sends the TE data through B, where the client (on A only) is not: after
+    // --callback-start-timeout the lease ends NeverStarted. The queued callback job must be
+    // gone from B by then, or a client that registers there later would run COMMAND on a TE
+    // leased to someone else (the model's F1).
+    let s = Scene::new();
+    let a = Broker::start();
+    let b = Broker::start();
+    let w = s.worker(
+        &format!("{},{}", b.spec(), a.spec()),
+        "te1",
+        &["--holder-grace", "1", "--callback-start-timeout", "1"],
+        &[&s.datafile("1")],
+    );
+    a.wait_lockenv_workers(1);
+    b.wait_lockenv_workers(1);
+    let _c = s.client(&a.spec(), "held", &[], "exit 0");
+    wait_log(&w, "lease start", TIMEOUT);
+    // No second lease after this one (the client submits its request again).
+    w.signal(libc::SIGUSR2);
+    wait_until(TIMEOUT, "the TE data queued on B", || {
+        b.status()
+            .iter()
+            .any(|(f, total, _, _)| f == "callback_held" && *total == 1)
+    });
+    wait_log(&w, "outcome=NeverStarted", TIMEOUT);
+    let queued = b
+        .status()
+        .iter()
+        .any(|(f, total, _, _)| f == "callback_held" && *total > 0);
+    assert!(
+        !queued,
+        "TE data still queued after the lease: {:?}",
+        b.status()
+    );
+}
+
 /// Not a test: the entry point of the broker processes [`Broker::start`] runs.
 #[test]
 fn broker_child_process() {

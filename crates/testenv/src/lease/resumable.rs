@@ -46,6 +46,8 @@ struct Carriers {
     /// When the worker lost its last C1 (none held since): the holder noticed by then plus
     /// K and kills COMMAND within its own grace after that.
     c1_lost_at: Option<tokio::time::Instant>,
+    /// The connection the first C2 (the TE data) was submitted on.
+    c2_client: Option<gearman_client::Client>,
 }
 
 async fn c1_lost(c1: &Option<Job>) {
@@ -128,8 +130,12 @@ pub(super) async fn hand_over<I: Interrupts>(
         offer: None,
         c1_result: "",
         c1_lost_at: None,
+        c2_client: None,
     };
     let outcome = carry(ctx, &r, &lease_worker, &mut carriers, record).await;
+    if outcome != Outcome::Completed {
+        withdraw_untaken(ctx.client.servers(), &mut carriers).await;
+    }
     carriers.complete_c1(tenum).await;
     lease_worker.stop();
     outcome
@@ -149,8 +155,11 @@ async fn carry<I: Interrupts>(
     resume_msg.te = tenum.to_string();
     let fresh = || per_broker_clients(ctx.client, Liveness::default());
 
-    match ctx
-        .client
+    // On a connection of the lease's own, so that the TE data can be withdrawn (by closing
+    // it) if the lease ends before the holder took it.
+    let c2_client = gearman_client::Client::new(ctx.client.servers().to_vec());
+    carriers.c2_client = Some(c2_client.clone());
+    match c2_client
         .submit(gearman_client::JobRequest::new(
             callback.to_string(),
             r.data.clone(),
@@ -278,6 +287,40 @@ async fn carry<I: Interrupts>(
         }
     };
     end_early(ctx, r, carriers, early_end).await
+}
+
+/// Withdraws a callback job the holder has not taken (it still waits for its TE) before the
+/// lease ends: closing the connection that submitted it makes the broker drop it, so the
+/// holder cannot take it after the TE is offered again. Waits (at most 2 s) until the broker no
+/// longer has it queued. gearmand keeps such a job; nothing more can be done there.
+async fn withdraw_untaken(servers: &[gearman_client::ServerAddr], carriers: &mut Carriers) {
+    let Some(job) = carriers.c2.take() else {
+        carriers.c2_client = None;
+        return;
+    };
+    let handle = job.handle().to_string();
+    let server = servers
+        .iter()
+        .find(|s| s.to_string() == job.server())
+        .cloned();
+    drop(job);
+    carriers.c2_client = None;
+    carriers.offer = None;
+    let Some(server) = server else { return };
+    let probe = gearman_client::Client::new([server]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        match probe.get_status(&handle).await {
+            Ok(st) if st.known && !st.running => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => return,
+        }
+    }
+    tracing::warn!(
+        handle,
+        "the broker still holds the TE data the holder never took"
+    );
 }
 
 /// Whether the broker carrying `job` is a tebroker, which tells a closed holder connection
