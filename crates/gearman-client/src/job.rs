@@ -80,6 +80,18 @@ impl Job {
         &self.server
     }
 
+    /// Whether the connection this job came from is still up. Once it is gone the job cannot
+    /// be answered (the server has failed or requeued it); a reconnect does not bring it back.
+    pub fn is_connected(&self) -> bool {
+        !self.out.is_closed()
+    }
+
+    /// Resolves when the connection this job came from is gone (at once if it already is):
+    /// how a worker learns it lost a job it holds for a long time. Cancel-safe.
+    pub async fn connection_lost(&self) {
+        self.out.closed().await
+    }
+
     /// WORK_DATA: partial output for a foreground client.
     pub async fn send_data(&self, data: impl Into<Bytes>) -> Result<()> {
         self.send(PacketType::WorkData, Some(data.into()), false)

@@ -39,6 +39,12 @@ pub struct WorkerOptions {
     /// How a connection notices a dead server; the link then reconnects (jobs taken on it can
     /// no longer be answered).
     pub liveness: Liveness,
+    /// A connection given up because its server stopped answering probes, while it still
+    /// holds jobs, is kept open (unread) until the worker stops, instead of closed. A server
+    /// that was only stopped or hung then never reads an end-of-file from it, which would say
+    /// "this worker's process is gone" (tebroker fails such a job with WORK_FAIL, and a
+    /// testenv-worker reads that as its holder's death). Off by default.
+    pub keep_abandoned_connections: bool,
 }
 
 impl Default for WorkerOptions {
@@ -48,6 +54,7 @@ impl Default for WorkerOptions {
             backoff: Backoff::default(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             liveness: Liveness::default(),
+            keep_abandoned_connections: false,
         }
     }
 }
@@ -114,6 +121,10 @@ impl Shared {
     }
 }
 
+/// The first wait before abilities are sent again after an ERROR, doubling up to the second.
+const RESYNC_FIRST: Duration = Duration::from_millis(500);
+const RESYNC_MAX: Duration = Duration::from_secs(30);
+
 /// Commands from the worker handle to its links. Ability changes are not carried in the
 /// message: the link re-reads the shared state, so a link that was reconnecting meanwhile
 /// cannot miss or reorder one.
@@ -159,6 +170,7 @@ impl Worker {
                 demand: shared.demand.subscribe(),
                 opts: opts.clone(),
                 draining: false,
+                abandoned: Mutex::new(Vec::new()),
             };
             tasks.push(tokio::spawn(link.run()));
             links.push(tx);
@@ -376,6 +388,10 @@ struct Link {
     demand: watch::Receiver<()>,
     opts: WorkerOptions,
     draining: bool,
+    /// Connections given up while holding jobs (see
+    /// [`WorkerOptions::keep_abandoned_connections`]); closed when the link ends.
+    /// (A mutex only so that `&Link` is `Sync`: transports are `Send` but not `Sync`.)
+    abandoned: Mutex<Vec<Connection>>,
 }
 
 /// Per-connection state of a link.
@@ -389,6 +405,11 @@ struct Session {
     in_flight: HashSet<Bytes>,
     out_tx: mpsc::UnboundedSender<Outgoing>,
     prober: Prober,
+    /// When to send every ability again after the server refused something (ERROR): e.g.
+    /// tebroker refuses a callback function still held by our previous connection, which it
+    /// has not yet seen close; once it has, the same CAN_DO succeeds.
+    resync_at: Option<tokio::time::Instant>,
+    resync_delay: Duration,
 }
 
 impl Link {
@@ -419,6 +440,8 @@ impl Link {
                         in_flight: HashSet::new(),
                         out_tx,
                         prober: Prober::new(&self.opts.liveness),
+                        resync_at: None,
+                        resync_delay: RESYNC_FIRST,
                     };
                     match self.serve(session, out_rx).await {
                         Ok(()) => return,
@@ -483,7 +506,14 @@ impl Link {
                 return Ok(());
             }
             let probe_at = s.prober.deadline();
+            let resync_at = s.resync_at;
             tokio::select! {
+                _ = sleep_until_some(resync_at) => {
+                    s.resync_at = None;
+                    debug!(server = %s.server, "sending every ability again after an ERROR");
+                    s.sent.clear();
+                    self.sync(&mut s).await?;
+                }
                 _ = sleep_until_some(probe_at) => match s.prober.due() {
                     Some(ProbeDue::Send) => {
                         s.send(Prober::probe_packet()).await?;
@@ -492,6 +522,13 @@ impl Link {
                     Some(ProbeDue::Dead) => {
                         let reason = s.prober.dead_reason();
                         warn!(server = %s.server, %reason, "worker connection dead; reconnecting");
+                        if self.opts.keep_abandoned_connections && !s.in_flight.is_empty() {
+                            debug!(server = %s.server, jobs = s.in_flight.len(), "keeping the abandoned connection open");
+                            self.abandoned
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(s.conn);
+                        }
                         return Err(Error::Disconnected { server: s.server.clone(), reason });
                     }
                     None => {}
@@ -636,6 +673,10 @@ impl Link {
                 let code = String::from_utf8_lossy(p.arg(0));
                 let text = String::from_utf8_lossy(p.arg(1));
                 warn!(server = %s.server, %code, %text, "ERROR from server");
+                if s.resync_at.is_none() {
+                    s.resync_at = tokio::time::Instant::now().checked_add(s.resync_delay);
+                    s.resync_delay = (s.resync_delay * 2).min(RESYNC_MAX);
+                }
                 if s.grab == Grab::Grabbing {
                     // Do not spin on a grab the server refuses: wait for its NOOP instead.
                     s.grab = Grab::Sleeping;

@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::outbox::{write_loop, Outbox, SharedWrite, BIG_BUFFER};
 use crate::server::Shared;
 
+/// The disconnect reason of a connection that failed rather than closed.
+const READ_FAILED: &str = "read error";
+
 /// Bytes a connection reads at a time when no larger frame is pending.
 const READ_CHUNK: usize = 1024;
 
@@ -67,7 +70,11 @@ async fn serve_halves<R, W>(
     let writer_task = tokio::spawn(write_loop(writer, outbox.clone()));
     let reason = read_loop(&shared, reader, id, &outbox, &cancel).await;
     tracing::debug!(conn = %id, %peer, reason, "disconnected");
-    shared.disconnect(id);
+    if reason == READ_FAILED {
+        shared.disconnect_lost(id);
+    } else {
+        shared.disconnect(id);
+    }
     outbox.finish();
     let _ = writer_task.await;
 }
@@ -131,7 +138,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
         match read {
             Ok(0) => return "peer closed",
             Ok(_) => {}
-            Err(_) => return "read error",
+            // A reset comes from the peer's kernel (its process died with data unread): the
+            // peer is as gone as after a close. Anything else (a keepalive timeout, an
+            // unreachable host) says nothing about whether the peer still runs.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return "peer reset",
+            Err(_) => return READ_FAILED,
         }
         let before = frames.len();
         loop {

@@ -336,6 +336,13 @@ impl Shared {
         state.outboxes.insert(id, outbox);
     }
 
+    /// [`Shared::disconnect`] for a connection that failed rather than closed (see
+    /// `broker_core::Broker::disconnect_lost`).
+    pub(crate) fn disconnect_lost(&self, id: ConnId) {
+        self.apply(|b, out| b.disconnect_lost(id, out));
+        self.lock().outboxes.remove(&id);
+    }
+
     pub(crate) fn disconnect(&self, id: ConnId) {
         self.apply(|b, out| b.disconnect(id, out));
         self.lock().outboxes.remove(&id);

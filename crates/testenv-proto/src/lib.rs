@@ -6,10 +6,13 @@
 //! 2. a testenv-worker takes the `lockenv` job, checks the request ([`LockRequest::validate`]),
 //!    and submits the TE data ([`tedata`]) — or a [`tedata::RETRIEVE_FAILED`] notice — as a job
 //!    of the client's callback function;
-//! 3. the lease lasts until the callback job ends; the worker then completes `lockenv`.
+//! 3. the lease lasts until the callback job ends; the worker then completes `lockenv`;
+//! 4. with a `resume_key` in the request, both sides can find each other again after the broker
+//!    carrying the lease is lost ([`resume`]).
 
 pub mod agent;
 pub mod request;
+pub mod resume;
 pub mod tedata;
 
 pub use request::{LockRequest, RequestError, ValidLockRequest, MAX_TIMEOUT_SECS};

@@ -53,6 +53,10 @@ pub struct LockRequest {
     /// never sends it, and empty means the one shared tenant).
     #[serde(deserialize_with = "lenient", skip_serializing_if = "String::is_empty")]
     pub tenant: String,
+    /// The lease's secret ([`crate::resume::LeaseKey`]) from a resume-capable client; never
+    /// logged. Not sent when empty (the original client has none; its leases do not resume).
+    #[serde(deserialize_with = "lenient", skip_serializing_if = "String::is_empty")]
+    pub resume_key: String,
 }
 
 /// Why a lock request cannot be served. `callback` is the request's callback function when it
@@ -90,6 +94,8 @@ pub struct ValidLockRequest {
     pub job_identifier: String,
     /// Empty for the shared tenant.
     pub tenant: String,
+    /// The client can resume this lease (see [`crate::resume`]).
+    pub resume_key: Option<crate::resume::LeaseKey>,
 }
 
 impl LockRequest {
@@ -156,6 +162,12 @@ impl LockRequest {
             net_iso: self.net_iso.clone(),
             job_identifier: self.job_identifier.clone(),
             tenant: self.tenant.trim().to_string(),
+            resume_key: match self.resume_key.trim() {
+                "" => None,
+                text => {
+                    Some(crate::resume::LeaseKey::parse(text).map_err(|e| refuse(e.to_string()))?)
+                }
+            },
             callback_name: callback,
         })
     }
@@ -185,7 +197,7 @@ impl LockRequest {
         LockRequest::job_identifier(change.as_deref(), jobtype.as_deref())
     }
 
-    fn fields(&self) -> [(&'static str, &str); 11] {
+    fn fields(&self) -> [(&'static str, &str); 12] {
         [
             ("callback_name", &self.callback_name),
             ("timeout", &self.timeout),
@@ -198,6 +210,7 @@ impl LockRequest {
             ("extra_nodes", &self.extra_nodes),
             ("job_identifier", &self.job_identifier),
             ("tenant", &self.tenant),
+            ("resume_key", &self.resume_key),
         ]
     }
 }
@@ -428,5 +441,29 @@ mod tests {
             LockRequest::job_identifier(None, Some("ovb")),
             "No change: ovb"
         );
+    }
+
+    #[test]
+    fn a_resume_key_is_optional_checked_and_not_sent_when_empty() {
+        let plain = LockRequest {
+            callback_name: "callback_1".into(),
+            ..LockRequest::default()
+        };
+        assert!(!plain.to_json().contains("resume_key"));
+        assert_eq!(plain.validate().unwrap().resume_key, None);
+        let key = "00112233445566778899aabbccddeeff";
+        let with_key = LockRequest {
+            resume_key: key.into(),
+            ..plain.clone()
+        };
+        let valid = LockRequest::parse_valid(with_key.to_json().as_bytes()).unwrap();
+        assert_eq!(valid.resume_key.unwrap().secret_hex(), key);
+        let bad = LockRequest {
+            resume_key: "not a key".into(),
+            ..plain
+        };
+        let err = bad.validate().unwrap_err();
+        assert_eq!(err.callback.as_deref(), Some("callback_1"));
+        assert!(err.reason.contains("resume_key"), "{err}");
     }
 }

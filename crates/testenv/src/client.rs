@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use gearman_client::{
-    Backoff, Client, ClientOptions, ForegroundJob, JobRequest, Liveness, Priority, ServerAddr,
-    Worker, WorkerOptions,
+    Backoff, Client, ClientOptions, ForegroundJob, JobEvent, JobRequest, Liveness, Priority,
+    ServerAddr, Worker, WorkerOptions,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -111,6 +111,12 @@ pub struct ClientArgs {
     /// Seconds a probed broker has to answer before its connection counts as dead.
     #[arg(long, default_value = "10", value_parser = parse_probe_seconds, hide = true)]
     pub probe_timeout: Duration,
+    /// Seconds to keep COMMAND running after the broker carrying the lease is lost, while the
+    /// lease is resumed through any broker; when the worker has not taken it back by then,
+    /// COMMAND is killed and the client exits 3. 0 turns resume off. Keep it below the
+    /// workers' --resume-grace minus the kill grace and the time to notice a dead broker.
+    #[arg(long, default_value = "60", value_parser = parse_resume_grace)]
+    pub resume_grace: Duration,
     #[command(flatten)]
     pub tls: crate::TlsArgs,
     /// Ask only for a TE with this label (testenv-agent registers `lockenv:LABEL` for it).
@@ -142,6 +148,10 @@ fn parse_seconds(text: &str, min: f64, max: f64) -> Result<Duration, String> {
 
 fn parse_kill_grace(text: &str) -> Result<Duration, String> {
     parse_seconds(text, 0.0, 3600.0)
+}
+
+fn parse_resume_grace(text: &str) -> Result<Duration, String> {
+    parse_seconds(text, 0.0, testenv_proto::MAX_TIMEOUT_SECS as f64)
 }
 
 fn parse_probe_seconds(text: &str) -> Result<Duration, String> {
@@ -238,6 +248,8 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
     let callback = format!("callback_{jobnum}");
     let timeout = timeout_duration(&args.timeout);
+    let resume_key = crate::resume::new_key()?;
+    let resumable = !args.resume_grace.is_zero();
     let request = LockRequest {
         callback_name: callback.clone(),
         timeout: args.timeout.clone(),
@@ -254,6 +266,11 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         extra_nodes: args.extra_nodes.clone(),
         job_identifier: LockRequest::job_identifier_from_env(),
         tenant: args.tenant.clone(),
+        resume_key: if resumable {
+            resume_key.secret_hex()
+        } else {
+            String::new()
+        },
     };
     let target = LockTarget {
         function: match &args.label {
@@ -286,6 +303,10 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         WorkerOptions {
             client_id: Some(format!("testenv-client-{jobnum}")),
             liveness,
+            // A hung broker must not later read an end-of-file from the connection carrying
+            // our callback job: tebroker would tell the worker we died (see
+            // docs/design/lease-resume.md, "A gap this closes").
+            keep_abandoned_connections: resumable,
             ..WorkerOptions::default()
         },
     );
@@ -326,9 +347,14 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     let every = args.report_interval;
     let mut report = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut lockenv_retries = 0u32;
+    let mut worker_resumes = false;
     let job = loop {
         let resubmit_after = tokio::select! {
             job = worker.grab_job() => match job {
+                Some(job) if testenv_proto::resume::LeaseMessage::parse(job.data()).is_some() => {
+                    answer_before_lease(job, &resume_key).await;
+                    continue;
+                }
                 Some(job) => break job,
                 None => anyhow::bail!("callback worker stopped"),
             },
@@ -344,6 +370,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
                     tracing::warn!(event = ?e, "the lock request ended without an environment; submitting again");
                     Backoff::RECONNECT.initial * 2 * lockenv_retries
                 }
+                Ok(Some(JobEvent::Status { .. })) => { worker_resumes = true; continue }
                 Ok(_) => continue,
                 Err(e) => {
                     eprintln!("testenv-client: lost the broker holding our request ({e}); submitting it again");
@@ -399,68 +426,53 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     let mut guard_process = guard
         .start(datafile.path())
         .context("cannot start the command")?;
-    let mut lockenv_open = true;
-    let ending = loop {
-        tokio::select! {
-            code = guard_process.wait() => break Ending::Command(code),
-            ev = lockenv.next_event(), if lockenv_open => match ev {
-                Ok(Some(e)) if e.is_final() => {
-                    eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
-                    guard_process.signal(libc::SIGTERM);
-                    let _ = guard_process.wait().await;
-                    break Ending::LeaseLost;
-                }
-                Ok(_) => {}
-                Err(e) if job.server() == lockenv.server() => {
-                    // The callback job lived on that broker too: the worker has lost sight of
-                    // it (it waits its holder grace, then offers the TE again) and we can no
-                    // longer answer it. Running on would share the TE with its next holder.
-                    eprintln!(
-                        "testenv-client: lost the broker holding the lock ({e}); the testenv \
-                         worker will release the environment; killing the command"
-                    );
-                    guard_process.signal(libc::SIGTERM);
-                    let _ = guard_process.wait().await;
-                    break Ending::LeaseLost;
-                }
-                Err(e) => {
-                    // The broker holding lockenv is gone, but the callback job lives on
-                    // another one: the worker still holds the TE for us until it ends.
-                    tracing::warn!(error = %e, "lost the broker holding the lock request");
-                    lockenv_open = false;
-                }
-            },
-            _ = tokio::time::sleep_until(stops.deadline) => {
-                eprintln!("testenv-client: --timeout of {:.0}s reached; killing the command", timeout.as_secs_f64());
-                guard_process.signal(libc::SIGTERM);
-                let _ = guard_process.wait().await;
-                break Ending::TimedOut;
-            }
-            _ = stops.sigint.recv() => {
-                guard_process.signal(libc::SIGINT);
-                let _ = guard_process.wait().await;
-                break Ending::Signalled(libc::SIGINT);
-            }
-            _ = stops.sigterm.recv() => {
-                guard_process.signal(libc::SIGTERM);
-                let _ = guard_process.wait().await;
-                break Ending::Signalled(libc::SIGTERM);
-            }
-        }
+    let carriers = Carriers {
+        c1: Some(lockenv),
+        c2: Some(job),
+        retired_c2: Vec::new(),
+        c1_offer: None,
+        release_offer: None,
+        tell_released: false,
     };
+    let resume = ResumeSetup {
+        key: &resume_key,
+        grace: args.resume_grace,
+        worker_resumes,
+        client: &client,
+        liveness,
+    };
+    let (ending, mut carriers) = hold(
+        &mut guard_process,
+        carriers,
+        &worker,
+        &resume,
+        &mut stops,
+        timeout,
+    )
+    .await;
     drop(datafile);
 
     // Hand the environment back, saying how COMMAND ended (testenv-agent counts failed jobs
-    // and holds their TEs; other workers ignore the data).
+    // and holds their TEs; other workers ignore the data). After a lost lease this also tells
+    // a resuming worker that COMMAND is dead.
     let how = match ending {
         Ending::Command(code) => format!("{COMMAND_EXIT_PREFIX}{code}"),
         _ => String::new(),
     };
-    if let Err(e) = job.complete(how).await {
-        tracing::warn!(error = %e, "could not complete the callback job; the worker will free the TE when it notices");
+    let retired = std::mem::take(&mut carriers.retired_c2);
+    for job in carriers.c2.take().into_iter().chain(retired) {
+        if !job.is_connected() {
+            continue;
+        }
+        if let Err(e) = job.complete(how.clone()).await {
+            tracing::warn!(error = %e, "could not complete the callback job; the worker will free the TE when it notices");
+        }
     }
     worker.stop();
-    if lockenv_open && !matches!(ending, Ending::LeaseLost) {
+    if carriers.tell_released {
+        tell_released(&resume).await;
+    }
+    if let (Some(lockenv), false) = (&mut carriers.c1, matches!(ending, Ending::LeaseLost)) {
         // The worker completes lockenv once it has released the TE; do not wait forever, nor
         // past a signal.
         let released = async {
@@ -482,6 +494,295 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         Ending::TimedOut => EXIT_TIMEOUT,
         Ending::Signalled(sig) => 128 + sig,
     })
+}
+
+/// The client's ends of a lease: C1 (the lock job it submitted, or the resume that replaced
+/// it) and C2 (the callback job it took), and the resumes it is offering.
+struct Carriers {
+    c1: Option<ForegroundJob>,
+    c2: Option<gearman_client::Job>,
+    /// Callback jobs replaced by a resume. Never answered before the end (dropping one would
+    /// fail it, and the worker may still be watching it rather than the newest): at the end
+    /// every one gets COMMAND's result, so whichever the worker watches hears it.
+    retired_c2: Vec<gearman_client::Job>,
+    /// A C1 resume offered on every broker's `lease_<id>` after C1 was lost.
+    c1_offer: Option<crate::resume::Offer>,
+    /// COMMAND's end offered on `lease_<id>`, when there was no C2 to report it on.
+    release_offer: Option<crate::resume::Offer>,
+    /// The lease ended without a live worker hearing that COMMAND is dead (the worker died,
+    /// or never took our resume): a restarted worker learns it from `released` on
+    /// `lease_<id>` and need not sit out its whole quarantine.
+    tell_released: bool,
+}
+
+struct ResumeSetup<'k> {
+    key: &'k testenv_proto::resume::LeaseKey,
+    /// Zero: this client does not resume (it sent no key).
+    grace: Duration,
+    /// The worker said it resumes leases (WORK_STATUS on lockenv); an original one never does.
+    worker_resumes: bool,
+    /// The template of the offers' own per-broker clients.
+    client: &'k Client,
+    liveness: Liveness,
+}
+
+impl ResumeSetup<'_> {
+    fn clients(&self) -> Vec<Client> {
+        crate::resume::per_broker_clients(self.client, self.liveness)
+    }
+}
+
+async fn c1_event(c1: &mut Option<ForegroundJob>) -> gearman_client::Result<Option<JobEvent>> {
+    match c1 {
+        Some(job) => job.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A lease message that reaches us while we still wait for a TE: the worker that took our
+/// request lost the callback job carrying its TE data before we got it. COMMAND never started,
+/// so we say so (the worker frees the TE) and go on waiting.
+async fn answer_before_lease(job: gearman_client::Job, key: &testenv_proto::resume::LeaseKey) {
+    use testenv_proto::resume::{Carrier, LeaseMessage, NEVER_STARTED};
+    match LeaseMessage::parse(job.data()) {
+        Some(Ok(m)) if m.proves(key, Carrier::Callback) => {
+            eprintln!("testenv-client: a testenv worker lost the environment it was sending us; it frees it, and we keep waiting");
+            let _ = job.complete(NEVER_STARTED).await;
+        }
+        _ => {
+            eprintln!(
+                "testenv-client: refused a lease message with a wrong key (forged or stale) from {}",
+                job.server()
+            );
+            let _ = job.fail().await;
+        }
+    }
+}
+
+/// Leaves `released` (COMMAND is dead) on `lease_<id>` of every broker that takes it, as a
+/// background job: the worker that restarts after dying mid-lease registers that function
+/// from its journal and ends its quarantine when it finds this.
+async fn tell_released(resume: &ResumeSetup<'_>) {
+    let msg = testenv_proto::resume::LeaseMessage::new(
+        testenv_proto::resume::LeaseOp::Released,
+        resume.key,
+        testenv_proto::resume::Carrier::Lease,
+    );
+    let lease_fn = resume.key.lease_id().function();
+    for client in &resume.clients() {
+        let req = JobRequest::new(lease_fn.clone(), msg.to_json()).unique(lease_fn.clone());
+        match tokio::time::timeout(Duration::from_secs(2), client.submit_background(req)).await {
+            Ok(Ok(_)) => {
+                tracing::info!(servers = ?client.servers().iter().map(|s| s.to_string()).collect::<Vec<_>>(), "left the command's end for a restarted testenv worker")
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot leave the command's end on this broker")
+            }
+            Err(_) => tracing::debug!("no broker answered in time to take the command's end"),
+        }
+    }
+}
+
+async fn kill_command(guard: &mut guard::RunningGuard, sig: libc::c_int) {
+    guard.signal(sig);
+    let _ = guard.wait().await;
+}
+
+/// Holds the TE while COMMAND runs; resumes the lease when a broker carrying it is lost.
+async fn hold(
+    guard_process: &mut guard::RunningGuard,
+    mut carriers: Carriers,
+    worker: &Worker,
+    resume: &ResumeSetup<'_>,
+    stops: &mut Stops,
+    timeout: Duration,
+) -> (Ending, Carriers) {
+    use crate::resume::{sleep_until_opt, taken, Offer, OfferEvent};
+    use testenv_proto::resume::{Carrier, LeaseMessage, LeaseOp, ALREADY_SERVED};
+    let lease_fn = resume.key.lease_id().function();
+    let resumable = !resume.grace.is_zero();
+    let mut c1_lost_until: Option<tokio::time::Instant> = None;
+    let mut command_code: Option<i32> = None;
+    let mut report_until: Option<tokio::time::Instant> = None;
+    let mut worker_resumes = resume.worker_resumes;
+    let ending = loop {
+        tokio::select! {
+            code = guard_process.wait(), if command_code.is_none() => {
+                let on_c2 = carriers
+                    .c2
+                    .iter()
+                    .chain(&carriers.retired_c2)
+                    .any(|j| j.is_connected());
+                if on_c2 || !resumable || !worker_resumes {
+                    break Ending::Command(code);
+                }
+                // The callback job is gone with its broker: tell the worker on lease_<id>,
+                // or on the new callback job it sends.
+                tracing::warn!(code, "the command ended while the callback job was lost; reporting its end on every broker");
+                command_code = Some(code);
+                let mut released = LeaseMessage::new(LeaseOp::Released, resume.key, Carrier::Lease);
+                released.exit = Some(code);
+                carriers.release_offer = Some(Offer::new(lease_fn.clone(), released.to_json(), resume.clients()));
+                report_until = tokio::time::Instant::now().checked_add(resume.grace);
+            }
+            taken = taken(&mut carriers.release_offer) => {
+                let OfferEvent::Taken(_, _) = taken;
+                carriers.release_offer = None;
+                tracing::info!("the testenv worker took the command's end");
+                break Ending::Command(command_code.unwrap_or(0));
+            }
+            _ = sleep_until_opt(report_until), if report_until.is_some() => {
+                eprintln!("testenv-client: could not report the command's end to the testenv worker within --resume-grace; it frees the environment after its own grace");
+                break Ending::Command(command_code.unwrap_or(0));
+            }
+            ev = c1_event(&mut carriers.c1) => match ev {
+                Ok(Some(JobEvent::Status { .. })) => worker_resumes = true,
+                Ok(Some(JobEvent::Complete(data)))
+                    if resumable && data == ALREADY_SERVED.as_bytes() =>
+                {
+                    // That lockenv was a duplicate: the lease we hold came from the first one,
+                    // whose broker is gone, so resume it.
+                    eprintln!(
+                        "testenv-client: our lock request was submitted twice; resuming the lease \
+                         of the environment we hold on every broker for up to {:.0}s",
+                        resume.grace.as_secs_f64()
+                    );
+                    carriers.c1 = None;
+                    let msg = LeaseMessage::new(LeaseOp::Resume, resume.key, Carrier::Lease);
+                    carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients()));
+                    c1_lost_until = tokio::time::Instant::now().checked_add(resume.grace);
+                }
+                Ok(Some(e)) if e.is_final() => {
+                    if let Some(code) = command_code {
+                        // The worker ended the lease after taking our report of COMMAND's end.
+                        break Ending::Command(code);
+                    }
+                    eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
+                    kill_command(guard_process, libc::SIGTERM).await;
+                    // WORK_FAIL: the worker's connection ended (the worker died), not its choice.
+                    carriers.tell_released = resumable && worker_resumes && !matches!(e, JobEvent::Complete(_));
+                    break Ending::LeaseLost;
+                }
+                Ok(_) => {}
+                Err(e) if resumable && worker_resumes => {
+                    eprintln!(
+                        "testenv-client: lost the broker carrying the lock ({e}); the command keeps \
+                         running; resuming the lease on every broker for up to {:.0}s",
+                        resume.grace.as_secs_f64()
+                    );
+                    carriers.c1 = None;
+                    let msg = LeaseMessage::new(LeaseOp::Resume, resume.key, Carrier::Lease);
+                    carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients()));
+                    c1_lost_until = tokio::time::Instant::now().checked_add(resume.grace);
+                }
+                Err(e) => {
+                    let c2_here = carriers
+                        .c2
+                        .as_ref()
+                        .is_none_or(|j| Some(j.server()) == carriers.c1.as_ref().map(|c| c.server()));
+                    if resumable {
+                        eprintln!("testenv-client: the testenv worker does not resume leases (an original testenv-worker?); a lost broker ends the lease as before");
+                    }
+                    if c2_here {
+                        // The callback job lived on that broker too: the worker has lost sight
+                        // of it (it waits its holder grace, then offers the TE again) and we can
+                        // no longer answer it. Running on would share the TE with its next holder.
+                        eprintln!(
+                            "testenv-client: lost the broker holding the lock ({e}); the testenv \
+                             worker will release the environment; killing the command"
+                        );
+                        kill_command(guard_process, libc::SIGTERM).await;
+                        break Ending::LeaseLost;
+                    }
+                    // The callback job lives on another broker: the worker still holds the TE
+                    // for us until it ends.
+                    tracing::warn!(error = %e, "lost the broker holding the lock request");
+                    carriers.c1 = None;
+                }
+            },
+            taken = taken(&mut carriers.c1_offer) => {
+                let OfferEvent::Taken(job, ev) = taken;
+                carriers.c1_offer = None;
+                if let (true, Some(code)) = (ev.is_final(), command_code) {
+                    break Ending::Command(code);
+                }
+                if ev.is_final() {
+                    eprintln!("testenv-client: the testenv worker released the environment while the command was running; killing it");
+                    kill_command(guard_process, libc::SIGTERM).await;
+                    carriers.tell_released = true;
+                    break Ending::LeaseLost;
+                }
+                eprintln!("testenv-client: lease resumed: the testenv worker took our new lock job on {}", job.server());
+                c1_lost_until = None;
+                carriers.c1 = Some(job);
+            }
+            _ = sleep_until_opt(c1_lost_until), if c1_lost_until.is_some() && command_code.is_none() => {
+                eprintln!(
+                    "testenv-client: the testenv worker did not take our lease resume within \
+                     --resume-grace ({:.0}s); killing the command",
+                    resume.grace.as_secs_f64()
+                );
+                kill_command(guard_process, libc::SIGTERM).await;
+                carriers.tell_released = true;
+                break Ending::LeaseLost;
+            }
+            grabbed = worker.grab_job(), if resumable => {
+                let Some(grabbed) = grabbed else { continue };
+                match LeaseMessage::parse(grabbed.data()) {
+                    Some(Ok(m)) if m.op == LeaseOp::Resume && m.proves(resume.key, Carrier::Callback) => {
+                        let _ = grabbed.send_status(1, 1).await;
+                        eprintln!("testenv-client: lease resumed: took the testenv worker's new callback job on {}", grabbed.server());
+                        worker_resumes = true;
+                        if let Some(old) = carriers.c2.replace(grabbed) {
+                            carriers.retired_c2.push(old);
+                        }
+                        if let Some(code) = command_code {
+                            break Ending::Command(code);
+                        }
+                    }
+                    Some(Ok(m)) if m.op == LeaseOp::Revoke && m.proves(resume.key, Carrier::Callback) => {
+                        if let Some(code) = command_code {
+                            let _ = grabbed.complete("").await;
+                            break Ending::Command(code);
+                        }
+                        eprintln!("testenv-client: the testenv worker took the environment back (revoke); killing the command");
+                        kill_command(guard_process, libc::SIGTERM).await;
+                        let _ = grabbed.complete("").await;
+                        break Ending::LeaseLost;
+                    }
+                    Some(Ok(_)) => {
+                        eprintln!("testenv-client: refused a lease message with a wrong key (forged or stale) from {}", grabbed.server());
+                        let _ = grabbed.fail().await;
+                    }
+                    Some(Err(e)) => {
+                        eprintln!("testenv-client: refused a malformed lease message from {}: {e}", grabbed.server());
+                        let _ = grabbed.fail().await;
+                    }
+                    None => {
+                        // TE data for a lock request submitted again after its broker died,
+                        // while a worker already held the first: that worker frees its TE and
+                        // tells us this lockenv was not our lease's (ALREADY_SERVED).
+                        tracing::warn!(server = grabbed.server(), "turned down a second environment while holding one");
+                        let _ = grabbed.complete(ALREADY_SERVED).await;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(stops.deadline) => {
+                eprintln!("testenv-client: --timeout of {:.0}s reached; killing the command", timeout.as_secs_f64());
+                kill_command(guard_process, libc::SIGTERM).await;
+                break Ending::TimedOut;
+            }
+            _ = stops.sigint.recv() => {
+                kill_command(guard_process, libc::SIGINT).await;
+                break Ending::Signalled(libc::SIGINT);
+            }
+            _ = stops.sigterm.recv() => {
+                kill_command(guard_process, libc::SIGTERM).await;
+                break Ending::Signalled(libc::SIGTERM);
+            }
+        }
+    };
+    (ending, carriers)
 }
 
 /// Submits the lock request, trying every broker in turn with backoff until one takes it.

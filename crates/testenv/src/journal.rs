@@ -23,6 +23,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +47,15 @@ pub struct LeaseRecord {
     /// `CLOCK_BOOTTIME` in milliseconds at the last heartbeat.
     #[serde(default)]
     pub heartbeat_boottime_ms: u64,
+    /// The lease's resume secret (hex), when its client can resume it; only ever in this
+    /// 0600 file, never logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_key: Option<String>,
+    /// A resumable lease's holder may run this much longer than the holder grace after the
+    /// worker lost sight of it (it waits its own resume grace before killing COMMAND), so a
+    /// restarted worker quarantines the TE for the holder grace plus this.
+    #[serde(default)]
+    pub resume_grace_ms: u64,
 }
 
 impl LeaseRecord {
@@ -59,7 +69,16 @@ impl LeaseRecord {
             heartbeat_ms: now_ms(),
             boot_id: now.boot_id,
             heartbeat_boottime_ms: now.boottime_ms,
+            resume_key: None,
+            resume_grace_ms: 0,
         }
+    }
+
+    /// Marks the lease resumable: see [`LeaseRecord::resume_grace_ms`].
+    pub fn resumable(mut self, key: &testenv_proto::resume::LeaseKey, grace: Duration) -> Self {
+        self.resume_key = Some(key.secret_hex());
+        self.resume_grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self
     }
 }
 
@@ -265,7 +284,14 @@ impl Journal {
     pub fn write(&self, record: &LeaseRecord) -> std::io::Result<()> {
         let tmp = self.tmp_path();
         let body = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-        let mut file = File::create(&tmp)?;
+        // 0600 from the start: the record may hold a lease's resume secret.
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         file.write_all(&body)?;
         file.sync_all()?;
         drop(file);
@@ -317,6 +343,8 @@ impl Journal {
         let PreviousLease::Open(record) = previous else {
             return holder_grace;
         };
+        let holder_grace =
+            holder_grace.saturating_add(Duration::from_millis(record.resume_grace_ms));
         let same_boot = !record.boot_id.is_empty()
             && record.boot_id == now.boot_id
             && record.heartbeat_boottime_ms > 0
@@ -442,6 +470,27 @@ mod tests {
         assert_eq!(
             (found.callback.as_str(), found.boot_id.as_str()),
             ("callback_x", "")
+        );
+    }
+
+    #[test]
+    fn a_resumable_lease_is_quarantined_for_its_resume_grace_too_in_a_0600_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path(), "te1").unwrap();
+        let key = testenv_proto::resume::LeaseKey::from_bytes([9; 16]);
+        let mut r = record().resumable(&key, Duration::from_secs(120));
+        j.heartbeat(&mut r).unwrap();
+        let mode = std::fs::metadata(j.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let prev = j.previous().unwrap();
+        let PreviousLease::Open(found) = &prev else {
+            panic!("{prev:?}")
+        };
+        assert_eq!(found.resume_key.as_deref(), Some(key.secret_hex().as_str()));
+        let left = Journal::quarantine_left(&prev, Duration::from_secs(15), &BootClock::now());
+        assert!(
+            left > Duration::from_secs(130) && left <= Duration::from_secs(135),
+            "{left:?}"
         );
     }
 }

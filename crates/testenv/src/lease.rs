@@ -11,12 +11,14 @@ use gearman_client::{Client, Job, JobEvent, JobRequest, Worker};
 use testenv_proto::{LockRequest, ValidLockRequest};
 
 use crate::journal::{Journal, LeaseRecord};
+use crate::resume::sleep_until_opt as sleep_until;
 use crate::tedata;
 
 mod environment;
+mod resumable;
 
 pub use environment::run_destroy;
-use environment::{client_alive, read_datafile, run_create, Environment};
+use environment::{read_datafile, run_create, AliveWatch, Environment};
 
 /// How often an unwritable journal is tried again before the TE is offered again.
 pub const JOURNAL_RETRY: Duration = Duration::from_secs(5);
@@ -69,6 +71,17 @@ pub enum Outcome {
         has: usize,
         needs: usize,
     },
+    /// A resumable lease lost its callback job and the holder did not take a resume within
+    /// the worker's resume grace (`extra`): the holder may still run for its own resume grace.
+    ResumeExpired {
+        extra: Duration,
+    },
+    /// A resumable lease ended early (`ended`) and the holder did not confirm that COMMAND is
+    /// dead: it may run on for its own resume grace, which `extra` covers.
+    Unconfirmed {
+        ended: Box<Outcome>,
+        extra: Duration,
+    },
 }
 
 impl Outcome {
@@ -92,6 +105,10 @@ impl Outcome {
             // The callback job failed: the client's connection is gone, so the client is dead
             // and its guard SIGKILLs COMMAND's whole tree at once.
             Outcome::Failed => settings.dead_holder_grace,
+            Outcome::ResumeExpired { extra } => settings.holder_grace.saturating_add(*extra),
+            Outcome::Unconfirmed { ended, extra } => {
+                ended.holder_grace(settings).saturating_add(*extra)
+            }
             // The client is alive and learns from lockenv that the TE was taken back; it gives
             // COMMAND its kill grace.
             _ => settings.holder_grace,
@@ -99,7 +116,10 @@ impl Outcome {
     }
 
     pub fn stops_worker(&self) -> bool {
-        *self == Outcome::Stopping
+        match self {
+            Outcome::Unconfirmed { ended, .. } => ended.stops_worker(),
+            o => *o == Outcome::Stopping,
+        }
     }
 
     /// Whether a TE was leased at all (for --once: a refused request does not count).
@@ -287,15 +307,27 @@ pub fn nodes_needed(req: &ValidLockRequest) -> usize {
         .saturating_add(n(req.extra_nodes, 0))
 }
 
-/// One lease, from lockenv grabbed to lockenv completed.
+/// One lease, from lockenv grabbed to lockenv completed, without resume (as before lease
+/// resume existed). A caller that resumes leases uses [`lease_with`] and, after a restart,
+/// races its quarantine against [`previous_holder_done`], as testenv-worker does.
 pub async fn lease<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Job) -> LeaseEnd {
+    lease_with(ctx, lockenv, Duration::ZERO).await
+}
+
+/// [`lease`] with the worker's `--resume-grace`: how long the TE stays locked for a holder
+/// whose callback job was lost (zero: leases never resume).
+pub async fn lease_with<I: Interrupts>(
+    ctx: &mut LeaseContext<'_, I>,
+    lockenv: Job,
+    resume_grace: Duration,
+) -> LeaseEnd {
     let started = Instant::now();
     let job_identifier = LockRequest::parse(lockenv.data())
         .map(|r| r.job_identifier)
         .unwrap_or_default();
     ctx.exit_status = None;
     ctx.leasing = true;
-    let outcome = lease_outcome(ctx, lockenv).await;
+    let outcome = lease_outcome(ctx, lockenv, resume_grace).await;
     ctx.leasing = false;
     if std::mem::take(&mut ctx.pause_after_lease) {
         ctx.worker.pause();
@@ -308,7 +340,11 @@ pub async fn lease<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Job) -
     }
 }
 
-async fn lease_outcome<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Job) -> Outcome {
+async fn lease_outcome<I: Interrupts>(
+    ctx: &mut LeaseContext<'_, I>,
+    lockenv: Job,
+    resume_grace: Duration,
+) -> Outcome {
     let started = Instant::now();
     let tenum = ctx.tenum;
     let request = match LockRequest::parse_valid(lockenv.data()) {
@@ -319,7 +355,14 @@ async fn lease_outcome<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Jo
         .timeout_or(ctx.settings.timeout)
         .saturating_sub(HOLD_MARGIN)
         .max(Duration::from_secs(1));
+    let resume_key = request
+        .resume_key
+        .as_ref()
+        .filter(|_| !resume_grace.is_zero());
     let mut record = LeaseRecord::new(tenum, &request.callback_name, &request.job_identifier);
+    if let Some(key) = resume_key {
+        record = record.resumable(key, resume_grace);
+    }
     if !ctx.heartbeat(&mut record) {
         // Failing it (rather than serving without a journal) lets the broker or the client
         // give the request to another TE; this one waits for its journal in `run`.
@@ -364,23 +407,46 @@ async fn lease_outcome<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Jo
         }
     }
     let alive = if no_env { None } else { Some(&request) };
-    let mut outcome = hand_over(
-        ctx,
-        &request.callback_name,
-        env.into_callback_data(),
-        hold_for,
-        alive,
-        Some(&mut record),
-    )
-    .await;
+    let mut outcome = match resume_key.filter(|_| !no_env) {
+        Some(key) => {
+            let resumable = resumable::Resumable {
+                request: &request,
+                key,
+                grace: resume_grace,
+                data: env.into_callback_data(),
+                hold_for,
+            };
+            // Answers lockenv, and any lock job that replaced it, itself.
+            resumable::hand_over(ctx, lockenv, resumable, &mut record).await
+        }
+        None => {
+            if request.resume_key.is_none() && !no_env {
+                tracing::info!(
+                    tenum,
+                    holder = request.callback_name,
+                    "the holder does not resume leases (an original testenv-client?): losing \
+                     its broker ends this lease as before"
+                );
+            }
+            let outcome = hand_over(
+                ctx,
+                &request.callback_name,
+                env.into_callback_data(),
+                hold_for,
+                alive,
+                Some(&mut record),
+            )
+            .await;
+            // Tell the client first: if its command still runs, it is killed now, before the
+            // TE is destroyed or offered to anyone else.
+            if let Err(e) = lockenv.complete("").await {
+                tracing::warn!(tenum, error = %e, "could not complete lockenv");
+            }
+            outcome
+        }
+    };
     if no_env && outcome == Outcome::Completed {
         outcome = Outcome::NoEnvironment;
-    }
-
-    // Tell the client first: if its command still runs, it is killed now, before the TE is
-    // destroyed or offered to anyone else.
-    if let Err(e) = lockenv.complete("").await {
-        tracing::warn!(tenum, error = %e, "could not complete lockenv");
     }
     if let Source::Scripts { destroy, .. } = ctx.source {
         // Also after a failed create: it may have left half an environment behind.
@@ -390,6 +456,14 @@ async fn lease_outcome<I: Interrupts>(ctx: &mut LeaseContext<'_, I>, lockenv: Jo
         // The holder may still be running: keep the lease in the journal, its heartbeat set to
         // now, until the holder grace in `run` is over (a worker restarted meanwhile, or after
         // --once or a stop, then sits out the rest of it).
+        // A restart quarantines the holder grace plus what the holder may run beyond it.
+        record.resume_grace_ms = match &outcome {
+            Outcome::ResumeExpired { extra } | Outcome::Unconfirmed { extra, .. } => {
+                u64::try_from(extra.as_millis()).unwrap_or(u64::MAX)
+            }
+            // The holder is known to stop within the holder grace: nothing on top.
+            _ => 0,
+        };
         ctx.heartbeat(&mut record);
     } else {
         ctx.clear_journal();
@@ -488,13 +562,13 @@ async fn hand_over(
     let start_check = now.checked_add(args.callback_start_timeout);
     let hold_until = now.checked_add(hold_for);
     let mut checked_start = false;
-    let alive_cmd = alive.and(args.client_alive_cmd.as_deref());
-    let alive_period = args.alive_interval.max(Duration::from_millis(100));
-    let mut alive_ticks = tokio::time::interval_at(now + alive_period, alive_period);
-    alive_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A running client-alive check: polled alongside everything else, so a hung check holds
-    // up neither the heartbeat nor signals nor the callback's events.
-    let mut check: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>> = None;
+    let mut alive_watch = AliveWatch::new(
+        args.client_alive_cmd.as_deref(),
+        alive,
+        ctx.tenum,
+        args.alive_interval,
+        args.alive_timeout,
+    );
     let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -505,6 +579,13 @@ async fn hand_over(
                         .and_then(|t| t.strip_prefix(crate::client::COMMAND_EXIT_PREFIX))
                         .and_then(|n| n.trim().parse().ok());
                     return Outcome::Completed;
+                }
+                // tebroker: the holder's connection failed, not closed; it may still run and
+                // needs its kill grace once it notices.
+                Ok(Some(JobEvent::Exception(data)))
+                    if data == testenv_proto::resume::HOLDER_CONNECTION_LOST.as_bytes() =>
+                {
+                    return Outcome::LostBroker(testenv_proto::resume::HOLDER_CONNECTION_LOST.into());
                 }
                 Ok(Some(e)) if e.is_final() => return Outcome::Failed,
                 Ok(_) => {}
@@ -519,22 +600,7 @@ async fn hand_over(
                 }
             }
             _ = sleep_until(hold_until) => return Outcome::TimedOut,
-            _ = alive_ticks.tick(), if alive_cmd.is_some() && check.is_none() => {
-                if let (Some(cmd), Some(req)) = (alive_cmd, alive) {
-                    check = Some(Box::pin(client_alive(
-                        cmd.to_string(),
-                        ctx.tenum.to_string(),
-                        req.clone(),
-                        args.alive_timeout,
-                    )));
-                }
-            }
-            passed = async { check.as_mut().expect("guarded by is_some").await }, if check.is_some() => {
-                check = None;
-                if !passed {
-                    return Outcome::ClientGone;
-                }
-            }
+            _ = alive_watch.failed() => return Outcome::ClientGone,
             _ = heartbeat.tick() => {
                 if let Some(r) = record.as_deref_mut() {
                     ctx.heartbeat(r);
@@ -545,10 +611,55 @@ async fn hand_over(
     }
 }
 
-/// Sleeps until `deadline`, or for ever if there is none.
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+/// Resolves when the holder of a resumable lease a previous run left open says its COMMAND is
+/// dead (`released` on `lease_<id>`); never for other leases. A resume of the lock job it sends
+/// meanwhile is completed: "the TE is taken back", so it kills COMMAND and says so. For a
+/// restarted worker or agent to race against its quarantine.
+pub async fn previous_holder_done(
+    previous: &crate::journal::PreviousLease,
+    servers: &[gearman_client::ServerAddr],
+    tenum: &str,
+) {
+    use testenv_proto::resume::{Carrier, LeaseKey, LeaseMessage, LeaseOp};
+    let key = match previous {
+        crate::journal::PreviousLease::Open(r) if r.resume_grace_ms > 0 => r
+            .resume_key
+            .as_deref()
+            .and_then(|k| LeaseKey::parse(k).ok()),
+        _ => None,
+    };
+    let Some(key) = key else {
+        return std::future::pending().await;
+    };
+    let lease_worker = Worker::new(servers.to_vec());
+    lease_worker.register(key.lease_id().function());
+    while let Some(job) = lease_worker.grab_job().await {
+        match LeaseMessage::parse(job.data()) {
+            Some(Ok(m)) if m.op == LeaseOp::Released && m.proves(&key, Carrier::Lease) => {
+                tracing::info!(
+                    tenum,
+                    "the previous holder reported its command's end; the quarantine ends"
+                );
+                let _ = job.complete("").await;
+                lease_worker.stop();
+                return;
+            }
+            Some(Ok(m)) if m.op == LeaseOp::Resume && m.proves(&key, Carrier::Lease) => {
+                tracing::info!(
+                    tenum,
+                    "the previous holder tried to resume its lease; taking the TE back"
+                );
+                let _ = job.complete("").await;
+            }
+            _ => {
+                tracing::warn!(
+                    tenum,
+                    server = job.server(),
+                    "refused a lease message with a wrong key (forged or stale)"
+                );
+                let _ = job.fail().await;
+            }
+        }
     }
+    std::future::pending().await
 }

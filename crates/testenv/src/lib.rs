@@ -8,6 +8,7 @@ pub mod journal;
 pub mod lease;
 pub mod procs;
 pub mod request;
+pub mod resume;
 pub mod tedata;
 pub mod worker;
 

@@ -11,7 +11,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::journal::{BootClock, Journal, OpenError, PreviousLease};
 use crate::lease::{
-    lease, run_destroy, Interrupt, Interrupts, LeaseContext, LeaseSettings, Source,
+    lease_with, run_destroy, Interrupt, Interrupts, LeaseContext, LeaseSettings, Source,
 };
 
 #[derive(Debug, Parser)]
@@ -70,6 +70,12 @@ pub struct WorkerArgs {
     /// the TE is offered again: its guard kills COMMAND at once when the client dies.
     #[arg(long, default_value = "1", value_parser = parse_seconds)]
     pub dead_holder_grace: Duration,
+    /// Seconds to keep the TE locked for a holder whose callback job was lost (its broker
+    /// died or the link was cut), offering it a lease resume on every broker meanwhile; only
+    /// for clients that resume leases (ours). 0 turns resume off. Keep it above the clients'
+    /// --resume-grace plus their kill grace and the time to notice a dead broker (40 s).
+    #[arg(long, default_value = "120", value_parser = parse_seconds)]
+    pub resume_grace: Duration,
     #[command(flatten)]
     pub tls: crate::TlsArgs,
     /// Seconds to wait for the callback job to start before asking the broker about it
@@ -222,8 +228,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             seconds = wait.as_secs_f64(),
             "quarantine before offering the TE again"
         );
+        let holder_done = crate::lease::previous_holder_done(&previous, &servers, &tenum);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = holder_done => {}
             _ = signals.int.recv() => return Ok(()),
             _ = signals.term.recv() => return Ok(()),
         }
@@ -275,7 +283,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         let Some(job) = job else {
             return Ok(());
         };
-        let outcome = lease(&mut ctx, job).await.outcome;
+        let outcome = lease_with(&mut ctx, job, args.resume_grace).await.outcome;
         if outcome.stops_worker() || (args.once && outcome.leased()) {
             break;
         }

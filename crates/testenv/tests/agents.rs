@@ -517,7 +517,14 @@ trap 'echo "end $TOCI_JOBTYPE $(date +%s.%N)" >> {log}; exit 0' TERM
 sleep 3 & wait
 echo "end $TOCI_JOBTYPE $(date +%s.%N)" >> {log}"#
     );
-    let mut c1 = s.client(&both, "one", &["--kill-grace", "0.5"], &script);
+    // Without lease resume (--resume-grace 0: the rules before it; tests/resume.rs has the
+    // lease surviving this).
+    let mut c1 = s.client(
+        &both,
+        "one",
+        &["--kill-grace", "0.5", "--resume-grace", "0"],
+        &script,
+    );
     wait_until(TIMEOUT, "first holder running", || {
         s.read("log").contains("start")
     });

@@ -18,6 +18,8 @@ use crate::inventory::Inventory;
 use crate::security::{CallbackGuard, Security};
 use crate::testenv::{EndedLease, LeaseTracker};
 use crate::types::{parse_num, show, Action, ConnId, Job, JobId, JobState, Millis, Now};
+use testenv_proto::resume::HOLDER_CONNECTION_LOST;
+use testenv_proto::CALLBACK_PREFIX;
 
 mod access;
 mod control;
@@ -243,6 +245,19 @@ impl Broker {
 
     /// The connection is gone: fail or requeue what its worker held, detach what it submitted.
     pub fn disconnect(&mut self, conn: ConnId, out: &mut Vec<Action>) {
+        self.disconnect_as(conn, false, out)
+    }
+
+    /// [`Broker::disconnect`] for a connection that failed (a read error other than a reset:
+    /// timed out, or cut) rather than closed: its peer may still be alive. A testenv callback
+    /// job it held then ends with WORK_EXCEPTION [`HOLDER_CONNECTION_LOST`] instead of WORK_FAIL,
+    /// so a resume-capable testenv-worker keeps the TE for its holder instead of reading "the
+    /// holder is dead" (docs/design/lease-resume.md).
+    pub fn disconnect_lost(&mut self, conn: ConnId, out: &mut Vec<Action>) {
+        self.disconnect_as(conn, true, out)
+    }
+
+    fn disconnect_as(&mut self, conn: ConnId, lost: bool, out: &mut Vec<Action>) {
         let Some(c) = self.conns.remove(&conn) else {
             return;
         };
@@ -273,11 +288,19 @@ impl Broker {
                 self.stats.jobs_failed += 1;
                 self.leases.set_outcome(id, "worker lost");
                 let handle = job.handle.clone();
+                let packet = if lost && job.function.starts_with(CALLBACK_PREFIX.as_bytes()) {
+                    Packet::res(
+                        PacketType::WorkException,
+                        [
+                            handle.clone(),
+                            Bytes::from_static(HOLDER_CONNECTION_LOST.as_bytes()),
+                        ],
+                    )
+                } else {
+                    Packet::res(PacketType::WorkFail, [handle.clone()])
+                };
                 for &client in &job.clients {
-                    out.push(Action::Send(
-                        client,
-                        Packet::res(PacketType::WorkFail, [handle.clone()]),
-                    ));
+                    out.push(Action::Send(client, packet.clone()));
                 }
                 self.remove_job(id);
             }

@@ -185,3 +185,59 @@ pub(crate) async fn client_alive(
         }
     }
 }
+
+/// The client-alive check of one lease, run every `interval` while the lease lasts. A running
+/// check lives here, so [`AliveWatch::failed`] can be raised against other events (and
+/// cancelled) without losing it: a hung check holds up nothing else.
+pub(crate) struct AliveWatch {
+    check: Option<(String, ValidLockRequest)>,
+    tenum: String,
+    timeout: Duration,
+    ticks: tokio::time::Interval,
+    running: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>>,
+}
+
+impl AliveWatch {
+    /// No check when `cmd` or `request` is missing (no command configured, no environment).
+    pub(crate) fn new(
+        cmd: Option<&str>,
+        request: Option<&ValidLockRequest>,
+        tenum: &str,
+        interval: Duration,
+        timeout: Duration,
+    ) -> AliveWatch {
+        let period = interval.max(Duration::from_millis(100));
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        AliveWatch {
+            check: cmd.zip(request).map(|(c, r)| (c.to_string(), r.clone())),
+            tenum: tenum.to_string(),
+            timeout,
+            ticks,
+            running: None,
+        }
+    }
+
+    /// Resolves when a check fails (never without a check). Cancel-safe.
+    pub(crate) async fn failed(&mut self) {
+        let Some((cmd, request)) = &self.check else {
+            return std::future::pending().await;
+        };
+        loop {
+            if self.running.is_none() {
+                self.ticks.tick().await;
+                self.running = Some(Box::pin(client_alive(
+                    cmd.clone(),
+                    self.tenum.clone(),
+                    request.clone(),
+                    self.timeout,
+                )));
+            }
+            let passed = self.running.as_mut().expect("set above").await;
+            self.running = None;
+            if !passed {
+                return;
+            }
+        }
+    }
+}

@@ -24,6 +24,9 @@ pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_testenv-worker");
 
 /// Set in the environment of the test binary re-executed as a broker; see [`broker_child_main`].
 pub const BROKER_CHILD_ENV: &str = "TESTENV_E2E_BROKER_CHILD";
+/// The port the broker child listens on (default: a free one), so a killed broker can be
+/// restarted where its clients look for it.
+pub const BROKER_PORT_ENV: &str = "TESTENV_E2E_BROKER_PORT";
 /// The name of the `#[test]` in every test binary that calls [`broker_child_main`].
 pub const BROKER_CHILD_TEST: &str = "broker_child_process";
 
@@ -41,8 +44,12 @@ pub fn broker_child_main() {
         .build()
         .expect("broker runtime");
     let result: anyhow::Result<()> = rt.block_on(async move {
+        let port = std::env::var(BROKER_PORT_ENV)
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         let settings = tebroker::config::Settings {
-            port: 0,
+            port,
             listen: "127.0.0.1".into(),
             handle_host: "test".into(),
             ..tebroker::config::Settings::default()
@@ -70,6 +77,11 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> Broker {
+        Broker::start_on(0)
+    }
+
+    /// A broker on `port` (0: a free one); e.g. the same port again after [`Broker::kill`].
+    pub fn start_on(port: u16) -> Broker {
         let log = tempfile::NamedTempFile::new()
             .expect("log")
             .into_temp_path();
@@ -81,7 +93,8 @@ impl Broker {
             "--test-threads",
             "1",
         ])
-        .env(BROKER_CHILD_ENV, "1");
+        .env(BROKER_CHILD_ENV, "1")
+        .env(BROKER_PORT_ENV, port.to_string());
         let mut proc = Proc::spawn("tebroker", &mut cmd, log.to_path_buf());
         let mut addr = None;
         wait_until(TIMEOUT, "tebroker listening line", || {
