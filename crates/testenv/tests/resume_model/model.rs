@@ -76,9 +76,11 @@ impl Timing {
         }
     }
 
-    /// The defaults scaled down for the fast check: not one unit, but small values that keep
-    /// every order between the sums the protocol's safety depends on (checked by the test
-    /// `fast_timing_keeps_the_orders_of_the_defaults`).
+    /// The defaults scaled down for the fast checks: not one unit, but small values that keep
+    /// the orders between the sums the resume inequality compares (checked by the test
+    /// `fast_timing_keeps_the_orders_of_the_defaults`). Two orders of the defaults it does
+    /// not keep: K > holder grace, and pause > holder grace − kill grace (the exact timing of
+    /// the ignored test `exact_default_timers` keeps every one).
     pub const FAST: Timing = Timing {
         detect: 2,
         kill_grace: 1,
@@ -112,25 +114,32 @@ pub struct Faults {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Rules {
     /// After a lease ends without proof that its holder is gone (COMMAND's exit status, the
-    /// holder's connection closed, `released`, a refused resume), the TE is offered after
-    /// `worker_grace + holder_grace` instead of `holder_grace`: a take-back lost with its
-    /// broker, or a C1 lost after the worker's grace timer started, leaves the client only its
-    /// own C1-lost grace, which runs until K + client grace + kill grace after the loss.
+    /// holder's connection closed, `released`, a refused callback), the TE is offered only
+    /// after `worker_grace + holder_grace` from the last loss of C1 (from the take-back when C1
+    /// was there to carry it) instead of after `holder_grace`: a take-back lost with its
+    /// broker, or read late by a paused client, leaves the client only its own C1-lost grace,
+    /// which runs until K + client grace + kill grace after that loss.
     pub long_wait_unproven: bool,
     /// Every end of a lease withdraws the callbacks the worker submitted and the client has
     /// not taken (closing the connection that submitted them, so the broker drops them): a
     /// client must not start COMMAND from the TE data of a lease that is over.
     pub withdraw_unstarted: bool,
+    /// The TE data names the `lockenv` job the worker took; a client whose lock request was
+    /// lost and submitted again refuses TE data for the old one instead of starting COMMAND
+    /// with a C1 it does not hold (its C1 grace would never start).
+    pub te_data_names_c1: bool,
 }
 
 impl Rules {
     pub const DESIGN: Rules = Rules {
         long_wait_unproven: false,
         withdraw_unstarted: false,
+        te_data_names_c1: false,
     };
     pub const FIXED: Rules = Rules {
         long_wait_unproven: true,
         withdraw_unstarted: true,
+        te_data_names_c1: true,
     };
 }
 
@@ -293,6 +302,9 @@ pub struct Lease {
     pub handed: bool,
     /// The resume grace: running while a carrier is lost.
     pub grace: Option<u8>,
+    /// The resume grace of C1 alone, from its loss: until it ends the holder may still wait
+    /// for its own C1 resume (its grace started at most K later).
+    pub c1_grace: Option<u8>,
     /// The callback start check.
     pub start: Option<u8>,
 }
@@ -710,6 +722,7 @@ impl LeaseModel {
                         plain: None,
                         handed: true,
                         grace: Some(t.worker_grace),
+                        c1_grace: Some(t.worker_grace),
                         start: None,
                     }),
                     None => WorkerPhase::Offering,
@@ -872,6 +885,7 @@ impl LeaseModel {
                     plain: None,
                     handed: false,
                     grace: None,
+                    c1_grace: None,
                     start: None,
                 });
             }
@@ -1001,6 +1015,9 @@ impl LeaseModel {
                     if !carriers_ok(&l) && l.grace.is_none() {
                         l.grace = Some(t.worker_grace);
                     }
+                    if l.c1 == 0 && l.c1_grace.is_none() {
+                        l.c1_grace = Some(t.worker_grace);
+                    }
                     n.worker.phase = WorkerPhase::Leasing(l);
                 }
             }
@@ -1043,10 +1060,17 @@ impl LeaseModel {
             }
         }
         self.withdraw_callbacks(n);
-        let left = if self.rules.long_wait_unproven {
-            t.worker_grace.saturating_add(t.holder_grace)
-        } else {
-            t.holder_grace
+        let left = match (self.rules.long_wait_unproven, told) {
+            (false, _) => t.holder_grace,
+            // The take-back may be lost with its broker: the client then notices its C1 gone
+            // within K and kills COMMAND after its own grace.
+            (true, true) => t.worker_grace.saturating_add(t.holder_grace),
+            // C1 was lost before (or is found lost now): the client's grace started at most K
+            // after that loss.
+            (true, false) => l
+                .c1_grace
+                .unwrap_or(t.worker_grace)
+                .saturating_add(t.holder_grace),
         };
         n.worker.phase = WorkerPhase::HolderWait {
             holder: l.holder,
@@ -1093,6 +1117,18 @@ impl LeaseModel {
         let cl = n.client(c).clone();
         match (cl.phase, job) {
             (ClientPhase::Waiting { lock }, Job::Plain(_, gen)) => {
+                // The TE data names the lockenv job the worker holds (the model looks at the
+                // worker's carriers): TE data for a lockenv the client no longer waits on (lost
+                // and submitted again) is refused, since the client's C1 grace would start
+                // only now, long after the worker lost that C1.
+                let worker_c1 = match n.worker.phase {
+                    WorkerPhase::Leasing(l) if n.worker.gen == gen => l.c1,
+                    _ => 0,
+                };
+                if self.rules.te_data_names_c1 && lock.is_none_or(|x| worker_c1 & bit(x) == 0) {
+                    n.reply(b, Agent::Worker, Msg::HolderGone(c, gen));
+                    return;
+                }
                 n.client_mut(c).gen = gen;
                 let c1 = lock.map_or(0, bit);
                 n.client_mut(c).phase = ClientPhase::Holding {
@@ -1111,7 +1147,9 @@ impl LeaseModel {
                     };
                     n.client_mut(c).detached &= !bit(b);
                     n.client_mut(c).resumed = true;
-                    n.client_mut(c).gen = gen;
+                    // A resume left over from an earlier lease of the same request carries the
+                    // same key: it is taken too, but the client reports on every C2 it holds,
+                    // so the current lease's job still carries the exit status.
                     n.reply(b, Agent::Worker, Msg::C2Resumed(c, b, gen));
                 }
                 Cmd::Exited => {
@@ -1145,8 +1183,10 @@ impl LeaseModel {
             }
             return;
         };
+        let resuming = n.client(c).resumes_sent;
         match msg {
-            Msg::TakenBack(b) if c1 & bit(b) != 0 => self.kill(n, c),
+            // The completion of its C1, or of a C1 resume it submitted, ends the lease.
+            Msg::TakenBack(b) if (c1 | resuming) & bit(b) != 0 => self.kill(n, c),
             Msg::C1Failed(b) if c1 & bit(b) != 0 => {
                 let c1 = c1 & !bit(b);
                 let grace = if c1 == 0 && grace.is_none() {
@@ -1173,6 +1213,7 @@ impl LeaseModel {
         match (n.worker.phase, job) {
             (WorkerPhase::Leasing(mut l), Job::ResumeC1(c)) => {
                 l.c1 |= bit(b);
+                l.c1_grace = None;
                 if carriers_ok(&l) {
                     l.grace = None;
                 }
@@ -1284,6 +1325,7 @@ fn tick(n: &mut State) -> bool {
     match &mut n.worker.phase {
         WorkerPhase::Leasing(l) => {
             dec_opt(&mut l.grace, &mut any);
+            dec_opt(&mut l.c1_grace, &mut any);
             dec_opt(&mut l.start, &mut any);
         }
         WorkerPhase::HolderWait { left, .. } => dec(left, &mut any),
