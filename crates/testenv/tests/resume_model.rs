@@ -69,7 +69,7 @@ const RESUMED: &str = "a resumed lease ends with COMMAND's exit status";
 const HANDED_ON: &str = "both clients run COMMAND, one after the other";
 
 /// Checks the three properties for the fixed protocol with `faults`, and that the model
-/// does hand the TE on (and, with a fault that cuts carriers, resume a lease to its end).
+/// does hand the TE on (and, with a broker crash, resume a lease to its end).
 fn assert_safe_and_live(name: &str, faults: Faults) {
     let m = LeaseModel::new(Timing::FAST, faults, Rules::FIXED, Coarse::BOUNDS);
     let checker = explore(name, m);
@@ -77,7 +77,8 @@ fn assert_safe_and_live(name: &str, faults: Faults) {
         checker.assert_no_discovery(p);
     }
     checker.assert_any_discovery(HANDED_ON);
-    if faults.broker_crashes + faults.worker_restarts > 0 {
+    // (A restarted worker quarantines the TE instead of resuming, as implemented.)
+    if faults.broker_crashes > 0 {
         checker.assert_any_discovery(RESUMED);
     }
 }

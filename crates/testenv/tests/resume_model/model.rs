@@ -713,18 +713,15 @@ impl LeaseModel {
                 }
                 n.worker.proc = Proc::Up;
                 n.worker.resumes_sent = 0;
+                // The journal names a resumable lease: the TE is quarantined for holder grace +
+                // resume grace (the holder may be waiting for a resume); `lease_<id>` is
+                // registered meanwhile, so `released` ends the quarantine and a C1 resume is
+                // answered with a take-back.
                 n.worker.phase = match n.worker.journal {
-                    // The journal names a resumable lease: resume it, both carriers lost.
-                    Some(holder) => WorkerPhase::Leasing(Lease {
+                    Some(holder) => WorkerPhase::HolderWait {
                         holder,
-                        c1: 0,
-                        c2: 0,
-                        plain: None,
-                        handed: true,
-                        grace: Some(t.worker_grace),
-                        c1_grace: Some(t.worker_grace),
-                        start: None,
-                    }),
+                        left: t.worker_grace.saturating_add(t.holder_grace),
+                    },
                     None => WorkerPhase::Offering,
                 };
             }
@@ -1170,8 +1167,7 @@ impl LeaseModel {
     }
 
     fn client_reads(&self, n: &mut State, c: u8, msg: Msg) {
-        let t = self.timing;
-        let ClientPhase::Holding { c1, c2, grace } = n.client(c).phase else {
+        let ClientPhase::Holding { c1, c2, .. } = n.client(c).phase else {
             // The lock request ended without a TE (failed, or completed by a worker that gave
             // up): it is submitted again.
             if let (ClientPhase::Waiting { lock: Some(b) }, Msg::C1Failed(x) | Msg::TakenBack(x)) =
@@ -1187,15 +1183,8 @@ impl LeaseModel {
         match msg {
             // The completion of its C1, or of a C1 resume it submitted, ends the lease.
             Msg::TakenBack(b) if (c1 | resuming) & bit(b) != 0 => self.kill(n, c),
-            Msg::C1Failed(b) if c1 & bit(b) != 0 => {
-                let c1 = c1 & !bit(b);
-                let grace = if c1 == 0 && grace.is_none() {
-                    Some(t.client_grace)
-                } else {
-                    grace
-                };
-                n.client_mut(c).phase = ClientPhase::Holding { c1, c2, grace };
-            }
+            // The worker's connection closed: the worker is gone, COMMAND is killed now.
+            Msg::C1Failed(b) if c1 & bit(b) != 0 => self.kill(n, c),
             Msg::C1Resumed(b) => {
                 n.client_mut(c).resumed = true;
                 n.client_mut(c).resumes_sent = 0;
