@@ -457,7 +457,7 @@ fn bit(b: u8) -> u8 {
 }
 
 fn brokers() -> impl Iterator<Item = u8> {
-    (0..BROKERS as u8).map(|b| b)
+    0..BROKERS as u8
 }
 
 impl State {
@@ -632,7 +632,7 @@ impl LeaseModel {
     /// The state after `a`, or None when `a` is not possible in `s`.
     pub fn step(&self, s: &State, a: Action) -> Option<State> {
         let t = self.timing;
-        let mut n = s.clone();
+        let mut n = *s;
         let faults_allowed = !s.all_done();
         match a {
             // `actions` offers Tick only when no eager step is possible.
@@ -671,9 +671,7 @@ impl LeaseModel {
             }
             Action::Detect(ag, b) => {
                 let bi = usize::from(b);
-                let Some(left) = s.detect(ag)[bi] else {
-                    return None;
-                };
+                let left = s.detect(ag)[bi]?;
                 let extreme = left == 0 || left == t.detect;
                 if !s.can_act(ag) || self.coarse.detect_at_bounds && !extreme {
                     return None;
@@ -1111,7 +1109,7 @@ impl LeaseModel {
 
     fn client_takes(&self, n: &mut State, c: u8, b: u8, job: Job) {
         let t = self.timing;
-        let cl = n.client(c).clone();
+        let cl = *n.client(c);
         match (cl.phase, job) {
             (ClientPhase::Waiting { lock }, Job::Plain(_, gen)) => {
                 // The TE data names the lockenv job the worker holds (the model looks at the
@@ -1364,7 +1362,7 @@ impl Model for LeaseModel {
             resumes_sent: 0,
         };
         vec![State {
-            brokers: [broker.clone(), broker],
+            brokers: [broker, broker],
             worker: Worker {
                 proc: Proc::Up,
                 journal: None,
@@ -1373,7 +1371,7 @@ impl Model for LeaseModel {
                 phase: WorkerPhase::Offering,
                 detect: [None; BROKERS],
             },
-            clients: [client.clone(), client],
+            clients: [client, client],
             faults: self.faults,
         }]
     }
