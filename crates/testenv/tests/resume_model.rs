@@ -368,3 +368,26 @@ fn exact_default_timers() {
     );
     explore("defaults in 5 s units, 1 broker crash", m).assert_properties();
 }
+
+/// Finding 5: the client's own grace timer runs in the client process; a client SIGSTOPped
+/// for longer than the safety margin notices the lost C1 too late, while its guard keeps
+/// COMMAND running. The model finds it once a pause may exceed the margin.
+#[test]
+fn finding_a_pause_longer_than_the_margin_breaks_safety() {
+    let mut t = Timing::FAST;
+    t.pause = t.worker_grace + t.holder_grace;
+    let faults = Faults {
+        broker_crashes: 1,
+        pauses: 1,
+        ..NO_FAULTS
+    };
+    let (property, actions) = counterexample(
+        "finding 5",
+        LeaseModel::new(t, faults, Rules::FIXED, Coarse::BOUNDS),
+    );
+    assert!(
+        property == NEVER_TWO || property == NEVER_WITHOUT,
+        "{property}"
+    );
+    assert!(actions.iter().any(|a| matches!(a, model::Action::Pause(_))));
+}
