@@ -391,3 +391,33 @@ fn finding_a_pause_longer_than_the_margin_breaks_safety() {
     );
     assert!(actions.iter().any(|a| matches!(a, model::Action::Pause(_))));
 }
+
+/// Finding 3 in the rules as implemented on 12-01 12:44 (the tight wait of finding 2, no
+/// withdrawal of untaken TE data, TE data that does not name its lockenv), exact timers, a
+/// broker crash and a client pause shorter than the margin: the client took TE data for the
+/// lockenv it had resubmitted, so its C1 grace never started; the worker revoked after its
+/// resume grace and offered the TE one holder grace later, while the paused client had not yet
+/// read the revoke. `Rules::FIXED` passes the same bound (`a_broker_crash_and_a_pause`).
+#[test]
+fn finding_3_in_the_implemented_rules() {
+    let rules = Rules {
+        withdraw_unstarted: false,
+        te_data_names_c1: false,
+        ..Rules::FIXED
+    };
+    let faults = Faults {
+        broker_crashes: 1,
+        pauses: 1,
+        ..NO_FAULTS
+    };
+    let (property, actions) = counterexample(
+        "finding 3, implemented rules",
+        LeaseModel::new(exact(), faults, rules, Coarse::BOUNDS),
+    );
+    assert!(
+        property == NEVER_TWO || property == NEVER_WITHOUT,
+        "{property}"
+    );
+    assert!(actions.iter().any(|a| matches!(a, model::Action::Pause(_))));
+    assert!(actions.contains(&model::Action::WorkerGraceExpires));
+}
