@@ -317,7 +317,8 @@ fn successors(m: &LeaseModel, s: &model::State) -> Vec<model::State> {
         .collect()
 }
 
-/// The larger bound: every fault kind at once (about an hour or more on one core):
+/// The larger bound: every fault kind at once (it did not finish within 15 minutes on one
+/// shared core here; run it on a free machine):
 /// `cargo test -p testenv --test resume_model -- --ignored larger_bound`.
 #[test]
 #[ignore]
