@@ -272,3 +272,27 @@ fn api_v1_workers_lists_a_real_testenv_worker_and_a_gearman_worker_with_their_fu
         "no TE secret: {text}"
     );
 }
+
+/// `--history-days 0` purged the whole history at start and every hour (the cutoff was "now");
+/// it is refused now, and the store keeps its rows.
+#[test]
+fn history_days_zero_is_refused_and_the_store_keeps_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    seed_store(&data, &[1]);
+    let out = test_support::run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_tebroker"))
+            .args(["serve", "-p", "0", "-L", "127.0.0.1", "--data-dir"])
+            .arg(&data)
+            .args(["--history-days", "0"])
+            .env("RUST_LOG", "info"),
+        Duration::from_secs(10),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "tebroker ran: {err}");
+    assert!(err.contains("--history-days"), "a clear error: {err}");
+    assert!(!err.contains("store retention: purged"), "{err}");
+    let mut store = SqliteStore::open_dir(&data).unwrap();
+    assert_eq!(store.history(&Default::default()).unwrap().leases.len(), 1);
+}
