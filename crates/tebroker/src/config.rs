@@ -102,8 +102,8 @@ pub struct ServeArgs {
     /// Keep no durable history (the API's history then answers 503).
     #[arg(long, num_args = 0, default_missing_value = "true")]
     pub no_store: Option<bool>,
-    /// Days of history the store keeps; older leases, waits and state changes are purged
-    /// hourly.
+    /// Days of history the store keeps (at least 1); older leases, waits and state changes are
+    /// purged at start and hourly.
     #[arg(long, value_name = "DAYS")]
     pub history_days: Option<u32>,
     /// File holding the bearer token that POST /api/v1/envs/{name}/{op} requires (or a client
@@ -285,12 +285,23 @@ impl Settings {
             http: a.http,
             history_file: a.history_file,
             store: store_database(a.no_store.unwrap_or(false), a.data_dir, a.database)?,
-            history_days: a.history_days.unwrap_or(DEFAULT_HISTORY_DAYS),
+            history_days: history_days(a.history_days)?,
             api_token_file: a.api_token_file,
             tls: tls_files(a.ssl_cert, a.ssl_key, a.ssl_ca)?,
             acl: a.acl,
             callback_protection: a.callback_protection.unwrap_or(d.callback_protection),
         })
+    }
+}
+
+/// `--history-days`: 0 would purge every lease as soon as it is written (the cutoff is now).
+fn history_days(days: Option<u32>) -> anyhow::Result<u32> {
+    match days {
+        Some(0) => anyhow::bail!(
+            "--history-days (history_days) must be at least 1: 0 would purge the whole history"
+        ),
+        Some(d) => Ok(d),
+        None => Ok(DEFAULT_HISTORY_DAYS),
     }
 }
 

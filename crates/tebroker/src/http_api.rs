@@ -461,15 +461,24 @@ struct HourPoint {
     outcomes: std::collections::BTreeMap<String, u64>,
 }
 
-fn wait_series(waits: &[tebroker_store::WaitRecord], from: i64, to: i64) -> Vec<WaitPoint> {
+/// Buckets from `from` to `now`, the last one cut at `now` so that the waits of the current
+/// quarter hour show at once. `still_waiting` holds when each request waiting now was queued
+/// (the store only has waits that ended).
+fn wait_series(
+    waits: &[tebroker_store::WaitRecord],
+    still_waiting: &[i64],
+    from: i64,
+    now: i64,
+) -> Vec<WaitPoint> {
     let mut out = Vec::new();
     let mut t = from;
-    while t <= to {
-        let end = t.saturating_add(WAIT_BUCKET_MS);
+    while t < now {
+        let end = t.saturating_add(WAIT_BUCKET_MS).min(now);
         let queued = waits
             .iter()
             .filter(|w| w.queued_ms <= end && w.end.at_ms() > end)
-            .count();
+            .count()
+            + still_waiting.iter().filter(|&&q| q <= end).count();
         let granted: Vec<i64> = waits
             .iter()
             .filter(|w| {
@@ -547,12 +556,19 @@ async fn charts(
         })
         .await
         .map_err(ApiError::store)?;
+    let still_waiting: Vec<i64> = shared
+        .inspect_within(CORE_WAIT, |b, now| b.waiting_requests(now))
+        .await
+        .map_err(ApiError::core)?
+        .iter()
+        .map(|w| now.saturating_sub(i64::try_from(w.waited_ms).unwrap_or(i64::MAX)))
+        .collect();
     let hour_start = since - since.rem_euclid(HOUR_MS);
     let bucket_start = since - since.rem_euclid(WAIT_BUCKET_MS);
     ok(serde_json::json!({
         "now_ms": now,
         "hours": hours,
-        "waits": wait_series(&waits, bucket_start, now.saturating_sub(WAIT_BUCKET_MS)),
+        "waits": wait_series(&waits, &still_waiting, bucket_start, now),
         "leases_per_hour": hour_series(&leases, hour_start, now),
     }))
 }

@@ -205,23 +205,33 @@ fn history_and_inventory_survive_a_restart_and_control_needs_the_token() {
     }
 
     // Metrics: histograms of waits and lease durations, TEs by state, the store's counters.
-    let metrics = test_support::wait_until("the store's counters in /metrics", || {
-        let (_, m) = request(http, "GET", "/metrics", None);
-        m.contains("tebroker_store_written_total ").then_some(m)
-    });
-    for line in [
+    // Waited for as a whole, not only the store counter: once, on a loaded machine, one of
+    // these lines was not there yet when the store counter was.
+    let want = [
         "tebroker_lease_wait_seconds_count 3",
         "tebroker_lease_duration_seconds_count 3",
         "tebroker_store_dropped_total 0",
         "tebroker_store_errors_total 0",
         "tebroker_store_up 1",
         "# TYPE tebroker_lease_wait_seconds histogram",
-    ] {
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let (_, m) = request(http, "GET", "/metrics", None);
+        let missing: Vec<&str> = want
+            .iter()
+            .copied()
+            .filter(|line| !m.lines().any(|l| l == *line))
+            .collect();
+        if m.contains("tebroker_store_written_total ") && missing.is_empty() {
+            break m;
+        }
         assert!(
-            metrics.lines().any(|l| l == line),
-            "no {line:?} in\n{metrics}"
+            std::time::Instant::now() < deadline,
+            "no {missing:?} in\n{m}"
         );
-    }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(
         metrics.contains("tebroker_envs{state=\"gone\"} 2"),
         "{metrics}"
