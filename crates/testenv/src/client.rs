@@ -18,6 +18,8 @@ use crate::tedata;
 
 /// Exit status when the TE was taken back (lockenv ended) while COMMAND still ran.
 pub const EXIT_LEASE_LOST: i32 = 3;
+/// The least time an adopted lease's C1 resume gets (see `hold`).
+const ADOPT_MIN_GRACE: Duration = Duration::from_secs(5);
 /// How often a lock request that ends without an environment is submitted again.
 const MAX_LOCKENV_RETRIES: u32 = 5;
 /// The callback job's result when COMMAND exited: this followed by its exit status.
@@ -657,9 +659,13 @@ async fn hold(
     use testenv_proto::resume::{Carrier, LeaseMessage, LeaseOp, ALREADY_SERVED};
     let lease_fn = resume.key.lease_id().function();
     let resumable = !resume.grace.is_zero();
-    let mut c1_lost_until = resume
-        .c1_lost_since
-        .and_then(|since| since.checked_add(resume.grace));
+    // An adopted lease's grace runs from the first loss; when the TE took longer than that to
+    // come, the resume still gets a few seconds, well inside the design's 25 s margin (the
+    // client noticed that loss at once, not up to K later as the inequality allows).
+    let mut c1_lost_until = resume.c1_lost_since.and_then(|since| {
+        let floor = tokio::time::Instant::now().checked_add(resume.grace.min(ADOPT_MIN_GRACE))?;
+        Some(since.checked_add(resume.grace)?.max(floor))
+    });
     if c1_lost_until.is_some() {
         let msg = LeaseMessage::new(LeaseOp::Resume, resume.key, Carrier::Lease);
         carriers.c1_offer = Some(Offer::new(
