@@ -564,6 +564,17 @@ impl ResumeSetup<'_> {
     fn clients(&self) -> Vec<Client> {
         crate::resume::per_broker_clients(self.client, self.liveness)
     }
+
+    /// A C1 resume (`resume` on `lease_<id>`) offered on every broker.
+    fn c1_resume_offer(&self) -> crate::resume::Offer {
+        use testenv_proto::resume::{Carrier, LeaseMessage, LeaseOp};
+        let msg = LeaseMessage::new(LeaseOp::Resume, self.key, Carrier::Lease);
+        crate::resume::Offer::new(
+            self.key.lease_id().function(),
+            msg.to_json(),
+            self.clients(),
+        )
+    }
 }
 
 /// Whether the TE data just taken is for a lock request we lost with its broker, not for the
@@ -667,12 +678,7 @@ async fn hold(
         Some(since.checked_add(resume.grace)?.max(floor))
     });
     if c1_lost_until.is_some() {
-        let msg = LeaseMessage::new(LeaseOp::Resume, resume.key, Carrier::Lease);
-        carriers.c1_offer = Some(Offer::new(
-            lease_fn.clone(),
-            msg.to_json(),
-            resume.clients(),
-        ));
+        carriers.c1_offer = Some(resume.c1_resume_offer());
     }
     let mut command_code: Option<i32> = None;
     let mut report_until: Option<tokio::time::Instant> = None;
@@ -720,8 +726,7 @@ async fn hold(
                         resume.grace.as_secs_f64()
                     );
                     carriers.c1 = None;
-                    let msg = LeaseMessage::new(LeaseOp::Resume, resume.key, Carrier::Lease);
-                    carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients()));
+                    carriers.c1_offer = Some(resume.c1_resume_offer());
                     c1_lost_until = tokio::time::Instant::now().checked_add(resume.grace);
                 }
                 Ok(Some(e)) if e.is_final() => {
@@ -743,8 +748,7 @@ async fn hold(
                         resume.grace.as_secs_f64()
                     );
                     carriers.c1 = None;
-                    let msg = LeaseMessage::new(LeaseOp::Resume, resume.key, Carrier::Lease);
-                    carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients()));
+                    carriers.c1_offer = Some(resume.c1_resume_offer());
                     c1_lost_until = tokio::time::Instant::now().checked_add(resume.grace);
                 }
                 Err(e) => {
