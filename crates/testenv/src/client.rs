@@ -18,6 +18,8 @@ use crate::tedata;
 
 /// Exit status when the TE was taken back (lockenv ended) while COMMAND still ran.
 pub const EXIT_LEASE_LOST: i32 = 3;
+/// The least time an adopted lease's C1 resume gets (see `hold`).
+const ADOPT_MIN_GRACE: Duration = Duration::from_secs(5);
 /// How often a lock request that ends without an environment is submitted again.
 const MAX_LOCKENV_RETRIES: u32 = 5;
 /// The callback job's result when COMMAND exited: this followed by its exit status.
@@ -348,6 +350,10 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     let mut report = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut lockenv_retries = 0u32;
     let mut worker_resumes = false;
+    // Whether a resuming worker said it took the request we wait on now, and when we first
+    // lost a request with its broker (a worker may have taken it just before).
+    let mut current_taken = false;
+    let mut lock_lost_at: Option<tokio::time::Instant> = None;
     let job = loop {
         let resubmit_after = tokio::select! {
             job = worker.grab_job() => match job {
@@ -370,10 +376,15 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
                     tracing::warn!(event = ?e, "the lock request ended without an environment; submitting again");
                     Backoff::RECONNECT.initial * 2 * lockenv_retries
                 }
-                Ok(Some(JobEvent::Status { .. })) => { worker_resumes = true; continue }
+                Ok(Some(JobEvent::Status { .. })) => {
+                    worker_resumes = true;
+                    current_taken = true;
+                    continue
+                }
                 Ok(_) => continue,
                 Err(e) => {
                     eprintln!("testenv-client: lost the broker holding our request ({e}); submitting it again");
+                    lock_lost_at.get_or_insert_with(tokio::time::Instant::now);
                     Backoff::RECONNECT.initial
                 }
             },
@@ -398,7 +409,10 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
             submit_lockenv(&client, &target, &request, &mut silence).await
         };
         match stops.or_stop(resubmit).await {
-            Ok(job) => lockenv = job,
+            Ok(job) => {
+                lockenv = job;
+                current_taken = false;
+            }
             Err(code) => return Ok(code),
         }
     };
@@ -414,6 +428,12 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         return Ok(EXIT_NO_ENV);
     }
     tracing::info!(te = %tedata::describe(&data), "environment locked after {waited:.1}s");
+    let c1_lost_since = match lock_lost_at {
+        Some(since) if resumable && !current_taken => {
+            adopted_lease_lost_since(&mut lockenv, since, &mut worker_resumes).await
+        }
+        _ => None,
+    };
 
     let mut datafile = tempfile::Builder::new()
         .prefix("te-datafile-")
@@ -426,8 +446,15 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     let mut guard_process = guard
         .start(datafile.path())
         .context("cannot start the command")?;
+    // An adopted lease's C1 is the request lost with its broker; the queued duplicate is kept
+    // (not our carrier): a worker that takes it is told ALREADY_SERVED on its callback.
+    let (c1, duplicate) = match c1_lost_since {
+        Some(_) => (None, Some(lockenv)),
+        None => (Some(lockenv), None),
+    };
     let carriers = Carriers {
-        c1: Some(lockenv),
+        c1,
+        _duplicate: duplicate,
         c2: Some(job),
         retired_c2: Vec::new(),
         c1_offer: None,
@@ -438,6 +465,7 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
         key: &resume_key,
         grace: args.resume_grace,
         worker_resumes,
+        c1_lost_since,
         client: &client,
         liveness,
     };
@@ -500,6 +528,9 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
 /// it) and C2 (the callback job it took), and the resumes it is offering.
 struct Carriers {
     c1: Option<ForegroundJob>,
+    /// The lock request submitted again after the first was lost, when the TE data came for
+    /// the first (see [`adopted_lease_lost_since`]). Kept so it stays queued as it was.
+    _duplicate: Option<ForegroundJob>,
     c2: Option<gearman_client::Job>,
     /// Callback jobs replaced by a resume. Never answered before the end (dropping one would
     /// fail it, and the worker may still be watching it rather than the newest): at the end
@@ -521,6 +552,9 @@ struct ResumeSetup<'k> {
     grace: Duration,
     /// The worker said it resumes leases (WORK_STATUS on lockenv); an original one never does.
     worker_resumes: bool,
+    /// The lease was adopted (TE data for a lock request lost with its broker): C1 has been
+    /// lost since then, and the client's grace runs from then.
+    c1_lost_since: Option<tokio::time::Instant>,
     /// The template of the offers' own per-broker clients.
     client: &'k Client,
     liveness: Liveness,
@@ -530,6 +564,41 @@ impl ResumeSetup<'_> {
     fn clients(&self) -> Vec<Client> {
         crate::resume::per_broker_clients(self.client, self.liveness)
     }
+
+    /// A C1 resume (`resume` on `lease_<id>`) offered on every broker.
+    fn c1_resume_offer(&self) -> crate::resume::Offer {
+        use testenv_proto::resume::{Carrier, LeaseMessage, LeaseOp};
+        let msg = LeaseMessage::new(LeaseOp::Resume, self.key, Carrier::Lease);
+        crate::resume::Offer::new(
+            self.key.lease_id().function(),
+            msg.to_json(),
+            self.clients(),
+        )
+    }
+}
+
+/// Whether the TE data just taken is for a lock request we lost with its broker, not for the
+/// one we wait on now: no resuming worker said it took the current one (its WORK_STATUS may
+/// lag the TE data, so it gets a moment), while an earlier one was lost at `since`. Then that
+/// worker holds the lease on the lost request and waits for a C1 resume (the model's finding
+/// 3): the lease is adopted, C1 counted lost since `since`. Returns that time, or `None`.
+async fn adopted_lease_lost_since(
+    lockenv: &mut ForegroundJob,
+    since: tokio::time::Instant,
+    worker_resumes: &mut bool,
+) -> Option<tokio::time::Instant> {
+    const STATUS_LAG: Duration = Duration::from_secs(1);
+    if let Ok(Ok(Some(JobEvent::Status { .. }))) =
+        tokio::time::timeout(STATUS_LAG, lockenv.next_event()).await
+    {
+        *worker_resumes = true;
+        return None;
+    }
+    eprintln!(
+        "testenv-client: got the environment of a lock request lost with its broker (we had \
+         submitted it again); resuming its lease on every broker"
+    );
+    Some(since)
 }
 
 async fn c1_event(c1: &mut Option<ForegroundJob>) -> gearman_client::Result<Option<JobEvent>> {
@@ -601,7 +670,16 @@ async fn hold(
     use testenv_proto::resume::{Carrier, LeaseMessage, LeaseOp, ALREADY_SERVED};
     let lease_fn = resume.key.lease_id().function();
     let resumable = !resume.grace.is_zero();
-    let mut c1_lost_until: Option<tokio::time::Instant> = None;
+    // An adopted lease's grace runs from the first loss; when the TE took longer than that to
+    // come, the resume still gets a few seconds, well inside the design's 25 s margin (the
+    // client noticed that loss at once, not up to K later as the inequality allows).
+    let mut c1_lost_until = resume.c1_lost_since.and_then(|since| {
+        let floor = tokio::time::Instant::now().checked_add(resume.grace.min(ADOPT_MIN_GRACE))?;
+        Some(since.checked_add(resume.grace)?.max(floor))
+    });
+    if c1_lost_until.is_some() {
+        carriers.c1_offer = Some(resume.c1_resume_offer());
+    }
     let mut command_code: Option<i32> = None;
     let mut report_until: Option<tokio::time::Instant> = None;
     let mut worker_resumes = resume.worker_resumes;
@@ -648,8 +726,7 @@ async fn hold(
                         resume.grace.as_secs_f64()
                     );
                     carriers.c1 = None;
-                    let msg = LeaseMessage::new(LeaseOp::Resume, resume.key, Carrier::Lease);
-                    carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients()));
+                    carriers.c1_offer = Some(resume.c1_resume_offer());
                     c1_lost_until = tokio::time::Instant::now().checked_add(resume.grace);
                 }
                 Ok(Some(e)) if e.is_final() => {
@@ -671,8 +748,7 @@ async fn hold(
                         resume.grace.as_secs_f64()
                     );
                     carriers.c1 = None;
-                    let msg = LeaseMessage::new(LeaseOp::Resume, resume.key, Carrier::Lease);
-                    carriers.c1_offer = Some(Offer::new(lease_fn.clone(), msg.to_json(), resume.clients()));
+                    carriers.c1_offer = Some(resume.c1_resume_offer());
                     c1_lost_until = tokio::time::Instant::now().checked_add(resume.grace);
                 }
                 Err(e) => {

@@ -545,6 +545,63 @@ fn a_lock_request_submitted_twice_does_not_end_the_lease_it_did_not_carry() {
 }
 
 #[test]
+fn te_data_for_a_lock_request_lost_with_its_broker_is_adopted_and_its_lease_resumed() {
+    // The model's finding 3: te1 takes the first lock request on A and is still creating its
+    // TE when A dies; the client submits the request again on B, where nobody takes it, and
+    // then gets te1's TE through B. te1 lost its C1 with A and waits for a C1 resume. The
+    // client must adopt te1's lease at once (C1 lost since A died) and resume it on
+    // lease_<id>; before, it took the queued duplicate for its C1, never resumed, and te1
+    // revoked the lease after its resume grace although both sides lived.
+    let s = Scene::new();
+    let mut a = Broker::start();
+    let b = Broker::start();
+    let create = s.script(
+        "create",
+        &format!(
+            "while [ ! -e {go} ]; do sleep 0.05; done; cp {df} \"$TE_DATAFILE\"",
+            go = s.p("create.go"),
+            df = s.datafile("1").display()
+        ),
+    );
+    let destroy = s.script("destroy", "exit 0");
+    // A resume grace far beyond the deadline below: only a C1 resume keeps the lease.
+    let te1 = s.worker(
+        &format!("{},{}", b.spec(), a.spec()),
+        "te1",
+        &["--holder-grace", "1", "--resume-grace", "600"],
+        &[&create, &destroy],
+    );
+    a.wait_lockenv_workers(1);
+    b.wait_lockenv_workers(1);
+    let mut held = s.client(
+        &format!("{},{}", a.spec(), b.spec()),
+        "held",
+        &[],
+        &held_until_go(&s, "held", 7),
+    );
+    wait_log(&te1, "lease start", TIMEOUT);
+    a.kill();
+    wait_until(TIMEOUT, "the request submitted again on B", || {
+        b.status()
+            .iter()
+            .any(|(f, total, running, _)| f == "lockenv" && (*total, *running) == (1, 0))
+    });
+    std::fs::write(s.path("create.go"), "").unwrap();
+    let pid = read_pid(&s.path("held.pid"));
+    wait_log(&held, CLIENT_C1_RESUMED, TIMEOUT);
+    wait_log(&te1, "took the holder's new lock job", TIMEOUT);
+    assert!(alive(pid), "COMMAND was killed:\n{}", held.output());
+    std::fs::write(s.path("held.go"), "").unwrap();
+    held.expect_code(7, TIMEOUT);
+    wait_log(&te1, "lease end", TIMEOUT);
+    assert!(
+        te1.output().contains("outcome=Completed"),
+        "{}",
+        te1.output()
+    );
+}
+
+#[test]
 fn a_resume_reaching_a_client_that_never_got_its_te_frees_the_te() {
     // te1 sends the TE data through B, which the client (on A only) never reads; B dies, so
     // te1 offers a lease resume on A. The waiting client must not take it for TE data: it says

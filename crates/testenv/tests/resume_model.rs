@@ -399,6 +399,11 @@ fn finding_a_pause_longer_than_the_margin_breaks_safety() {
 /// lockenv it had resubmitted, so its C1 grace never started; the worker revoked after its
 /// resume grace and offered the TE one holder grace later, while the paused client had not yet
 /// read the revoke. `Rules::FIXED` passes the same bound (`a_broker_crash_and_a_pause`).
+/// The implementation fixed it (12-01 13:20) with the other fix the finding proposes, which
+/// the model has no flag for: the client adopts TE data for its lost lock request, counts C1
+/// lost since that loss and resumes at once (`te_data_for_a_lock_request_lost_with_its_broker_
+/// is_adopted_and_its_lease_resumed` in tests/resume.rs). `te_data_names_c1` models the refusal
+/// instead, so this test keeps the rules of 12:44 and still shows the counterexample.
 #[test]
 fn finding_3_in_the_implemented_rules() {
     let rules = Rules {
