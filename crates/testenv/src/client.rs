@@ -430,7 +430,8 @@ pub async fn run(args: ClientArgs, guard: guard::Guard) -> anyhow::Result<i32> {
     tracing::info!(te = %tedata::describe(&data), "environment locked after {waited:.1}s");
     let c1_lost_since = match lock_lost_at {
         Some(since) if resumable && !current_taken => {
-            adopted_lease_lost_since(&mut lockenv, since, &mut worker_resumes).await
+            adopted_lease_lost_since(&mut lockenv, since, &mut worker_resumes, &client, liveness)
+                .await
         }
         _ => None,
     };
@@ -586,6 +587,8 @@ async fn adopted_lease_lost_since(
     lockenv: &mut ForegroundJob,
     since: tokio::time::Instant,
     worker_resumes: &mut bool,
+    client: &Client,
+    liveness: Liveness,
 ) -> Option<tokio::time::Instant> {
     const STATUS_LAG: Duration = Duration::from_secs(1);
     if let Ok(Ok(Some(JobEvent::Status { .. }))) =
@@ -594,11 +597,43 @@ async fn adopted_lease_lost_since(
         *worker_resumes = true;
         return None;
     }
+    // A worker running the current request without saying it resumes is an original one: its
+    // lease is carried by that request, as before resume existed, and nobody waits for a C1
+    // resume. Only its broker can say (GET_STATUS).
+    if current_request_running(lockenv, client, liveness).await {
+        eprintln!(
+            "testenv-client: the testenv worker does not resume leases (an original \
+             testenv-worker?); a lost broker ends the lease as before"
+        );
+        return None;
+    }
     eprintln!(
         "testenv-client: got the environment of a lock request lost with its broker (we had \
          submitted it again); resuming its lease on every broker"
     );
     Some(since)
+}
+
+/// Whether the broker holding `lockenv` says a worker is running it.
+async fn current_request_running(
+    lockenv: &ForegroundJob,
+    client: &Client,
+    liveness: Liveness,
+) -> bool {
+    let Some(broker) = crate::resume::per_broker_clients(client, liveness)
+        .into_iter()
+        .find(|c| {
+            c.servers()
+                .iter()
+                .any(|s| s.to_string() == lockenv.server())
+        })
+    else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), broker.get_status(lockenv.handle())).await,
+        Ok(Ok(status)) if status.known && status.running
+    )
 }
 
 async fn c1_event(c1: &mut Option<ForegroundJob>) -> gearman_client::Result<Option<JobEvent>> {

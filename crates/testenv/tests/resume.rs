@@ -753,3 +753,50 @@ fn te_data_the_holder_never_took_is_withdrawn_before_the_te_is_offered_again() {
 fn broker_child_process() {
     broker_child_main();
 }
+
+#[test]
+fn an_original_worker_serving_a_request_submitted_again_keeps_the_command_running() {
+    // Our client's request waits on A, where no worker is; A dies and the client submits it
+    // again on B, where an original worker takes it and sends the TE without the resumable
+    // WORK_STATUS. That is not a lease lost with A (nobody took the first request): the
+    // broker says the current request is running, so the client must not adopt a lease
+    // nobody resumes (its grace would kill COMMAND) but keep today's rules.
+    let s = Scene::new();
+    let mut a = Broker::start();
+    let b = Broker::start();
+    let mut cmd = std::process::Command::new(python());
+    cmd.arg("-u")
+        .arg(py_script("te_worker.py"))
+        .args(["-b", &b.spec(), "-n", "te1"])
+        .arg(s.datafile("1"));
+    let py = Proc::spawn("py worker", &mut cmd, s.path("py-worker.log"));
+    wait_until(TIMEOUT, "py worker READY", || py.output().contains("READY"));
+    let grace = 3;
+    let mut held = s.client(
+        &format!("{},{}", a.spec(), b.spec()),
+        "held",
+        &["--resume-grace", &grace.to_string()],
+        &held_until_go(&s, "held", 5),
+    );
+    wait_until(TIMEOUT, "the request queued on A", || {
+        a.status()
+            .iter()
+            .any(|(f, total, running, _)| f == "lockenv" && (*total, *running) == (1, 0))
+    });
+    a.kill();
+    let pid_file = s.path("held.pid");
+    wait_until(TIMEOUT, "COMMAND started", || pid_file.exists());
+    wait_log(&held, "the testenv worker does not resume leases", TIMEOUT);
+    // Past the grace an adopted lease would have had for its resume.
+    std::thread::sleep(Duration::from_secs(grace + 2));
+    let pid = read_pid(&pid_file);
+    assert!(alive(pid), "COMMAND was killed:\n{}", held.output());
+    std::fs::write(s.path("held.go"), "").unwrap();
+    held.expect_code(5, TIMEOUT);
+    let out = held.output();
+    assert_eq!(
+        count(&out, "resuming its lease on every broker"),
+        0,
+        "{out}"
+    );
+}
