@@ -611,6 +611,8 @@ async fn adopted_lease_lost_since(
         "testenv-client: got the environment of a lock request lost with its broker (we had \
          submitted it again); resuming its lease on every broker"
     );
+    // The worker holding the lost request waits for our C1 resume: it resumes leases.
+    *worker_resumes = true;
     Some(since)
 }
 
@@ -824,6 +826,9 @@ async fn hold(
                     break Ending::LeaseLost;
                 }
                 eprintln!("testenv-client: lease resumed: the testenv worker took our new lock job on {}", job.server());
+                // Only a resuming worker takes lease_<id>: a later loss of this C1 is resumed
+                // too, even when the lockenv WORK_STATUS never reached us (an adopted lease).
+                worker_resumes = true;
                 c1_lost_until = None;
                 carriers.c1 = Some(job);
             }

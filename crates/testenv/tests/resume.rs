@@ -591,6 +591,17 @@ fn te_data_for_a_lock_request_lost_with_its_broker_is_adopted_and_its_lease_resu
     wait_log(&held, CLIENT_C1_RESUMED, TIMEOUT);
     wait_log(&te1, "took the holder's new lock job", TIMEOUT);
     assert!(alive(pid), "COMMAND was killed:\n{}", held.output());
+    // The adopted lease's C1 now lives on B; A comes back and B dies: that loss is resumed
+    // too (before, the client had never seen te1's WORK_STATUS and took te1 for an original
+    // worker: it killed COMMAND).
+    let a = Broker::start_on(a.addr.port());
+    a.wait_lockenv_workers(1);
+    let mut b = b;
+    b.kill();
+    wait_until(TIMEOUT, "the lease resumed a second time", || {
+        count(&held.output(), CLIENT_C1_RESUMED) >= 2
+    });
+    assert!(alive(pid), "COMMAND was killed:\n{}", held.output());
     std::fs::write(s.path("held.go"), "").unwrap();
     held.expect_code(7, TIMEOUT);
     wait_log(&te1, "lease end", TIMEOUT);
