@@ -140,10 +140,15 @@ datafile = "{dir}/te2.json"
     );
     agent.wait_state("te1", EnvState::Ready);
     agent.wait_state("te2", EnvState::Ready);
-    // te2 is taken by a holder that waits for `release`; the next client gets te1.
+    // te2 is taken by a holder that waits for `release` (te1 is held meanwhile, so which TE
+    // the broker hands out first does not matter); the next client gets te1.
+    assert!(agent.ctl(&["hold", "te1"]).status.success());
+    agent.wait_state("te1", EnvState::Held);
     let release = agent.path("release").display().to_string();
     let on_te2 = client(broker, &[], &wait_for(&release));
     agent.wait_state("te2", EnvState::Leased);
+    assert!(agent.ctl(&["release", "te1"]).status.success());
+    agent.wait_state("te1", EnvState::Ready);
     let on_te1 = finish(client(broker, &[], "cat \"$TE_DATAFILE\""));
     assert!(on_te1.status.success(), "{on_te1:?}");
     assert!(String::from_utf8_lossy(&on_te1.stdout).contains("\"env-num\":\"1\""));
