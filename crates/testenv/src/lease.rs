@@ -613,14 +613,21 @@ async fn hand_over(
 
 /// Resolves when the holder of a resumable lease a previous run left open says its COMMAND is
 /// dead (`released` on `lease_<id>`); never for other leases. A resume of the lock job it sends
-/// meanwhile is completed: "the TE is taken back", so it kills COMMAND and says so. For a
-/// restarted worker or agent to race against its quarantine.
+/// meanwhile is refused, and this worker steps aside from `lease_<id>` for a while: the key
+/// names the holder's lock request, not a TE, and a request submitted twice may have been
+/// served by this worker before it died and by another TE's worker since, which holds the
+/// holder's real lease and must be the one to take the resume (the 10-minute chaos run found
+/// a take-back here killing that lease's COMMAND). If this TE was the holder's, the holder
+/// kills COMMAND when its resume grace runs out and says `released`, inside the quarantine.
+/// For a restarted worker or agent to race against its quarantine.
 pub async fn previous_holder_done(
     previous: &crate::journal::PreviousLease,
     servers: &[gearman_client::ServerAddr],
     tenum: &str,
 ) {
     use testenv_proto::resume::{Carrier, LeaseKey, LeaseMessage, LeaseOp};
+    /// Long enough for the holder's offer (backing off at most 5 s) to reach another worker.
+    const STEP_ASIDE: Duration = Duration::from_secs(10);
     let key = match previous {
         crate::journal::PreviousLease::Open(r) if r.resume_grace_ms > 0 => r
             .resume_key
@@ -631,35 +638,47 @@ pub async fn previous_holder_done(
     let Some(key) = key else {
         return std::future::pending().await;
     };
-    let lease_worker = Worker::new(servers.to_vec());
-    lease_worker.register(key.lease_id().function());
-    while let Some(job) = lease_worker.grab_job().await {
-        match LeaseMessage::parse(job.data()) {
-            Some(Ok(m)) if m.op == LeaseOp::Released && m.proves(&key, Carrier::Lease) => {
-                tracing::info!(
-                    tenum,
-                    "the previous holder reported its command's end; the quarantine ends"
-                );
-                let _ = job.complete("").await;
-                lease_worker.stop();
-                return;
-            }
-            Some(Ok(m)) if m.op == LeaseOp::Resume && m.proves(&key, Carrier::Lease) => {
-                tracing::info!(
-                    tenum,
-                    "the previous holder tried to resume its lease; taking the TE back"
-                );
-                let _ = job.complete("").await;
-            }
-            _ => {
-                tracing::warn!(
-                    tenum,
-                    server = job.server(),
-                    "refused a lease message with a wrong key (forged or stale)"
-                );
-                let _ = job.fail().await;
+    loop {
+        let lease_worker = Worker::new(servers.to_vec());
+        lease_worker.register(key.lease_id().function());
+        let mut stepping_aside = false;
+        while let Some(job) = lease_worker.grab_job().await {
+            match LeaseMessage::parse(job.data()) {
+                Some(Ok(m)) if m.op == LeaseOp::Released && m.proves(&key, Carrier::Lease) => {
+                    tracing::info!(
+                        tenum,
+                        "the previous holder reported its command's end; the quarantine ends"
+                    );
+                    let _ = job.complete("").await;
+                    lease_worker.stop();
+                    return;
+                }
+                Some(Ok(m)) if m.op == LeaseOp::Resume && m.proves(&key, Carrier::Lease) => {
+                    tracing::info!(
+                        tenum,
+                        seconds = STEP_ASIDE.as_secs(),
+                        "the previous holder is resuming a lease; refused here (its lease may \
+                         be with another TE's worker), stepping aside"
+                    );
+                    let _ = job.fail().await;
+                    stepping_aside = true;
+                    break;
+                }
+                _ => {
+                    tracing::warn!(
+                        tenum,
+                        server = job.server(),
+                        "refused a lease message with a wrong key (forged or stale)"
+                    );
+                    let _ = job.fail().await;
+                }
             }
         }
+        lease_worker.stop();
+        if !stepping_aside {
+            break;
+        }
+        tokio::time::sleep(STEP_ASIDE).await;
     }
     std::future::pending().await
 }

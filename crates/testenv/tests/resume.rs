@@ -811,3 +811,56 @@ fn an_original_worker_serving_a_request_submitted_again_keeps_the_command_runnin
         "{out}"
     );
 }
+
+#[test]
+fn a_restarted_worker_with_the_same_key_leaves_the_resume_to_the_te_holding_the_lease() {
+    // A lock request submitted twice can be served under one resume key by two workers: one
+    // that died mid-lease (its journal keeps the key) and the one whose TE the holder has now.
+    // When the holder resumes its lease, the restarted worker must refuse the resume and leave
+    // it to the live one; a take-back there killed COMMAND in the 10-minute chaos run.
+    let s = Scene::new();
+    let mut a = Broker::start();
+    let b = Broker::start();
+    let both = format!("{},{}", a.spec(), b.spec());
+    let args = ["--holder-grace", "1", "--resume-grace", "600"];
+    let live = s.worker(&both, "te2", &args, &[&s.datafile("2")]);
+    a.wait_lockenv_workers(1);
+    b.wait_lockenv_workers(1);
+    let mut held = s.client(&both, "held", &[], &held_until_go(&s, "held", 4));
+    let pid = read_pid(&s.path("held.pid"));
+    // te1 "died" holding a lease under the holder's key: its journal is te2's, renamed.
+    let mut record: serde_json::Value =
+        serde_json::from_str(&s.read("state/lease-te2.json")).expect("te2's journal");
+    assert!(record["resume_key"].is_string(), "{record}");
+    record["tenum"] = "te1".into();
+    s.write("state/lease-te1.json", &record.to_string());
+    let restarted = s.worker(&both, "te1", &args, &[&s.datafile("1")]);
+    wait_log(
+        &restarted,
+        "quarantine before offering the TE again",
+        TIMEOUT,
+    );
+    wait_until(TIMEOUT, "both workers on the lease function of B", || {
+        b.status()
+            .iter()
+            .any(|(f, _, _, workers)| f.starts_with("lease_") && *workers == 2)
+    });
+    // te2 sleeps through the broker's death, so the resume is offered to te1 first.
+    live.signal(libc::SIGSTOP);
+    a.kill();
+    wait_log(&restarted, "refused here", 20 * SEC);
+    live.signal(libc::SIGCONT);
+    wait_log(&held, CLIENT_C1_RESUMED, 30 * SEC);
+    assert!(alive(pid), "COMMAND was killed:\n{}", held.output());
+    std::fs::write(s.path("held.go"), "").unwrap();
+    held.expect_code(4, TIMEOUT);
+    wait_until(TIMEOUT, "te2's lease ended", || {
+        live.output().contains("lease end")
+    });
+    assert!(live.output().contains("Completed"), "{}", live.output());
+    assert!(
+        !restarted.output().contains("lease start"),
+        "te1 was leased during its quarantine:\n{}",
+        restarted.output()
+    );
+}

@@ -713,8 +713,8 @@ impl LeaseModel {
                 n.worker.resumes_sent = 0;
                 // The journal names a resumable lease: the TE is quarantined for holder grace +
                 // resume grace (the holder may be waiting for a resume); `lease_<id>` is
-                // registered meanwhile, so `released` ends the quarantine and a C1 resume is
-                // answered with a take-back.
+                // registered meanwhile, so `released` ends the quarantine; a C1 resume is
+                // refused (see `WorkerGrab`).
                 n.worker.phase = match n.worker.journal {
                     Some(holder) => WorkerPhase::HolderWait {
                         holder,
@@ -927,8 +927,11 @@ impl LeaseModel {
                     WorkerPhase::HolderWait { holder, .. } => holder,
                     WorkerPhase::Offering => return None,
                 };
-                match job {
-                    Job::ResumeC1(c) | Job::Released(c) if c == holder => {}
+                match (n.worker.phase, job) {
+                    (WorkerPhase::Leasing(_), Job::ResumeC1(c)) if c == holder => {}
+                    (_, Job::Released(c)) if c == holder => {}
+                    // A restarted worker refuses a C1 resume (the holder's lease may be with
+                    // another TE's worker): the copy is offered again, as if never taken.
                     _ => return None,
                 }
                 n.dequeue(b, job);
@@ -1206,10 +1209,6 @@ impl LeaseModel {
                 }
                 n.worker.phase = WorkerPhase::Leasing(l);
                 n.reply(b, Agent::Client(c), Msg::C1Resumed(b));
-            }
-            // The lease is over: the resume is answered with a take-back.
-            (WorkerPhase::HolderWait { .. }, Job::ResumeC1(c)) => {
-                n.reply(b, Agent::Client(c), Msg::TakenBack(b));
             }
             (_, Job::Released(_)) => self.offer(n),
             _ => {}
