@@ -93,6 +93,10 @@ pub struct RunFacts {
     pub tes: usize,
     /// Lines of the clients' and of the workers' logs that say a lease was resumed.
     pub resumes: Resumes,
+    /// When each TE's worker started a lease (its `lease start` lines), on the hold log's
+    /// monotonic clock: a TE counts as reclaimed when it is leased again, even if the next
+    /// holder's COMMAND starts much later (its callback lost in a fault, say).
+    pub lease_starts: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -631,6 +635,13 @@ fn check_reclaims(facts: &RunFacts, leases: &[Lease<'_>], bounds: &Bounds, repor
             .iter()
             .filter(|o| o.te == l.te && o.start_ms > killed)
             .map(|o| o.start_ms)
+            .chain(
+                facts
+                    .lease_starts
+                    .iter()
+                    .filter(|(te, at)| *te == l.te && *at > killed)
+                    .map(|(_, at)| *at),
+            )
             .min();
         let is_disturbed = disturbed(facts, &l.te, killed, killed + bounds.reclaim_ms);
         let bound = if is_disturbed {

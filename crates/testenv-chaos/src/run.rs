@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use crate::check::{check, Bounds, ClientRun, FaultRecord, Report, Resumes, RunFacts};
 use crate::clock::mono_ms;
 use crate::fleet::{rotated, signal, worker, Broker, Clients, LoopSettings, Service};
-use crate::holdlog::{parse_log, HoldKind};
+use crate::holdlog::{parse_log, HoldEvent, HoldKind};
 use crate::netns::Netns;
 use crate::schedule::{schedule, FaultKind, ScheduleSettings};
 
@@ -363,6 +363,49 @@ fn busy_tes(rt: &tokio::runtime::Runtime, brokers: &[Broker], tes: &[String]) ->
     busy.into_iter().collect()
 }
 
+/// The `lease start` lines of the workers' logs in `dir` (one `TE.log` per TE, its restarts
+/// appended), as (TE, ms on the hold log's monotonic clock). The logs stamp wall-clock time;
+/// the hold log has both clocks, which gives the offset.
+fn worker_lease_starts(dir: &Path, holds: &[HoldEvent]) -> Vec<(String, u64)> {
+    let mut offsets: Vec<i64> = holds
+        .iter()
+        .map(|e| e.mono_ms as i64 - e.wall_ms as i64)
+        .collect();
+    offsets.sort_unstable();
+    let Some(&offset) = offsets.get(offsets.len() / 2) else {
+        return Vec::new();
+    };
+    let mut starts = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return starts;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(te) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".log"))
+        else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mark = format!("lease start tenum=\"{te}\"");
+        for line in text.lines().filter(|l| l.contains(&mark)) {
+            let stamp = line.split_whitespace().next().unwrap_or_default();
+            let Ok(at) = humantime::parse_rfc3339(stamp) else {
+                continue;
+            };
+            let Ok(wall) = at.duration_since(std::time::UNIX_EPOCH) else {
+                continue;
+            };
+            if let Ok(mono) = u64::try_from(wall.as_millis() as i64 + offset) {
+                starts.push((te.to_string(), mono));
+            }
+        }
+    }
+    starts
+}
+
 /// Lines holding [`RESUME_LOG_MARK`] in every file under `dir`.
 fn count_resumes(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -603,7 +646,9 @@ pub fn run(o: &Options) -> anyhow::Result<Outcome> {
 
     write_runs(&o.out.join("runs.tsv"), fleet.started_ms, &runs)?;
     let holds = parse_log(&std::fs::read_to_string(&hold_log).unwrap_or_default());
+    let lease_starts = worker_lease_starts(&o.out.join("workers"), &holds.events);
     let facts = RunFacts {
+        lease_starts,
         started_ms: fleet.started_ms,
         demand_until_ms,
         holds: holds.events,
@@ -620,4 +665,37 @@ pub fn run(o: &Options) -> anyhow::Result<Outcome> {
     };
     let report = check(&facts, &o.bounds);
     Ok(Outcome { report, header })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_lease_starts_are_read_from_the_logs_on_the_hold_logs_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("te07.log"),
+            "2026-12-01T14:04:13.858362Z  INFO testenv::lease: lease end tenum=\"te07\" holder=\"callback_c59-13\" outcome=Completed\n\
+             2026-12-01T14:04:13.859881Z  INFO testenv::lease: lease start tenum=\"te07\" holder=\"callback_c13-10\" job=\"No change: \"\n\
+             garbage lease start tenum=\"te07\"\n",
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("te07")).unwrap();
+        let wall_at = 1_796_133_853_859u64; // 2026-12-01T14:04:13.859Z
+        let hold = HoldEvent {
+            kind: HoldKind::Start,
+            te: "te07".into(),
+            client: "c1".into(),
+            pid: 1,
+            mono_ms: 5_000,
+            wall_ms: wall_at - 1_000,
+            code: 0,
+        };
+        assert_eq!(
+            worker_lease_starts(dir.path(), &[hold]),
+            [("te07".to_string(), 6_000)]
+        );
+        assert!(worker_lease_starts(dir.path(), &[]).is_empty());
+    }
 }

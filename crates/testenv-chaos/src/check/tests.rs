@@ -158,6 +158,26 @@ fn a_te_leased_again_too_late_after_its_holder_died_is_a_slow_reclaim() {
 }
 
 #[test]
+fn a_te_leased_again_in_time_is_reclaimed_even_if_the_next_command_starts_late() {
+    // The worker leased te1 2 s after the kill; that holder's COMMAND began 20 s later (its
+    // callback job was lost in a fault). The reclaim is the worker's lease start.
+    let mut f = facts();
+    killed_holder(&mut f, "te1", "c1", 10_000);
+    f.lease_starts.push(("te1".into(), T0 + 5_000));
+    f.lease_starts.push(("te1".into(), T0 + 12_000));
+    delivered(&mut f, "te1", "c2", 30_000, 31_000, 0);
+    let r = check(&f, &Bounds::default());
+    assert!(r.ok(), "{r}");
+    assert_eq!(r.reclaim_times(), [2_000]);
+    // Another TE's lease start says nothing about te1.
+    let mut f = facts();
+    killed_holder(&mut f, "te1", "c1", 10_000);
+    f.lease_starts.push(("te2".into(), T0 + 12_000));
+    delivered(&mut f, "te1", "c2", 30_000, 31_000, 0);
+    assert_eq!(kinds(&check(&f, &Bounds::default())), ["slow reclaim"]);
+}
+
+#[test]
 fn a_worker_fault_on_that_te_allows_the_longer_bound() {
     let mut f = facts();
     killed_holder(&mut f, "te1", "c1", 10_000);
