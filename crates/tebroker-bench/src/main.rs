@@ -39,8 +39,8 @@ const DEMO_TE: &[u8] = include_bytes!("../../../demo/testenv-1.json");
         echo         8 clients x 8 workers, 64-byte payload, one foreground job at a time per client\n  \
         echo-idle    echo again with 10,000 idle connections, each CAN_DO its own function\n  \
         lease        testenv lease cycles: 100 simulated TEs, 200 simulated clients holding 0 ms\n  \
-        lease-readers  tebroker only: lease with and without --readers HTTP readers polling the\n  \
-                     API and the dashboard page in a loop; the lease rates and their ratio\n  \
+        lease-readers  tebroker only: lease with and without --readers HTTP readers, each an open\n  \
+                     dashboard (its page and API reads, every --reader-pause s); the ratio\n  \
         history-api  tebroker only, with --history-dir: filtered /api/v1/history pages over HTTP\n  \
                      from a store store-bench filled, p50/p99 per kind of filter\n  \
         client-wall  wall time of the real `testenv-client -- true` with one free real testenv-worker\n\n\
@@ -62,6 +62,16 @@ struct Args {
     /// HTTP readers for lease-readers.
     #[arg(long, default_value_t = 50)]
     readers: usize,
+    /// Seconds each lease-readers reader waits after reading every path once: by default the
+    /// dashboard's refresh interval (each reader is one open dashboard); 0 polls without
+    /// pause, a stress figure that on a machine the lease workload saturates measures CPU
+    /// shared, not the broker.
+    #[arg(long, default_value_t = 3.0, value_name = "SECS")]
+    reader_pause: f64,
+    /// Comma-separated paths one lease-readers round reads (default: the dashboard page and
+    /// what it reads on a refresh).
+    #[arg(long, value_delimiter = ',', value_name = "PATHS")]
+    reader_paths: Vec<String>,
     /// For history-api: a data directory with a filled SQLite store, made by
     /// `store-bench --backend sqlite --data-dir D --seconds 0 --history-rows 1000000` (then
     /// give D/history). Without it history-api is skipped.
@@ -96,9 +106,34 @@ struct Report {
 
 /// The lease workload on two fresh servers with `--http`: without readers, then with them.
 struct ReadersOutcome {
-    without: Throughput,
-    with: Throughput,
+    /// The windows without readers and with them, in the order run.
+    without: Vec<Throughput>,
+    with: Vec<Throughput>,
     readers: workloads::ReadersResult,
+}
+
+impl ReadersOutcome {
+    /// The median window of `runs` by lease rate.
+    fn median(runs: &[Throughput]) -> &Throughput {
+        let mut by_rate: Vec<&Throughput> = runs.iter().collect();
+        by_rate.sort_by(|a, b| a.per_sec.total_cmp(&b.per_sec));
+        by_rate[by_rate.len() / 2]
+    }
+    fn without(&self) -> &Throughput {
+        Self::median(&self.without)
+    }
+    fn with(&self) -> &Throughput {
+        Self::median(&self.with)
+    }
+    /// The lowest and highest ratio of a window with readers to the one without run next to it.
+    fn pair_ratios(&self) -> (f64, f64) {
+        let ratios = self
+            .with
+            .iter()
+            .zip(&self.without)
+            .map(|(w, wo)| w.per_sec / wo.per_sec.max(1e-9));
+        ratios.fold((f64::INFINITY, 0.0), |(lo, hi), r| (lo.min(r), hi.max(r)))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -299,12 +334,28 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
                     m
                 }
                 "lease-readers" => {
-                    let r =
-                        lease_with_readers(&server, inst, tmp.path(), lease_p, args.readers).await;
+                    let paths = if args.reader_paths.is_empty() {
+                        workloads::READER_PATHS
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect()
+                    } else {
+                        args.reader_paths.clone()
+                    };
+                    let readers = workloads::ReaderLoad {
+                        readers: args.readers,
+                        paths: paths.into(),
+                        pause: Duration::try_from_secs_f64(args.reader_pause)
+                            .map_err(|e| anyhow::anyhow!("--reader-pause: {e}"))?,
+                    };
+                    let r = lease_with_readers(&server, lease_p, readers).await;
                     let m = match &r {
                         Ok(o) => format!(
                             "{:.0} cycles/s without readers, {:.0} with {} ({:.0} answers/s)",
-                            o.without.per_sec, o.with.per_sec, o.readers.readers, o.readers.per_sec
+                            o.without().per_sec,
+                            o.with().per_sec,
+                            o.readers.readers,
+                            o.readers.per_sec
                         ),
                         Err(e) => e.clone(),
                     };
@@ -356,30 +407,45 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The lease workload on `server` (started with `--http`) without readers, then on a fresh one
-/// with `readers` HTTP readers polling its API and dashboard throughout.
+/// Windows of the lease workload that does not change between runs more than a few per cent
+/// on this kind of machine: readers on and off in turn, on one server.
+const READER_PAIRS: usize = 3;
+
+/// The lease workload on `server` (started with `--http`) in windows with and without HTTP
+/// readers, alternating (off, on, on, off, off, on...) on the same server, so that the drift
+/// of a growing store and the noise of a saturated machine fall on both sides alike.
 async fn lease_with_readers(
     server: &Server,
-    inst: &Installed,
-    tmp: &std::path::Path,
     p: LeaseParams,
-    readers: usize,
+    readers: workloads::ReaderLoad,
 ) -> Result<ReadersOutcome, String> {
-    let without = workloads::lease(server, p, Bytes::from_static(DEMO_TE))
-        .await
-        .map_err(|e| format!("without readers: {e:#}"))?;
-    wait_quiet().await;
-    let loaded = Server::start_with_http(inst, tmp)
-        .await
-        .map_err(|e| format!("cannot start: {e:#}"))?;
-    let http = loaded.http.ok_or("no HTTP address")?;
+    let http = server.http.ok_or("no HTTP address")?;
     let polling = workloads::Readers::start(http, readers);
-    let with = workloads::lease(&loaded, p, Bytes::from_static(DEMO_TE)).await;
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for pair in 0..READER_PAIRS {
+        let order = if pair % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for on in order {
+            polling.set_active(on);
+            let t = workloads::lease(server, p, Bytes::from_static(DEMO_TE))
+                .await
+                .map_err(|e| format!("{} readers: {e:#}", if on { "with" } else { "without" }))?;
+            polling.set_active(false);
+            if on {
+                with.push(t)
+            } else {
+                without.push(t)
+            }
+            wait_quiet().await;
+        }
+    }
     let readers = polling.stop().await;
-    loaded.stop().await;
     Ok(ReadersOutcome {
         without,
-        with: with.map_err(|e| format!("with readers: {e:#}"))?,
+        with,
         readers,
     })
 }
@@ -758,17 +824,19 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
         let _ = writeln!(
             w,
             "== lease-readers: the lease workload (100 TEs, 200 clients) on tebroker with --http, \
-             without and with HTTP readers polling {} in a loop ==",
+             without and with HTTP readers each reading {} then pausing (`pause`; \
+             --reader-pause) ==",
             workloads::READER_PATHS.join(", ")
         );
         let _ = writeln!(
             w,
-            "  {:<9} {:>12} {:>12} {:>7} {:>8} {:>10} {:>7} {:>9} {:>9}",
+            "  {:<9} {:>12} {:>12} {:>7} {:>8} {:>7} {:>10} {:>7} {:>9} {:>9}",
             "server",
             "no readers",
             "readers",
             "ratio",
             "readers",
+            "pause",
             "answers/s",
             "errors",
             "srv CPU",
@@ -777,19 +845,29 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
         for (k, res) in &r.readers {
             match res {
                 Ok(o) => {
-                    let ratio = ratio(Some(o.with.per_sec), Some(o.without.per_sec));
+                    let ratio = ratio(Some(o.with().per_sec), Some(o.without().per_sec));
+                    let (lo, hi) = o.pair_ratios();
                     let _ = writeln!(
                         w,
-                        "  {:<9} {:>12.0} {:>12.0} {:>7} {:>8} {:>10.0} {:>7} {:>9} {:>9}",
+                        "  {:<9} {:>12.0} {:>12.0} {:>7} {:>8} {:>7} {:>10.0} {:>7} {:>9} {:>9}",
                         k.name(),
-                        o.without.per_sec,
-                        o.with.per_sec,
+                        o.without().per_sec,
+                        o.with().per_sec,
                         fmt_ratio(ratio),
                         o.readers.readers,
+                        format!("{:.1} s", o.readers.pause.as_secs_f64()),
                         o.readers.per_sec,
                         o.readers.errors,
-                        pct(o.with.cpu.server),
-                        other_pct(o.with.cpu.other),
+                        pct(o.with().cpu.server),
+                        other_pct(o.with().cpu.other),
+                    );
+                    let _ = writeln!(
+                        w,
+                        "  {:<9} medians of {} windows each, alternating; ratio of neighbouring windows {:.2}x to {:.2}x",
+                        "",
+                        o.with.len(),
+                        lo,
+                        hi
                     );
                     let _ = writeln!(
                         w,

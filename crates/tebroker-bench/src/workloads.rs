@@ -736,20 +736,44 @@ pub async fn client_wall(
     result
 }
 
-/// The paths an API reader polls, in turn: what the dashboard and scripts read.
-pub const READER_PATHS: [&str; 4] = ["/api/v1/envs", "/api/v1/leases", "/api/v1/queue", "/"];
+/// The paths an API reader reads in one round: the dashboard page and what it asks for on
+/// every refresh (tebroker's dashboard.html, `refresh()`).
+pub const READER_PATHS: [&str; 7] = [
+    "/",
+    "/api/v1/envs",
+    "/api/v1/queue",
+    "/api/v1/leases",
+    "/api/v1/history?limit=25",
+    "/api/v1/charts?hours=12",
+    "/api/v1/stats",
+];
 
 /// HTTP readers polling tebroker's surface in a loop while a workload runs.
 pub struct Readers {
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Readers read only while this is set; otherwise they wait.
+    active: Arc<std::sync::atomic::AtomicBool>,
+    /// When the readers were last set active, and for how long they have been in all.
+    active_since: std::sync::Mutex<(Option<Instant>, Duration)>,
     tasks: Vec<tokio::task::JoinHandle<(u64, u64)>>,
-    started: Instant,
+    pause: Duration,
+}
+
+/// How many readers, and how often each reads.
+#[derive(Debug, Clone)]
+pub struct ReaderLoad {
+    pub readers: usize,
+    /// After each round of `paths`; zero reads without pause.
+    pub pause: Duration,
+    /// What one round reads ([`READER_PATHS`] by default).
+    pub paths: Arc<[String]>,
 }
 
 /// What the readers did.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadersResult {
     pub readers: usize,
+    pub pause: Duration,
     /// Answers with status 200, per second over the readers' whole run.
     pub per_sec: f64,
     /// Failed requests (connection errors, non-200 answers).
@@ -757,19 +781,34 @@ pub struct ReadersResult {
 }
 
 impl Readers {
-    /// Starts `n` readers of `http`, each on its own keep-alive connection (reopened when the
-    /// server closes it), asking for [`READER_PATHS`] one after the other without pause.
-    pub fn start(http: SocketAddr, n: usize) -> Readers {
+    /// Starts the readers of `http`, each on its own keep-alive connection (reopened when the
+    /// server closes it), asking for `paths` one after the other and pausing after
+    /// each round, like an open dashboard; their first rounds are spread over one pause.
+    pub fn start(http: SocketAddr, load: ReaderLoad) -> Readers {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let n = load.readers;
+        let pause = load.pause;
+        let paths = load.paths;
         let tasks = (0..n)
             .map(|i| {
                 let stop = stop.clone();
+                let active = active.clone();
+                let paths = paths.clone();
                 tokio::spawn(async move {
                     let (mut ok, mut errors) = (0u64, 0u64);
                     let mut conn: Option<tokio::io::BufStream<TcpStream>> = None;
-                    let mut k = i;
+                    let mut k = 0usize;
+                    tokio::time::sleep(pause.mul_f64(i as f64 / n.max(1) as f64)).await;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let path = READER_PATHS[k % READER_PATHS.len()];
+                        if !active.load(std::sync::atomic::Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                        if k > 0 && k % paths.len() == 0 && !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                        let path = paths[(i + k) % paths.len()].as_str();
                         k += 1;
                         if conn.is_none() {
                             match TcpStream::connect(http).await {
@@ -803,14 +842,34 @@ impl Readers {
             .collect();
         Readers {
             stop,
+            active,
+            active_since: std::sync::Mutex::new((None, Duration::ZERO)),
             tasks,
-            started: Instant::now(),
+            pause,
         }
     }
 
+    /// Starts or stops the reading (the readers start stopped).
+    pub fn set_active(&self, on: bool) {
+        let mut since = self.active_since.lock().unwrap_or_else(|e| e.into_inner());
+        match (on, since.0) {
+            (true, None) => since.0 = Some(Instant::now()),
+            (false, Some(t)) => {
+                since.1 += t.elapsed();
+                since.0 = None;
+            }
+            _ => {}
+        }
+        self.active.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub async fn stop(self) -> ReadersResult {
+        self.set_active(false);
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let elapsed = self.started.elapsed().as_secs_f64().max(1e-9);
+        let elapsed = {
+            let since = self.active_since.lock().unwrap_or_else(|e| e.into_inner());
+            since.1.as_secs_f64().max(1e-9)
+        };
         let readers = self.tasks.len();
         let (mut ok, mut errors) = (0, 0);
         for t in self.tasks {
@@ -821,6 +880,7 @@ impl Readers {
         }
         ReadersResult {
             readers,
+            pause: self.pause,
             per_sec: ok as f64 / elapsed,
             errors,
         }

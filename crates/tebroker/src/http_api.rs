@@ -16,6 +16,7 @@
 //! The broker lock is held only to copy; store queries run on blocking threads.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -29,6 +30,7 @@ use testenv_proto::agent::ControlOp;
 
 use crate::http::{ClientCert, CORE_WAIT};
 use crate::server::{ControlDone, Shared};
+use crate::shared_read::SharedRead;
 
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
@@ -106,13 +108,31 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such API path")
 }
 
-/// A TE as the API shows it.
+/// A TE as the API shows it: what the broker knows now, or the store's last record of a TE
+/// it does not know now (`live` says which).
 #[derive(Debug, Serialize)]
-struct ApiEnv {
-    #[serde(flatten)]
-    info: serde_json::Value,
-    /// Whether this broker knows the TE now (else: the store's last record of it).
-    live: bool,
+#[serde(untagged)]
+enum ApiEnv {
+    Live {
+        #[serde(flatten)]
+        info: broker_core::EnvInfo,
+        live: bool,
+    },
+    Stored {
+        name: String,
+        #[serde(flatten)]
+        info: serde_json::Value,
+        live: bool,
+    },
+}
+
+impl ApiEnv {
+    fn name(&self) -> &str {
+        match self {
+            ApiEnv::Live { info, .. } => &info.name,
+            ApiEnv::Stored { name, .. } => name,
+        }
+    }
 }
 
 fn inventory_query() -> InventoryQuery {
@@ -127,35 +147,39 @@ async fn all_envs(shared: &Arc<Shared>) -> Result<Vec<ApiEnv>, ApiError> {
         .inspect_within(CORE_WAIT, |b, now| b.envs(now))
         .await
         .map_err(ApiError::core)?;
+    let live_names: std::collections::HashSet<String> =
+        live.iter().map(|e| e.name.clone()).collect();
     let mut out: Vec<ApiEnv> = live
-        .iter()
-        .map(|e| ApiEnv {
-            info: serde_json::to_value(e).unwrap_or_default(),
-            live: true,
-        })
+        .into_iter()
+        .map(|info| ApiEnv::Live { info, live: true })
         .collect();
     if let Some(store) = shared.store() {
         // A store that is down leaves the live view standing.
-        if let Ok(stored) = store.read(|s| s.inventory(&inventory_query())).await {
-            for s in stored {
-                if live.iter().any(|e| e.name == s.latest.env) {
+        let stored = shared
+            .http_reads
+            .inventory
+            .get((), || store.read(|s| s.inventory(&inventory_query())))
+            .await;
+        if let Ok(stored) = stored {
+            for s in stored.iter() {
+                if live_names.contains(&s.latest.env) {
                     continue;
                 }
-                out.push(ApiEnv {
-                    info: stored_env_json(&s),
+                out.push(ApiEnv::Stored {
+                    name: s.latest.env.clone(),
+                    info: stored_env_json(s),
                     live: false,
                 });
             }
         }
     }
-    out.sort_by(|a, b| a.info["name"].as_str().cmp(&b.info["name"].as_str()));
+    out.sort_by(|a, b| a.name().cmp(b.name()));
     Ok(out)
 }
 
-/// A stored TE in the live inventory's shape.
+/// A stored TE in the live inventory's shape (its name aside).
 fn stored_env_json(s: &tebroker_store::EnvSummary) -> serde_json::Value {
     serde_json::json!({
-        "name": s.latest.env,
         "source": "store",
         "agent": s.latest.agent,
         "host": "",
@@ -175,7 +199,7 @@ async fn envs(State(shared): State<Arc<Shared>>) -> ApiResult {
 
 async fn env(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> ApiResult {
     let all = all_envs(&shared).await?;
-    let Some(found) = all.into_iter().find(|e| e.info["name"] == name.as_str()) else {
+    let Some(found) = all.into_iter().find(|e| e.name() == name) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_te",
@@ -528,6 +552,19 @@ async fn charts(
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let hours = p.hours.unwrap_or(12).clamp(1, 7 * 24);
     let store = shared.store().ok_or_else(ApiError::no_store)?;
+    let chart = shared
+        .http_reads
+        .charts
+        .get(hours, || read_charts(&shared, store, hours))
+        .await?;
+    ok(&*chart)
+}
+
+async fn read_charts(
+    shared: &Shared,
+    store: &Arc<crate::server_store::StoreLink>,
+    hours: u32,
+) -> Result<serde_json::Value, ApiError> {
     let now = tebroker_store::now_ms();
     let since = now.saturating_sub(i64::from(hours) * HOUR_MS);
     let (waits, leases) = store
@@ -565,10 +602,30 @@ async fn charts(
         .collect();
     let hour_start = since - since.rem_euclid(HOUR_MS);
     let bucket_start = since - since.rem_euclid(WAIT_BUCKET_MS);
-    ok(serde_json::json!({
+    Ok(serde_json::json!({
         "now_ms": now,
         "hours": hours,
         "waits": wait_series(&waits, &still_waiting, bucket_start, now),
         "leases_per_hour": hour_series(&leases, hour_start, now),
     }))
+}
+
+/// The store reads the dashboard repeats on every refresh, shared between its readers (see
+/// [`crate::shared_read`]).
+pub struct HttpReads {
+    /// The stored inventory: a week of every TE's leases for its failure rate.
+    inventory: SharedRead<(), Vec<tebroker_store::EnvSummary>>,
+    /// `/api/v1/charts` by its hours: the leases and waits of those hours.
+    charts: SharedRead<u32, serde_json::Value>,
+}
+
+impl Default for HttpReads {
+    fn default() -> HttpReads {
+        HttpReads {
+            // Fresh enough for a page that refreshes every 3 s.
+            inventory: SharedRead::new(Duration::from_secs(1)),
+            // Buckets of minutes and hours: a few seconds behind is not visible.
+            charts: SharedRead::new(Duration::from_secs(5)),
+        }
+    }
 }

@@ -17,5 +17,6 @@ pub mod panic;
 pub mod reload;
 pub mod server;
 pub mod server_store;
+pub mod shared_read;
 pub mod timer;
 pub mod tls;

@@ -67,6 +67,8 @@ pub struct Shared {
     pub(crate) store: Option<Arc<crate::server_store::StoreLink>>,
     /// Wait and lease-duration histograms.
     pub(crate) lease_metrics: crate::http::LeaseHistograms,
+    /// Store reads the HTTP readers share.
+    pub(crate) http_reads: crate::http_api::HttpReads,
     /// The bearer token API control requires (`--api-token-file`).
     api_token: Option<Vec<u8>>,
     /// Callers of [`Shared::control_env`] waiting for an agent's reply, by token. Taken after
@@ -566,6 +568,7 @@ impl Server {
             control_waiters: Mutex::new(FxHashMap::default()),
             next_control_token: AtomicU64::new(1),
             lease_metrics: crate::http::LeaseHistograms::default(),
+            http_reads: crate::http_api::HttpReads::default(),
             reload,
             clock,
         });
