@@ -805,7 +805,7 @@ impl Readers {
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             continue;
                         }
-                        if k > 0 && k % paths.len() == 0 && !pause.is_zero() {
+                        if k > 0 && k.is_multiple_of(paths.len()) && !pause.is_zero() {
                             tokio::time::sleep(pause).await;
                         }
                         let path = paths[(i + k) % paths.len()].as_str();
