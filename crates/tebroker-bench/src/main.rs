@@ -407,9 +407,10 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Windows of the lease workload that does not change between runs more than a few per cent
-/// on this kind of machine: readers on and off in turn, on one server.
-const READER_PAIRS: usize = 3;
+/// Pairs of lease windows, one with readers and one without: two windows of the saturated
+/// lease workload differ by up to ~10 % on a 2-core machine, more than the 5 % to be seen, so
+/// the medians of several are compared.
+const READER_PAIRS: usize = 5;
 
 /// The lease workload on `server` (started with `--http`) in windows with and without HTTP
 /// readers, alternating (off, on, on, off, off, on...) on the same server, so that the drift
@@ -830,7 +831,7 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
         );
         let _ = writeln!(
             w,
-            "  {:<9} {:>12} {:>12} {:>7} {:>8} {:>7} {:>10} {:>7} {:>9} {:>9}",
+            "  {:<9} {:>12} {:>12} {:>7} {:>8} {:>7} {:>10} {:>7} {:>12} {:>12} {:>9}",
             "server",
             "no readers",
             "readers",
@@ -840,6 +841,7 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
             "answers/s",
             "errors",
             "srv CPU",
+            "bench CPU",
             "other CPU"
         );
         for (k, res) in &r.readers {
@@ -849,7 +851,7 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
                     let (lo, hi) = o.pair_ratios();
                     let _ = writeln!(
                         w,
-                        "  {:<9} {:>12.0} {:>12.0} {:>7} {:>8} {:>7} {:>10.0} {:>7} {:>9} {:>9}",
+                        "  {:<9} {:>12.0} {:>12.0} {:>7} {:>8} {:>7} {:>10.0} {:>7} {:>12} {:>12} {:>9}",
                         k.name(),
                         o.without().per_sec,
                         o.with().per_sec,
@@ -858,7 +860,8 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
                         format!("{:.1} s", o.readers.pause.as_secs_f64()),
                         o.readers.per_sec,
                         o.readers.errors,
-                        pct(o.with().cpu.server),
+                        format!("{}>{}", pct(o.without().cpu.server), pct(o.with().cpu.server)),
+                        format!("{}>{}", pct(o.without().cpu.bench), pct(o.with().cpu.bench)),
                         other_pct(o.with().cpu.other),
                     );
                     let _ = writeln!(

@@ -312,13 +312,11 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for HTTP on {addr}: {e}"))?;
     let bound = listener.local_addr()?;
-    let tls = match &shared.settings().http_tls {
-        Some(files) => {
-            Some(crate::tls::http_acceptor(files).context("HTTPS files (--http-tls-*)")?)
-        }
-        None => None,
-    };
-    let app = router(shared);
+    if let Some(files) = &shared.settings().http_tls {
+        let acceptor = crate::tls::http_acceptor(files).context("HTTPS files (--http-tls-*)")?;
+        shared.set_http_tls_acceptor(acceptor);
+    }
+    let app = router(shared.clone());
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
@@ -333,6 +331,8 @@ pub async fn serve(
                     }
                 },
             };
+            // Read per connection: SIGHUP may have loaded a new certificate.
+            let tls = shared.http_tls_acceptor();
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tracing::warn!(%peer, max = MAX_CONNECTIONS, "too many HTTP connections; answering 503");
                 if tls.is_some() {

@@ -144,14 +144,21 @@ fn inventory_query() -> InventoryQuery {
 
 async fn all_envs(shared: &Arc<Shared>) -> Result<Vec<ApiEnv>, ApiError> {
     let live = shared
-        .inspect_within(CORE_WAIT, |b, now| b.envs(now))
+        .http_reads
+        .live_envs
+        .get((), || {
+            shared.inspect_within(CORE_WAIT, |b, now| b.envs(now))
+        })
         .await
         .map_err(ApiError::core)?;
     let live_names: std::collections::HashSet<String> =
         live.iter().map(|e| e.name.clone()).collect();
     let mut out: Vec<ApiEnv> = live
-        .into_iter()
-        .map(|info| ApiEnv::Live { info, live: true })
+        .iter()
+        .map(|info| ApiEnv::Live {
+            info: info.clone(),
+            live: true,
+        })
         .collect();
     if let Some(store) = shared.store() {
         // A store that is down leaves the live view standing.
@@ -231,10 +238,15 @@ async fn env(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Api
 }
 
 async fn leases(State(shared): State<Arc<Shared>>) -> ApiResult {
-    ok(shared
-        .inspect_within(CORE_WAIT, |b, now| b.leases(now))
+    let leases = shared
+        .http_reads
+        .leases
+        .get((), || {
+            shared.inspect_within(CORE_WAIT, |b, now| b.leases(now))
+        })
         .await
-        .map_err(ApiError::core)?)
+        .map_err(ApiError::core)?;
+    ok(&*leases)
 }
 
 async fn workers(State(shared): State<Arc<Shared>>) -> ApiResult {
@@ -255,12 +267,17 @@ struct QueuedRequest {
 
 async fn queue(State(shared): State<Arc<Shared>>) -> ApiResult {
     let waiting = shared
-        .inspect_within(CORE_WAIT, |b, now| b.waiting_requests(now))
+        .http_reads
+        .waiting
+        .get((), || {
+            shared.inspect_within(CORE_WAIT, |b, now| b.waiting_requests(now))
+        })
         .await
         .map_err(ApiError::core)?;
     let store = shared.store();
     ok(waiting
-        .into_iter()
+        .iter()
+        .cloned()
         .map(|request| QueuedRequest {
             estimated_wait_ms: store
                 .and_then(|s| s.estimate_secs(request.position as u64))
@@ -401,7 +418,10 @@ async fn control(
                 "operations: drain, undrain, hold, release, rebuild",
             )
         })?;
-    match shared.control_env(op, &name, p.secs, &requested_by).await {
+    let done = shared.control_env(op, &name, p.secs, &requested_by).await;
+    // The caller reads the TE's new state next.
+    shared.http_reads.live_envs.forget().await;
+    match done {
         Ok(ControlDone::Agent {
             agent,
             handle,
@@ -610,13 +630,19 @@ async fn read_charts(
     }))
 }
 
-/// The store reads the dashboard repeats on every refresh, shared between its readers (see
+const CORE_VIEW_FRESH: Duration = Duration::from_millis(500);
+
+/// The reads the dashboard repeats on every refresh, shared between its readers (see
 /// [`crate::shared_read`]).
 pub struct HttpReads {
     /// The stored inventory: a week of every TE's leases for its failure rate.
     inventory: SharedRead<(), Vec<tebroker_store::EnvSummary>>,
     /// `/api/v1/charts` by its hours: the leases and waits of those hours.
     charts: SharedRead<u32, serde_json::Value>,
+    /// The core's views: TEs, leases, waiting requests.
+    live_envs: SharedRead<(), Vec<broker_core::EnvInfo>>,
+    leases: SharedRead<(), Vec<broker_core::Lease>>,
+    waiting: SharedRead<(), Vec<broker_core::WaitingRequest>>,
 }
 
 impl Default for HttpReads {
@@ -626,6 +652,10 @@ impl Default for HttpReads {
             inventory: SharedRead::new(Duration::from_secs(1)),
             // Buckets of minutes and hours: a few seconds behind is not visible.
             charts: SharedRead::new(Duration::from_secs(5)),
+            // Half a second: no reader tells, and the lock is taken twice a second at most.
+            live_envs: SharedRead::new(CORE_VIEW_FRESH),
+            leases: SharedRead::new(CORE_VIEW_FRESH),
+            waiting: SharedRead::new(CORE_VIEW_FRESH),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! SIGHUP: re-read the ACL file and the TLS certificate files, log what changed, keep every
-//! connection. A file that no longer reads or parses is reported and the old setting stays.
+//! SIGHUP: re-read the ACL file and the TLS certificate files (of the Gearman port and of the
+//! HTTP surface), log what changed, keep every connection. A file that no longer reads or parses is reported and the old setting stays.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -29,6 +29,7 @@ pub fn security(settings: &Settings, acl: Option<Acl>) -> Security {
 pub struct Reloadable {
     acl_listing: Mutex<Option<String>>,
     certificate: Mutex<Option<String>>,
+    http_certificate: Mutex<Option<String>>,
 }
 
 impl Reloadable {
@@ -38,6 +39,12 @@ impl Reloadable {
             certificate: Mutex::new(
                 settings
                     .tls
+                    .as_ref()
+                    .and_then(|t| crate::tls::describe_certificate(&t.cert).ok()),
+            ),
+            http_certificate: Mutex::new(
+                settings
+                    .http_tls
                     .as_ref()
                     .and_then(|t| crate::tls::describe_certificate(&t.cert).ok()),
             ),
@@ -101,6 +108,29 @@ pub fn reload(shared: &Shared) -> bool {
             Err(e) => {
                 ok = false;
                 tracing::error!(error = %format!("{e:#}"), "TLS reload failed; keeping the certificate in force");
+            }
+        }
+    }
+    if let Some(files) = &settings.http_tls {
+        match crate::tls::http_acceptor(files) {
+            Ok(acceptor) => {
+                shared.set_http_tls_acceptor(acceptor);
+                let now = crate::tls::describe_certificate(&files.cert).unwrap_or_default();
+                let mut last = shared
+                    .reload
+                    .http_certificate
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let before = last.replace(now.clone()).unwrap_or_default();
+                if before == now {
+                    tracing::info!(certificate = %now, "HTTPS files reloaded: certificate unchanged");
+                } else {
+                    tracing::info!(before = %before, now = %now, "HTTPS certificate reloaded; new connections use it");
+                }
+            }
+            Err(e) => {
+                ok = false;
+                tracing::error!(error = %format!("{e:#}"), "HTTPS reload failed; keeping the certificate in force");
             }
         }
     }

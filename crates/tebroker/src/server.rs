@@ -55,6 +55,8 @@ pub struct Shared {
     live: AtomicUsize,
     /// Set when the port speaks TLS; replaced on reload.
     tls: RwLock<Option<tokio_rustls::TlsAcceptor>>,
+    /// Set when the HTTP surface speaks TLS (`--http-tls-*`); replaced on reload.
+    http_tls: RwLock<Option<tokio_rustls::TlsAcceptor>>,
     /// Stops accepting and closes every connection.
     stop: CancellationToken,
     /// Stops accepting only (graceful shutdown lets running jobs finish).
@@ -443,6 +445,17 @@ impl Shared {
         *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(acceptor);
     }
 
+    pub(crate) fn http_tls_acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.http_tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_http_tls_acceptor(&self, acceptor: tokio_rustls::TlsAcceptor) {
+        *self.http_tls.write().unwrap_or_else(|e| e.into_inner()) = Some(acceptor);
+    }
+
     pub(crate) fn with_broker<R>(&self, f: impl FnOnce(&mut Broker) -> R) -> R {
         f(&mut self.lock().broker)
     }
@@ -558,6 +571,7 @@ impl Server {
             next_conn: AtomicU64::new(1),
             live: AtomicUsize::new(0),
             tls: RwLock::new(tls),
+            http_tls: RwLock::new(None),
             stop: CancellationToken::new(),
             stop_accepting: CancellationToken::new(),
             edge,

@@ -1,8 +1,9 @@
-//! Store reads the HTTP readers share for a moment. Every open dashboard asks for the
-//! inventory and the charts every few seconds, and each is a scan of the store (every TE's
-//! failure rate over a week; the leases and waits of the last hours). Read at most once per
-//! `fresh_for` and handed to everybody who asks meanwhile, their cost stays the same however
-//! many people look: the bench's 50 dashboards cut the lease rate by a third before.
+//! Reads the HTTP readers share for a moment. Every open dashboard asks for the same views
+//! every few seconds: from the store (every TE's failure rate over a week; the leases and waits
+//! of the last hours: scans) and from the broker core (TEs, leases, queue: each a turn of the
+//! core's lock, contended by every connection under load). Read at most once per `fresh_for`
+//! and handed to everybody who asks meanwhile, their cost stays the same however many people
+//! look.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,6 +27,12 @@ impl<K: PartialEq, V> SharedRead<K, V> {
             fresh_for,
             slot: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Drops the kept value: the next caller reads (after a change made through this surface,
+    /// which its caller expects to see at once).
+    pub async fn forget(&self) {
+        *self.slot.lock().await = None;
     }
 
     /// The value kept for `key` if it is fresh, else what `read` returns (kept when it

@@ -669,13 +669,19 @@ fn plain_te(port: u16, name: &str) -> harness::Conn {
 
 /// TE `name`'s state in `tebroker admin envs` (waits until the TE is listed in `state`).
 fn wait_admin_state(broker: &Server, name: &str, state: &str) {
-    test_support::wait_until(&format!("{name} {state} in `envs`"), || {
-        broker
-            .admin_block("envs")
-            .iter()
+    let mut last = Vec::new();
+    let found = test_support::wait_until_within_or_none(test_support::TIMEOUT, || {
+        last = broker.admin_block("envs");
+        last.iter()
             .map(|l| l.split('\t').map(str::to_string).collect::<Vec<_>>())
             .find(|f| f[0] == name && f[1] == state)
     });
+    assert!(
+        found.is_some(),
+        "timed out waiting for {name} {state} in `envs`; last seen:\n{}\n{}",
+        last.join("\n"),
+        broker.log_text()
+    );
 }
 
 #[test]
@@ -921,4 +927,45 @@ fn a_broker_keeps_leasing_while_postgresql_is_down_and_catches_up() {
         !m.contains("tebroker_store_errors_total 0\n"),
         "the outage is counted: {m}"
     );
+}
+
+#[test]
+fn sighup_loads_a_renewed_https_certificate_for_new_connections() {
+    let old_ca = test_support::Pki::new("tebroker old CA");
+    let served = old_ca.issue("localhost");
+    let broker = Server::tebroker_with(&[
+        "--http",
+        "127.0.0.1:0",
+        "--no-store",
+        "--http-tls-cert",
+        harness::path(&served.cert),
+        "--http-tls-key",
+        harness::path(&served.key),
+    ]);
+    let url = format!(
+        "https://127.0.0.1:{}/api/v1/envs",
+        broker.http.unwrap().port()
+    );
+    let (rc, code, body) = curl(&old_ca.ca(), None, "GET", &url);
+    assert_eq!((rc, code), (0, 200), "{body}");
+
+    // The certificate is renewed in place by another CA, then SIGHUP.
+    let new_ca = test_support::Pki::new("tebroker new CA");
+    let renewed = new_ca.issue("localhost");
+    std::fs::copy(&renewed.cert, &served.cert).unwrap();
+    std::fs::copy(&renewed.key, &served.key).unwrap();
+    broker.signal(libc::SIGHUP);
+    broker.wait_log("HTTPS certificate reloaded");
+
+    let (rc, code, body) = curl(&new_ca.ca(), None, "GET", &url);
+    assert_eq!((rc, code), (0, 200), "{body}");
+    let (rc, _, _) = curl(&old_ca.ca(), None, "GET", &url);
+    assert_ne!(rc, 0, "a new connection still got the old certificate");
+
+    // A broken file is reported and the certificate in force stays.
+    std::fs::write(&served.key, "not a key").unwrap();
+    broker.signal(libc::SIGHUP);
+    broker.wait_log("HTTPS reload failed");
+    let (rc, code, body) = curl(&new_ca.ca(), None, "GET", &url);
+    assert_eq!((rc, code), (0, 200), "{body}");
 }

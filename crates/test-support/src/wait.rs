@@ -26,6 +26,21 @@ pub fn wait_until_within<T>(what: &str, limit: Duration, mut f: impl FnMut() -> 
     }
 }
 
+/// Polls `f` until it returns `Some` or `limit` has passed; `None` then, for a caller that
+/// says more about what it saw when it fails.
+pub fn wait_until_within_or_none<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs an async test body on a fresh multi-threaded tokio runtime, failing the test if it has
 /// not finished within `limit`: no await in it can hang the test for ever.
 pub fn block_on_within<F: std::future::Future>(limit: Duration, body: F) -> F::Output {
