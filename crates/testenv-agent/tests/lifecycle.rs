@@ -54,8 +54,7 @@ datafile = "{dir}/te1.json"
 "#,
     );
     agent.wait_state("te1", EnvState::Ready);
-    let first = finish(client(broker, &[], "true"));
-    assert!(first.status.success(), "{first:?}");
+    lease_ok(broker, &[], "true");
 
     // The lease is over and cleanup runs: cleaning, and nobody else gets the TE meanwhile.
     let te = agent.wait_state("te1", EnvState::Cleaning);
@@ -142,15 +141,14 @@ datafile = "{dir}/te2.json"
     agent.wait_state("te2", EnvState::Ready);
     // te2 is taken by a holder that waits for `release` (te1 is held meanwhile, so which TE
     // the broker hands out first does not matter); the next client gets te1.
-    assert!(agent.ctl(&["hold", "te1"]).status.success());
+    agent.ctl_ok(&["hold", "te1"]);
     agent.wait_state("te1", EnvState::Held);
     let release = agent.path("release").display().to_string();
     let on_te2 = client(broker, &[], &wait_for(&release));
     agent.wait_state("te2", EnvState::Leased);
-    assert!(agent.ctl(&["release", "te1"]).status.success());
+    agent.ctl_ok(&["release", "te1"]);
     agent.wait_state("te1", EnvState::Ready);
-    let on_te1 = finish(client(broker, &[], "cat \"$TE_DATAFILE\""));
-    assert!(on_te1.status.success(), "{on_te1:?}");
+    let on_te1 = lease_ok(broker, &[], "cat \"$TE_DATAFILE\"");
     assert!(String::from_utf8_lossy(&on_te1.stdout).contains("\"env-num\":\"1\""));
     agent.wait_state("te1", EnvState::Cleaning);
 
@@ -182,25 +180,7 @@ datafile = "{dir}/te2.json"
 #[test]
 fn a_lease_that_timed_out_counts_as_a_failed_lease_and_the_te_is_rebuilt() {
     let broker = tebroker();
-    let dir = te1_with_health_and_rebuild("true", "echo rebuilt >> {d}/rebuild.log");
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-rebuild = "{dir}/rebuild.sh"
-timeout = "10s"
-[policy]
-max_failed_leases = 1
-[lease]
-holder_grace = "1s"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
-    );
-    agent.wait_state("te1", EnvState::Ready);
+    let agent = Agent::rebuilt_after_one_failed_lease(broker);
     // The job asked for the TE for 2 s and runs on: the lease times out.
     let holder = Command::new(client_bin())
         .args(["-b", &broker.to_string(), "-t", "2", "--", "sleep", "600"])
@@ -210,23 +190,5 @@ datafile = "{dir}/te1.json"
         .unwrap();
     let out = finish(holder);
     assert!(!out.status.success(), "{out:?}");
-    wait_until(
-        &format!(
-            "the rebuild after the timed-out lease; log:\n{}",
-            agent.log()
-        ),
-        || {
-            std::fs::read_to_string(agent.path("rebuild.log"))
-                .ok()
-                .filter(|l| l.lines().count() == 1)
-        },
-    );
-    assert!(
-        agent.log().contains("failed lease: the lease timed out"),
-        "{}",
-        agent.log()
-    );
-    agent.wait_state("te1", EnvState::Ready);
-    let out = finish(client(broker, &[], "true"));
-    assert!(out.status.success(), "{out:?}");
+    agent.wait_rebuilt_after_failed_lease(broker, "the lease timed out");
 }
