@@ -16,6 +16,26 @@ fn wait_for(file: &str) -> String {
     format!("while [ ! -e {file} ]; do sleep 0.05; done")
 }
 
+/// Starts an agent on `dir` (made by [`te1_with_health_and_rebuild`]) whose hooks are its
+/// `health.sh`, its `rebuild.sh` and a `cleanup.sh` running `cleanup` (`{d}` in it stands for
+/// the dir), each with 5 minutes; `tables` is the rest of the config.
+fn start_with_cleanup(
+    dir: tempfile::TempDir,
+    broker: std::net::SocketAddr,
+    cleanup: &str,
+    tables: &str,
+) -> Agent {
+    let d = dir.path().display().to_string();
+    script(&dir.path().join("cleanup.sh"), &cleanup.replace("{d}", &d));
+    Agent::start_in(
+        dir,
+        broker,
+        &format!(
+            "{HEALTH_AND_REBUILD}cleanup = \"{{dir}}/cleanup.sh\"\ntimeout = \"5m\"\n{tables}"
+        ),
+    )
+}
+
 #[test]
 fn cleaning_rebuilding_and_unhealthy_are_reported_and_a_waiting_client_is_served_after_the_rebuild()
 {
@@ -29,29 +49,14 @@ fn cleaning_rebuilding_and_unhealthy_are_reported_and_a_waiting_client_is_served
             wait_for("{d}/rebuild-go")
         ),
     );
-    let d = dir.path().display().to_string();
-    script(
-        &dir.path().join("cleanup.sh"),
-        &format!(
-            "echo cleanup >> {d}/hooks.log\n{}\necho 'disk full'; exit 1",
-            wait_for(&format!("{d}/cleanup-go"))
-        ),
-    );
-    let agent = Agent::start_in(
+    let agent = start_with_cleanup(
         dir,
         broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-cleanup = "{dir}/cleanup.sh"
-rebuild = "{dir}/rebuild.sh"
-timeout = "5m"
-[policy]
-max_rebuilds = 1000
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
+        &format!(
+            "echo cleanup >> {{d}}/hooks.log\n{}\necho 'disk full'; exit 1",
+            wait_for("{d}/cleanup-go")
+        ),
+        &format!("[policy]\nmax_rebuilds = 1000\n{TE1}"),
     );
     agent.wait_state("te1", EnvState::Ready);
     lease_ok(broker, &[], "true");
@@ -110,32 +115,16 @@ datafile = "{dir}/te1.json"
 fn a_failing_cleanup_loses_no_lease_the_waiting_client_gets_the_other_te() {
     let broker = tebroker();
     let dir = te1_with_health_and_rebuild("true", &wait_for("{d}/rebuild-go"));
-    let d = dir.path().display().to_string();
     te_data(&dir.path().join("te2.json"), "2", 2);
     // Only te1's cleanup fails (after `cleanup-go`); te2's passes.
-    script(
-        &dir.path().join("cleanup.sh"),
-        &format!(
-            "[ \"$TE_NAME\" = te2 ] && exit 0\n{}\necho 'cannot wipe'; exit 1",
-            wait_for(&format!("{d}/cleanup-go"))
-        ),
-    );
-    let agent = Agent::start_in(
+    let agent = start_with_cleanup(
         dir,
         broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-cleanup = "{dir}/cleanup.sh"
-rebuild = "{dir}/rebuild.sh"
-timeout = "5m"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-[[te]]
-name = "te2"
-datafile = "{dir}/te2.json"
-"#,
+        &format!(
+            "[ \"$TE_NAME\" = te2 ] && exit 0\n{}\necho 'cannot wipe'; exit 1",
+            wait_for("{d}/cleanup-go")
+        ),
+        &format!("{TE1}[[te]]\nname = \"te2\"\ndatafile = \"{{dir}}/te2.json\"\n"),
     );
     agent.wait_state("te1", EnvState::Ready);
     agent.wait_state("te2", EnvState::Ready);
