@@ -22,6 +22,23 @@ fn lock_request(callback: &str, job: &str) -> String {
     )
 }
 
+/// `client` asks for a TE: a foreground lockenv job calling back `callback`.
+fn submit_lock(sim: &mut Sim, client: ConnId, callback: &str, job: &str) {
+    sim.submit(
+        client,
+        T::SubmitJob,
+        "lockenv",
+        "",
+        &lock_request(callback, job),
+    );
+}
+
+/// `agent` serves the control function of agent `host1`.
+fn serve_control(sim: &mut Sim, agent: ConnId) {
+    let ctl = format!("{CONTROL_PREFIX}host1");
+    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+}
+
 fn env<'a>(sim: &Sim, name: &str, envs: &'a [EnvInfo]) -> &'a EnvInfo {
     envs.iter()
         .find(|e| e.name == name)
@@ -76,13 +93,7 @@ fn a_plain_worker_is_a_te_ready_leased_then_gone() {
     assert_eq!((te.holder.clone(), te.failure_rate), (None, None));
 
     let client = sim.conn(1);
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_7", "job-7"),
-    );
+    submit_lock(&mut sim, client, "callback_7", "job-7");
     assert_eq!(sim.types(w), vec![T::Noop]);
     let (handle, ..) = sim.grab(w).expect("the lock request");
     sim.advance(5_000);
@@ -108,13 +119,7 @@ fn a_plain_worker_is_a_te_ready_leased_then_gone() {
     assert_eq!(te.failure_rate, Some(0.0));
 
     // The next lease is lost with its worker: gone, and the outcome counts as a failure.
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_8", "job-8"),
-    );
+    submit_lock(&mut sim, client, "callback_8", "job-8");
     sim.grab(w).expect("the second request");
     sim.drop_conn(w);
     let envs = sim.broker.envs(sim.now);
@@ -143,13 +148,7 @@ fn a_worker_without_a_client_id_is_named_by_its_connection_and_clients_are_not_t
         .collect();
     assert_eq!(names, vec!["conn-9".to_string()]);
     // Its lease outcomes are its own too.
-    sim.submit(
-        c,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_1", "j"),
-    );
+    submit_lock(&mut sim, c, "callback_1", "j");
     let (handle, ..) = sim.grab(w).unwrap();
     sim.send(w, T::WorkFail, &[&handle]);
     let envs = sim.broker.envs(sim.now);
@@ -237,8 +236,7 @@ fn agent_reports_are_consumed_replaced_refused_and_go_stale() {
 fn an_agents_own_worker_connections_are_not_listed_twice() {
     let mut sim = Sim::new();
     let agent = sim.conn(3);
-    let ctl = format!("{CONTROL_PREFIX}host1");
-    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+    serve_control(&mut sim, agent);
     sim.send(agent, T::CanDo, &[b"lockenv"]);
     let te_conn = plain_worker(&mut sim, 4, "te1");
     send_report(
@@ -276,8 +274,7 @@ fn agent_with_control(sim: &mut Sim, id: u64) -> ConnId {
             &[("te1", EnvState::Ready), ("te2", EnvState::Ready)],
         ),
     );
-    let ctl = format!("{CONTROL_PREFIX}host1");
-    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+    serve_control(sim, agent);
     sim.send(agent, T::PreSleep, &[]);
     agent
 }
@@ -401,14 +398,13 @@ fn control_commands_reach_the_agent_that_reported_the_te() {
         .starts_with("ERR agent_unreachable"));
     assert_eq!(sim.broker.job_count(), 0);
 
-    let ctl = format!("{CONTROL_PREFIX}host1");
-    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+    serve_control(&mut sim, agent);
     sim.send(agent, T::PreSleep, &[]);
     // The answer is the agent's reply, once it comes.
     assert_eq!(sim.admin(admin, "hold te1 600"), "");
     assert_eq!(sim.types(agent), vec![T::Noop]);
     let (handle, function, _, data) = sim.grab(agent).expect("the control job");
-    assert_eq!(function, ctl);
+    assert_eq!(function, format!("{CONTROL_PREFIX}host1"));
     let cmd = ControlCommand::parse(data.as_bytes()).unwrap();
     assert_eq!(cmd.op, ControlOp::Hold);
     assert_eq!(cmd.env, "te1");
@@ -461,23 +457,11 @@ fn a_drained_plain_worker_gets_no_lock_requests_until_undrained() {
 
     // te2 is the one woken, and te2 stays busy: the request waits rather than going to te1.
     let client = sim.conn(4);
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_1", "a"),
-    );
+    submit_lock(&mut sim, client, "callback_1", "a");
     assert_eq!(sim.types(te2), vec![T::Noop]);
     assert!(sim.take(te1).is_empty());
     sim.grab(te2).expect("te2 serves it");
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_2", "b"),
-    );
+    submit_lock(&mut sim, client, "callback_2", "b");
     assert_eq!(sim.grab(te1), None, "a drained TE gets NO_JOB");
     // Going back to sleep with the request still queued: no NOOP loop.
     sim.send(te1, T::PreSleep, &[]);
@@ -506,13 +490,7 @@ fn a_broker_side_hold_ends_by_itself() {
     let te1 = plain_worker(&mut sim, 2, "te1");
     assert!(sim.admin(admin, "hold te1 30").starts_with("OK hold te1"));
     let client = sim.conn(4);
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_1", "a"),
-    );
+    submit_lock(&mut sim, client, "callback_1", "a");
     assert!(sim.take(te1).is_empty());
     let envs = sim.broker.envs(sim.now);
     assert_eq!(
@@ -555,8 +533,7 @@ fn with_acls_te_control_needs_permission() {
         agent,
         &report("host1", &[("te1", EnvState::Ready)]),
     );
-    let ctl = format!("{CONTROL_PREFIX}host1");
-    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+    serve_control(&mut sim, agent);
 
     assert_eq!(sim.admin(anon, "drain te1"), "ERR PERMISSION_DENIED\r\n");
     assert_eq!(
@@ -633,13 +610,7 @@ fn state_changes_and_ended_waits_are_handed_out_once() {
 
     // One request granted te1 after 700 ms, one abandoned by its client.
     let client = sim.conn(1);
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_1", "granted"),
-    );
+    submit_lock(&mut sim, client, "callback_1", "granted");
     let quitter = sim.conn(4);
     sim.submit(
         quitter,
