@@ -16,14 +16,11 @@ use testenv_proto::agent::EnvState;
 fn a_flaky_te_is_rebuilt_by_itself_and_only_then_offered() {
     let broker = tebroker();
     // te1's health fails until its rebuild hook has run; every health run is logged.
-    let dir = te1_with_health_and_rebuild(
+    let agent = Agent::te1_hooked(
+        broker,
         "echo \"$TE_NAME\" >> {d}/health.log\n[ -e {d}/rebuilt ] || { echo 'lost its IP'; exit 1; }",
         "touch {d}/rebuilt",
-    );
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        &format!("{HEALTH_AND_REBUILD}timeout = \"10s\"\n{TE1}"),
+        "timeout = \"10s\"",
     );
     let te = agent.wait_state("te1", EnvState::Ready);
     assert_eq!(te.failed_rebuilds, 0);
@@ -474,17 +471,11 @@ fn a_ready_te_failing_its_periodic_health_check_is_rebuilt_and_never_checked_dur
     let broker = tebroker();
     // Every health run and rebuild is logged with the wall clock in ns; health fails while
     // `sick` exists, and the rebuild mends it.
-    let dir = te1_with_health_and_rebuild(
+    let agent = Agent::te1_hooked(
+        broker,
         "echo \"health $(date +%s%N)\" >> {d}/hooks.log\n[ ! -e {d}/sick ] || { echo 'lost its IP'; exit 1; }",
         "echo \"rebuild $(date +%s%N)\" >> {d}/hooks.log\nrm {d}/sick",
-    );
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        &format!(
-            "{HEALTH_AND_REBUILD}[policy]\nhealth_interval = \"300ms\"\n\
-             [lease]\nholder_grace = \"1s\"\n{TE1}"
-        ),
+        "[policy]\nhealth_interval = \"300ms\"\n[lease]\nholder_grace = \"1s\"",
     );
     agent.wait_state("te1", EnvState::Ready);
     let log = |what: &str| -> Vec<u128> {
@@ -624,17 +615,12 @@ fn te_workers_carry_their_te_name_as_client_id_in_tebroker_and_gearmand() {
 #[test]
 fn failed_leases_make_a_te_rebuilt_and_an_autoheld_one_is_cleaned_only_after_its_release() {
     let broker = tebroker();
-    let dir = te1_with_health_and_rebuild(
+    let agent = Agent::te1_hooked(
+        broker,
         "echo health >> {d}/events.log",
         "echo rebuild >> {d}/events.log",
-    );
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        &format!(
-            "{HEALTH_AND_REBUILD}cleanup = \"echo cleanup >> {{dir}}/events.log\"\n\
-             timeout = \"10s\"\n[policy]\nmax_failed_leases = 2\nhold_on_failure = \"1h\"\n{TE1}"
-        ),
+        "cleanup = \"echo cleanup >> {dir}/events.log\"\ntimeout = \"10s\"\n\
+         [policy]\nmax_failed_leases = 2\nhold_on_failure = \"1h\"",
     );
     let events = || std::fs::read_to_string(agent.path("events.log")).unwrap_or_default();
     let mark = |what: &str| {
@@ -687,14 +673,11 @@ fn failed_leases_make_a_te_rebuilt_and_an_autoheld_one_is_cleaned_only_after_its
 #[test]
 fn a_failed_te_held_and_released_stays_failed() {
     let broker = tebroker();
-    let dir = te1_with_health_and_rebuild(
+    let agent = Agent::te1_hooked(
+        broker,
         "[ -e {d}/fixed ] || { echo 'still broken'; exit 1; }",
         "true",
-    );
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        &format!("{HEALTH_AND_REBUILD}timeout = \"10s\"\n[policy]\nmax_rebuilds = 1\n{TE1}"),
+        "timeout = \"10s\"\n[policy]\nmax_rebuilds = 1",
     );
     agent.wait_state("te1", EnvState::Failed);
     agent.ctl_ok(&["hold", "te1"]);

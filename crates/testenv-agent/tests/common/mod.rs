@@ -130,16 +130,25 @@ impl Agent {
         Agent::start_in(te1_dir(), broker, &format!("{tables}\n{TE1}"))
     }
 
+    /// An agent serving te1 with the hooks `health` and `rebuild` (as in
+    /// [`te1_with_health_and_rebuild`]); `settings` is the config after those two lines of
+    /// `[hooks]` (more hooks, then other tables) and before te1's `[[te]]`.
+    pub fn te1_hooked(broker: SocketAddr, health: &str, rebuild: &str, settings: &str) -> Agent {
+        Agent::start_in(
+            te1_with_health_and_rebuild(health, rebuild),
+            broker,
+            &format!("{HEALTH_AND_REBUILD}{settings}\n{TE1}"),
+        )
+    }
+
     /// te1 with a health hook that passes and a rebuild hook logging to `rebuild.log`, rebuilt
     /// after its first failed lease (`holder_grace` 1 s); returned once te1 is ready.
     pub fn rebuilt_after_one_failed_lease(broker: SocketAddr) -> Agent {
-        let agent = Agent::start_in(
-            te1_with_health_and_rebuild("true", "echo rebuilt >> {d}/rebuild.log"),
+        let agent = Agent::te1_hooked(
             broker,
-            &format!(
-                "{HEALTH_AND_REBUILD}timeout = \"10s\"\n[policy]\nmax_failed_leases = 1\n\
-                 [lease]\nholder_grace = \"1s\"\n{TE1}"
-            ),
+            "true",
+            "echo rebuilt >> {d}/rebuild.log",
+            "timeout = \"10s\"\n[policy]\nmax_failed_leases = 1\n[lease]\nholder_grace = \"1s\"",
         );
         agent.wait_state("te1", EnvState::Ready);
         agent
