@@ -77,7 +77,9 @@ fn report(agent: &str, envs: &[(&str, EnvState)]) -> AgentReport {
     }
 }
 
-fn send_report(sim: &mut Sim, c: ConnId, r: &AgentReport) {
+/// Connection `c` sends agent `agent`'s report of `envs`.
+fn send_report(sim: &mut Sim, c: ConnId, agent: &str, envs: &[(&str, EnvState)]) {
+    let r = report(agent, envs);
     sim.submit(c, T::SubmitJobBg, REPORT_FUNCTION, "", &r.to_json());
 }
 
@@ -163,10 +165,8 @@ fn agent_reports_are_consumed_replaced_refused_and_go_stale() {
     send_report(
         &mut sim,
         agent,
-        &report(
-            "host1",
-            &[("te1", EnvState::Ready), ("te2", EnvState::Unhealthy)],
-        ),
+        "host1",
+        &[("te1", EnvState::Ready), ("te2", EnvState::Unhealthy)],
     );
     // Consumed: no job, no function.
     assert_eq!(sim.broker.job_count(), 0);
@@ -184,11 +184,7 @@ fn agent_reports_are_consumed_replaced_refused_and_go_stale() {
     );
 
     // The next report replaces the previous one as a whole.
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("te1", EnvState::Drained)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("te1", EnvState::Drained)]);
     let envs = sim.broker.envs(sim.now);
     assert_eq!(envs.len(), 1);
     assert_eq!(envs[0].state, EnvStatus::State(EnvState::Drained));
@@ -218,11 +214,7 @@ fn agent_reports_are_consumed_replaced_refused_and_go_stale() {
         ],
     );
     assert_eq!(sim.types(agent), vec![T::JobCreated, T::WorkComplete]);
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("te1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("te1", EnvState::Ready)]);
 
     sim.advance(REPORT_STALE_SECS * 1000 + 1);
     let envs = sim.broker.envs(sim.now);
@@ -239,11 +231,7 @@ fn an_agents_own_worker_connections_are_not_listed_twice() {
     serve_control(&mut sim, agent);
     sim.send(agent, T::CanDo, &[b"lockenv"]);
     let te_conn = plain_worker(&mut sim, 4, "te1");
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("te1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("te1", EnvState::Ready)]);
     let envs = sim.broker.envs(sim.now);
     assert_eq!(envs.len(), 1, "{envs:?}");
     assert_eq!(envs[0].connections, vec![te_conn.0]);
@@ -269,10 +257,8 @@ fn agent_with_control(sim: &mut Sim, id: u64) -> ConnId {
     send_report(
         sim,
         agent,
-        &report(
-            "host1",
-            &[("te1", EnvState::Ready), ("te2", EnvState::Ready)],
-        ),
+        "host1",
+        &[("te1", EnvState::Ready), ("te2", EnvState::Ready)],
     );
     serve_control(sim, agent);
     sim.send(agent, T::PreSleep, &[]);
@@ -387,11 +373,7 @@ fn control_commands_reach_the_agent_that_reported_the_te() {
     let mut sim = Sim::new();
     let admin = sim.conn(1);
     let agent = sim.conn(3);
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("te1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("te1", EnvState::Ready)]);
     // The agent serves no control function yet: nothing is queued for nobody.
     assert!(sim
         .admin(admin, "drain te1")
@@ -430,11 +412,7 @@ fn control_commands_reach_the_agent_that_reported_the_te() {
 
     // Two agents with a te1 each: the bare name is ambiguous.
     let other = sim.conn(5);
-    send_report(
-        &mut sim,
-        other,
-        &report("host2", &[("te1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, other, "host2", &[("te1", EnvState::Ready)]);
     assert!(sim
         .admin(admin, "drain te1")
         .starts_with("ERR ambiguous_te"));
@@ -528,11 +506,7 @@ fn with_acls_te_control_needs_permission() {
     let anon_worker = sim.conn_as(5, "127.0.0.1", None);
     sim.send(anon_worker, T::SetClientId, &[b"te9"]);
     // Registering is ignored for anon; use an operator-less plain TE name the broker remembers.
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("te1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("te1", EnvState::Ready)]);
     serve_control(&mut sim, agent);
 
     assert_eq!(sim.admin(anon, "drain te1"), "ERR PERMISSION_DENIED\r\n");
@@ -588,11 +562,7 @@ fn state_changes_and_ended_waits_are_handed_out_once() {
     let mut sim = Sim::new();
     let w = plain_worker(&mut sim, 2, "te1");
     let agent = sim.conn(3);
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("ovb1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("ovb1", EnvState::Ready)]);
     let first: Vec<(String, EnvStatus)> = sim
         .broker
         .take_env_changes(sim.now)
