@@ -391,13 +391,8 @@ fn a_te_leased_when_the_agent_crashes_is_quarantined_after_restart() {
     let broker = tebroker();
     let mut agent = Agent::te1(broker, "[lease]\nholder_grace = \"3s\"");
     agent.wait_state("te1", EnvState::Ready);
-    let started = agent.path("started");
-    let holder = client(
-        broker,
-        &[],
-        &format!("touch {}; sleep 600", started.display()),
-    );
-    wait_until("the lease started", || started.exists().then_some(()));
+    // Held until the agent dies: `go` never comes.
+    let holder = hold_until(broker, &agent.path("go"));
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
     // The holder learns its TE is gone (tebroker fails lockenv of a dead worker).

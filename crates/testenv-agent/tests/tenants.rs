@@ -51,11 +51,7 @@ fn two_tenants_at_equal_priority_are_served_in_turn() {
     let agent = Agent::te1(broker, "");
     agent.wait_state("te1", EnvState::Ready);
     let release = agent.path("release");
-    let holder = client(
-        broker,
-        &[],
-        &format!("while [ ! -e {} ]; do sleep 0.05; done", release.display()),
-    );
+    let holder = hold_until(broker, &release);
     agent.wait_state("te1", EnvState::Leased);
     let base = wait_until("the holder's lock request", || {
         Some(lock_jobs(broker)).filter(|&n| n >= 1)
