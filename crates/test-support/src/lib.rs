@@ -23,6 +23,4 @@ pub use admin::{admin, answers_with_list, parse_status, stat, StatusRow};
 pub use peer::{free_port, Peer, PeerServer};
 pub use pki::{Files, Pki};
 pub use process::{find_program, require_program, run_with_timeout, KillOnDrop, LoggedChild};
-pub use wait::{
-    block_on_within, wait_until, wait_until_within, wait_until_within_or_none, TIMEOUT,
-};
+pub use wait::{block_on_within, wait_until, wait_until_within, wait_until_within_or_none, TIMEOUT};

@@ -28,10 +28,7 @@ pub fn wait_until_within<T>(what: &str, limit: Duration, mut f: impl FnMut() -> 
 
 /// Polls `f` until it returns `Some` or `limit` has passed; `None` then, for a caller that
 /// says more about what it saw when it fails.
-pub fn wait_until_within_or_none<T>(
-    limit: Duration,
-    mut f: impl FnMut() -> Option<T>,
-) -> Option<T> {
+pub fn wait_until_within_or_none<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f() {
