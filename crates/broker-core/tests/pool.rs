@@ -22,6 +22,23 @@ fn lock_request(callback: &str, job: &str) -> String {
     )
 }
 
+/// `client` asks for a TE: a foreground lockenv job calling back `callback`.
+fn submit_lock(sim: &mut Sim, client: ConnId, callback: &str, job: &str) {
+    sim.submit(
+        client,
+        T::SubmitJob,
+        "lockenv",
+        "",
+        &lock_request(callback, job),
+    );
+}
+
+/// `agent` serves the control function of agent `host1`.
+fn serve_control(sim: &mut Sim, agent: ConnId) {
+    let ctl = format!("{CONTROL_PREFIX}host1");
+    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+}
+
 fn env<'a>(sim: &Sim, name: &str, envs: &'a [EnvInfo]) -> &'a EnvInfo {
     envs.iter()
         .find(|e| e.name == name)
@@ -60,7 +77,9 @@ fn report(agent: &str, envs: &[(&str, EnvState)]) -> AgentReport {
     }
 }
 
-fn send_report(sim: &mut Sim, c: ConnId, r: &AgentReport) {
+/// Connection `c` sends agent `agent`'s report of `envs`.
+fn send_report(sim: &mut Sim, c: ConnId, agent: &str, envs: &[(&str, EnvState)]) {
+    let r = report(agent, envs);
     sim.submit(c, T::SubmitJobBg, REPORT_FUNCTION, "", &r.to_json());
 }
 
@@ -76,13 +95,7 @@ fn a_plain_worker_is_a_te_ready_leased_then_gone() {
     assert_eq!((te.holder.clone(), te.failure_rate), (None, None));
 
     let client = sim.conn(1);
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_7", "job-7"),
-    );
+    submit_lock(&mut sim, client, "callback_7", "job-7");
     assert_eq!(sim.types(w), vec![T::Noop]);
     let (handle, ..) = sim.grab(w).expect("the lock request");
     sim.advance(5_000);
@@ -108,13 +121,7 @@ fn a_plain_worker_is_a_te_ready_leased_then_gone() {
     assert_eq!(te.failure_rate, Some(0.0));
 
     // The next lease is lost with its worker: gone, and the outcome counts as a failure.
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_8", "job-8"),
-    );
+    submit_lock(&mut sim, client, "callback_8", "job-8");
     sim.grab(w).expect("the second request");
     sim.drop_conn(w);
     let envs = sim.broker.envs(sim.now);
@@ -143,13 +150,7 @@ fn a_worker_without_a_client_id_is_named_by_its_connection_and_clients_are_not_t
         .collect();
     assert_eq!(names, vec!["conn-9".to_string()]);
     // Its lease outcomes are its own too.
-    sim.submit(
-        c,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_1", "j"),
-    );
+    submit_lock(&mut sim, c, "callback_1", "j");
     let (handle, ..) = sim.grab(w).unwrap();
     sim.send(w, T::WorkFail, &[&handle]);
     let envs = sim.broker.envs(sim.now);
@@ -164,10 +165,8 @@ fn agent_reports_are_consumed_replaced_refused_and_go_stale() {
     send_report(
         &mut sim,
         agent,
-        &report(
-            "host1",
-            &[("te1", EnvState::Ready), ("te2", EnvState::Unhealthy)],
-        ),
+        "host1",
+        &[("te1", EnvState::Ready), ("te2", EnvState::Unhealthy)],
     );
     // Consumed: no job, no function.
     assert_eq!(sim.broker.job_count(), 0);
@@ -185,11 +184,7 @@ fn agent_reports_are_consumed_replaced_refused_and_go_stale() {
     );
 
     // The next report replaces the previous one as a whole.
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("te1", EnvState::Drained)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("te1", EnvState::Drained)]);
     let envs = sim.broker.envs(sim.now);
     assert_eq!(envs.len(), 1);
     assert_eq!(envs[0].state, EnvStatus::State(EnvState::Drained));
@@ -219,11 +214,7 @@ fn agent_reports_are_consumed_replaced_refused_and_go_stale() {
         ],
     );
     assert_eq!(sim.types(agent), vec![T::JobCreated, T::WorkComplete]);
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("te1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("te1", EnvState::Ready)]);
 
     sim.advance(REPORT_STALE_SECS * 1000 + 1);
     let envs = sim.broker.envs(sim.now);
@@ -237,15 +228,10 @@ fn agent_reports_are_consumed_replaced_refused_and_go_stale() {
 fn an_agents_own_worker_connections_are_not_listed_twice() {
     let mut sim = Sim::new();
     let agent = sim.conn(3);
-    let ctl = format!("{CONTROL_PREFIX}host1");
-    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+    serve_control(&mut sim, agent);
     sim.send(agent, T::CanDo, &[b"lockenv"]);
     let te_conn = plain_worker(&mut sim, 4, "te1");
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("te1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("te1", EnvState::Ready)]);
     let envs = sim.broker.envs(sim.now);
     assert_eq!(envs.len(), 1, "{envs:?}");
     assert_eq!(envs[0].connections, vec![te_conn.0]);
@@ -271,13 +257,10 @@ fn agent_with_control(sim: &mut Sim, id: u64) -> ConnId {
     send_report(
         sim,
         agent,
-        &report(
-            "host1",
-            &[("te1", EnvState::Ready), ("te2", EnvState::Ready)],
-        ),
+        "host1",
+        &[("te1", EnvState::Ready), ("te2", EnvState::Ready)],
     );
-    let ctl = format!("{CONTROL_PREFIX}host1");
-    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+    serve_control(sim, agent);
     sim.send(agent, T::PreSleep, &[]);
     agent
 }
@@ -390,25 +373,20 @@ fn control_commands_reach_the_agent_that_reported_the_te() {
     let mut sim = Sim::new();
     let admin = sim.conn(1);
     let agent = sim.conn(3);
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("te1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("te1", EnvState::Ready)]);
     // The agent serves no control function yet: nothing is queued for nobody.
     assert!(sim
         .admin(admin, "drain te1")
         .starts_with("ERR agent_unreachable"));
     assert_eq!(sim.broker.job_count(), 0);
 
-    let ctl = format!("{CONTROL_PREFIX}host1");
-    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+    serve_control(&mut sim, agent);
     sim.send(agent, T::PreSleep, &[]);
     // The answer is the agent's reply, once it comes.
     assert_eq!(sim.admin(admin, "hold te1 600"), "");
     assert_eq!(sim.types(agent), vec![T::Noop]);
     let (handle, function, _, data) = sim.grab(agent).expect("the control job");
-    assert_eq!(function, ctl);
+    assert_eq!(function, format!("{CONTROL_PREFIX}host1"));
     let cmd = ControlCommand::parse(data.as_bytes()).unwrap();
     assert_eq!(cmd.op, ControlOp::Hold);
     assert_eq!(cmd.env, "te1");
@@ -434,11 +412,7 @@ fn control_commands_reach_the_agent_that_reported_the_te() {
 
     // Two agents with a te1 each: the bare name is ambiguous.
     let other = sim.conn(5);
-    send_report(
-        &mut sim,
-        other,
-        &report("host2", &[("te1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, other, "host2", &[("te1", EnvState::Ready)]);
     assert!(sim
         .admin(admin, "drain te1")
         .starts_with("ERR ambiguous_te"));
@@ -461,23 +435,11 @@ fn a_drained_plain_worker_gets_no_lock_requests_until_undrained() {
 
     // te2 is the one woken, and te2 stays busy: the request waits rather than going to te1.
     let client = sim.conn(4);
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_1", "a"),
-    );
+    submit_lock(&mut sim, client, "callback_1", "a");
     assert_eq!(sim.types(te2), vec![T::Noop]);
     assert!(sim.take(te1).is_empty());
     sim.grab(te2).expect("te2 serves it");
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_2", "b"),
-    );
+    submit_lock(&mut sim, client, "callback_2", "b");
     assert_eq!(sim.grab(te1), None, "a drained TE gets NO_JOB");
     // Going back to sleep with the request still queued: no NOOP loop.
     sim.send(te1, T::PreSleep, &[]);
@@ -506,13 +468,7 @@ fn a_broker_side_hold_ends_by_itself() {
     let te1 = plain_worker(&mut sim, 2, "te1");
     assert!(sim.admin(admin, "hold te1 30").starts_with("OK hold te1"));
     let client = sim.conn(4);
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_1", "a"),
-    );
+    submit_lock(&mut sim, client, "callback_1", "a");
     assert!(sim.take(te1).is_empty());
     let envs = sim.broker.envs(sim.now);
     assert_eq!(
@@ -550,13 +506,8 @@ fn with_acls_te_control_needs_permission() {
     let anon_worker = sim.conn_as(5, "127.0.0.1", None);
     sim.send(anon_worker, T::SetClientId, &[b"te9"]);
     // Registering is ignored for anon; use an operator-less plain TE name the broker remembers.
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("te1", EnvState::Ready)]),
-    );
-    let ctl = format!("{CONTROL_PREFIX}host1");
-    sim.send(agent, T::CanDo, &[ctl.as_bytes()]);
+    send_report(&mut sim, agent, "host1", &[("te1", EnvState::Ready)]);
+    serve_control(&mut sim, agent);
 
     assert_eq!(sim.admin(anon, "drain te1"), "ERR PERMISSION_DENIED\r\n");
     assert_eq!(
@@ -611,11 +562,7 @@ fn state_changes_and_ended_waits_are_handed_out_once() {
     let mut sim = Sim::new();
     let w = plain_worker(&mut sim, 2, "te1");
     let agent = sim.conn(3);
-    send_report(
-        &mut sim,
-        agent,
-        &report("host1", &[("ovb1", EnvState::Ready)]),
-    );
+    send_report(&mut sim, agent, "host1", &[("ovb1", EnvState::Ready)]);
     let first: Vec<(String, EnvStatus)> = sim
         .broker
         .take_env_changes(sim.now)
@@ -633,13 +580,7 @@ fn state_changes_and_ended_waits_are_handed_out_once() {
 
     // One request granted te1 after 700 ms, one abandoned by its client.
     let client = sim.conn(1);
-    sim.submit(
-        client,
-        T::SubmitJob,
-        "lockenv",
-        "",
-        &lock_request("callback_1", "granted"),
-    );
+    submit_lock(&mut sim, client, "callback_1", "granted");
     let quitter = sim.conn(4);
     sim.submit(
         quitter,

@@ -261,8 +261,21 @@ fn duration(
     }
 }
 
+/// A TE's own setting `over`, or else the file-wide `base`.
+fn pick(over: &Option<String>, base: &Option<String>) -> Option<String> {
+    over.clone().or_else(|| base.clone())
+}
+
+/// Every label of `labels` is a valid name; errors say `{where_}: labels: ...`.
+fn check_labels(where_: &str, labels: &[String]) -> anyhow::Result<()> {
+    for label in labels {
+        testenv_proto::agent::check_name("label", label)
+            .map_err(|e| anyhow::anyhow!("{where_}: labels: {e}"))?;
+    }
+    Ok(())
+}
+
 fn hooks(where_: &str, base: &HooksFile, over: &HooksFile) -> anyhow::Result<Hooks> {
-    let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
     Ok(Hooks {
         setup: pick(&over.setup, &base.setup),
         health: pick(&over.health, &base.health),
@@ -280,7 +293,6 @@ fn hooks(where_: &str, base: &HooksFile, over: &HooksFile) -> anyhow::Result<Hoo
 }
 
 fn policy(where_: &str, base: &PolicyFile, over: &PolicyFile) -> anyhow::Result<Policy> {
-    let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
     let p = Policy {
         health_interval: duration(
             where_,
@@ -331,38 +343,20 @@ impl Config {
         testenv_proto::agent::check_name("agent", &agent)
             .map_err(|e| anyhow::anyhow!("agent: {e}"))?;
         let l = &file.lease;
+        let lease_time = |key: &str, v: &Option<String>, default_secs: u64| {
+            duration("lease", key, v, Duration::from_secs(default_secs))
+        };
         let lease = testenv::lease::LeaseSettings {
-            timeout: duration("lease", "timeout", &l.timeout, Duration::from_secs(10800))?,
+            timeout: lease_time("timeout", &l.timeout, 10800)?,
             client_alive_cmd: l.client_alive_cmd.clone(),
-            alive_interval: duration(
-                "lease",
-                "alive_interval",
-                &l.alive_interval,
-                Duration::from_secs(60),
-            )?,
-            alive_timeout: duration(
-                "lease",
-                "alive_timeout",
-                &l.alive_timeout,
-                Duration::from_secs(60),
-            )?,
-            holder_grace: duration(
-                "lease",
-                "holder_grace",
-                &l.holder_grace,
-                Duration::from_secs(15),
-            )?,
-            dead_holder_grace: duration(
-                "lease",
-                "dead_holder_grace",
-                &l.dead_holder_grace,
-                Duration::from_secs(1),
-            )?,
-            callback_start_timeout: duration(
-                "lease",
+            alive_interval: lease_time("alive_interval", &l.alive_interval, 60)?,
+            alive_timeout: lease_time("alive_timeout", &l.alive_timeout, 60)?,
+            holder_grace: lease_time("holder_grace", &l.holder_grace, 15)?,
+            dead_holder_grace: lease_time("dead_holder_grace", &l.dead_holder_grace, 1)?,
+            callback_start_timeout: lease_time(
                 "callback_start_timeout",
                 &l.callback_start_timeout,
-                Duration::from_secs(30),
+                30,
             )?,
         };
         anyhow::ensure!(
@@ -378,10 +372,7 @@ impl Config {
             let where_ = format!("te {:?}", te.name);
             testenv_proto::agent::check_name("TE", &te.name)
                 .map_err(|e| anyhow::anyhow!("te #{}: name: {e}", i + 1))?;
-            for label in &te.labels {
-                testenv_proto::agent::check_name("label", label)
-                    .map_err(|e| anyhow::anyhow!("{where_}: labels: {e}"))?;
-            }
+            check_labels(&where_, &te.labels)?;
             tes.push(TeConfig {
                 name: te.name.clone(),
                 num: u32::try_from(i + 1).unwrap_or(u32::MAX),
@@ -403,10 +394,7 @@ impl Config {
                 let name = carve.name_pattern.replace("{n}", &num.to_string());
                 testenv_proto::agent::check_name("TE", &name)
                     .map_err(|e| anyhow::anyhow!("carve: name_pattern: {e}"))?;
-                for label in &carve.labels {
-                    testenv_proto::agent::check_name("label", label)
-                        .map_err(|e| anyhow::anyhow!("carve: labels: {e}"))?;
-                }
+                check_labels("carve", &carve.labels)?;
                 tes.push(TeConfig {
                     name,
                     num,
@@ -447,10 +435,7 @@ impl Config {
                 od.destroy_retries <= 100,
                 "on_demand: destroy_retries is more than 100"
             );
-            for label in &od.labels {
-                testenv_proto::agent::check_name("label", label)
-                    .map_err(|e| anyhow::anyhow!("on_demand: labels: {e}"))?;
-            }
+            check_labels("on_demand", &od.labels)?;
             let base_hooks = hooks("on_demand", &file.hooks, &HooksFile::default())?;
             let base_policy = policy("on_demand", &file.policy, &PolicyFile::default())?;
             let datafiles = crate::on_demand::datafile_dir(&file.state_dir);

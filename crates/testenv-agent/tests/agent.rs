@@ -16,22 +16,11 @@ use testenv_proto::agent::EnvState;
 fn a_flaky_te_is_rebuilt_by_itself_and_only_then_offered() {
     let broker = tebroker();
     // te1's health fails until its rebuild hook has run; every health run is logged.
-    let dir = te1_with_health_and_rebuild(
+    let agent = Agent::te1_hooked(
+        broker,
         "echo \"$TE_NAME\" >> {d}/health.log\n[ -e {d}/rebuilt ] || { echo 'lost its IP'; exit 1; }",
         "touch {d}/rebuilt",
-    );
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-rebuild = "{dir}/rebuild.sh"
-timeout = "10s"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
+        "timeout = \"10s\"",
     );
     let te = agent.wait_state("te1", EnvState::Ready);
     assert_eq!(te.failed_rebuilds, 0);
@@ -48,8 +37,7 @@ datafile = "{dir}/te1.json"
     );
     assert!(agent.log().contains("lost its IP"));
     // Offered now: a client gets it.
-    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
-    assert!(out.status.success(), "{out:?}");
+    let out = lease_ok(broker, &[], "cat $TE_DATAFILE");
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"env-num\":\"1\""));
 }
 
@@ -125,13 +113,11 @@ health = "{dir}/not-executable.sh"
     assert!(nodata.detail.unwrap().contains("TE nodata: datafile"));
     // The healthy TE serves throughout.
     agent.wait_state("good", EnvState::Ready);
-    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
-    assert!(out.status.success(), "{out:?}");
+    let out = lease_ok(broker, &[], "cat $TE_DATAFILE");
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"env-num\":\"1\""));
     // An operator's rebuild takes a failed TE back into the cycle (it fails again here).
     std::fs::write(agent.path("missing.json"), r#"{"env-num":"4"}"#).unwrap();
-    let out = agent.ctl(&["rebuild", "nodata"]);
-    assert!(out.status.success(), "{out:?}");
+    agent.ctl_ok(&["rebuild", "nodata"]);
     agent.wait_state("nodata", EnvState::Ready);
 }
 
@@ -139,32 +125,10 @@ health = "{dir}/not-executable.sh"
 fn drain_during_a_lease_through_gearmand_and_the_gearman_cli() {
     let server = gearmand();
     let broker = server.addr();
-    let dir = tempfile::tempdir().unwrap();
-    te_data(&dir.path().join("te1.json"), "1", 2);
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        r#"
-[lease]
-holder_grace = "1s"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
-    );
+    let agent = Agent::te1(broker, "[lease]\nholder_grace = \"1s\"");
     agent.wait_state("te1", EnvState::Ready);
     let go = agent.path("go");
-    let holder = client(
-        broker,
-        &[],
-        &format!(
-            "touch {0}.started; while [ ! -e {0} ]; do sleep 0.05; done",
-            go.display()
-        ),
-    );
-    wait_until("the lease started", || {
-        go.with_extension("started").exists().then_some(())
-    });
+    let holder = hold_until(broker, &go);
     agent.wait_state("te1", EnvState::Leased);
     // Debian's gearman CLI sends the command as a job of the agent's control function.
     let out = run_with_timeout(
@@ -189,27 +153,14 @@ datafile = "{dir}/te1.json"
     let out = finish(holder);
     assert!(out.status.success(), "the lease finished normally: {out:?}");
     agent.wait_state("te1", EnvState::Drained);
-    let out = agent.ctl(&["undrain", "--all"]);
-    assert!(out.status.success(), "{out:?}");
+    agent.ctl_ok(&["undrain", "--all"]);
     agent.wait_state("te1", EnvState::Ready);
 }
 
 #[test]
 fn autohold_after_a_failed_job_and_release() {
     let broker = tebroker();
-    let dir = tempfile::tempdir().unwrap();
-    te_data(&dir.path().join("te1.json"), "1", 2);
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        r#"
-[policy]
-hold_on_failure = "1h"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
-    );
+    let agent = Agent::te1(broker, "[policy]\nhold_on_failure = \"1h\"");
     agent.wait_state("te1", EnvState::Ready);
     let out = finish(client(broker, &[], "exit 7"));
     assert_eq!(out.status.code(), Some(7), "{out:?}");
@@ -219,12 +170,10 @@ datafile = "{dir}/te1.json"
         held.failed_leases, 1,
         "a command failing in its first minute is a failed lease"
     );
-    let out = agent.ctl(&["release", "te1"]);
-    assert!(out.status.success(), "{out:?}");
+    agent.ctl_ok(&["release", "te1"]);
     agent.wait_state("te1", EnvState::Ready);
     // An operator's hold with a time.
-    let out = agent.ctl(&["hold", "te1", "--for", "1s"]);
-    assert!(out.status.success(), "{out:?}");
+    agent.ctl_ok(&["hold", "te1", "--for", "1s"]);
     agent.wait_state("te1", EnvState::Held);
     agent.wait_state("te1", EnvState::Ready);
 }
@@ -354,13 +303,7 @@ host_disk_gb = 5000
 #[test]
 fn reports_go_to_tebroker_only_and_sigusr2_drains_the_host() {
     let te = |broker: SocketAddr| {
-        let dir = tempfile::tempdir().unwrap();
-        te_data(&dir.path().join("te1.json"), "1", 2);
-        Agent::start_in(
-            dir,
-            broker,
-            "[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\nlabels = [\"ovb\"]\n",
-        )
+        Agent::start_in(te1_dir(), broker, &format!("{TE1}labels = [\"ovb\"]\n"))
     };
     let broker = tebroker();
     let agent = te(broker);
@@ -402,8 +345,7 @@ fn reports_go_to_tebroker_only_and_sigusr2_drains_the_host() {
     wait_until("te1 registered on gearmand", || {
         function_status(server.addr(), "lockenv").filter(|r| r.2 == 1)
     });
-    let out = finish(client(server.addr(), &[], "cat $TE_DATAFILE"));
-    assert!(out.status.success(), "{out:?}");
+    lease_ok(server.addr(), &[], "cat $TE_DATAFILE");
     // The agent asked gearmand's version and sent no report there.
     assert_eq!(function_status(server.addr(), "tebroker:te-report"), None);
 }
@@ -412,13 +354,7 @@ fn reports_go_to_tebroker_only_and_sigusr2_drains_the_host() {
 fn a_gear_based_original_style_client_leases_from_the_agent_through_geard() {
     let py = std::env::var("TESTENV_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let server = PeerServer::start(Peer::Geard, Duration::from_secs(20));
-    let dir = tempfile::tempdir().unwrap();
-    te_data(&dir.path().join("te1.json"), "1", 2);
-    let agent = Agent::start_in(
-        dir,
-        server.addr(),
-        "[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n",
-    );
+    let agent = Agent::te1(server.addr(), "");
     agent.wait_state("te1", EnvState::Ready);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testenv/tests/py/te_client.py");
     let out_file = agent.path("out");
@@ -453,19 +389,10 @@ fn a_gear_based_original_style_client_leases_from_the_agent_through_geard() {
 #[test]
 fn a_te_leased_when_the_agent_crashes_is_quarantined_after_restart() {
     let broker = tebroker();
-    let dir = tempfile::tempdir().unwrap();
-    te_data(&dir.path().join("te1.json"), "1", 2);
-    let body =
-        "[lease]\nholder_grace = \"3s\"\n[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n";
-    let mut agent = Agent::start_in(dir, broker, body);
+    let mut agent = Agent::te1(broker, "[lease]\nholder_grace = \"3s\"");
     agent.wait_state("te1", EnvState::Ready);
-    let started = agent.path("started");
-    let holder = client(
-        broker,
-        &[],
-        &format!("touch {}; sleep 600", started.display()),
-    );
-    wait_until("the lease started", || started.exists().then_some(()));
+    // Held until the agent dies: `go` never comes.
+    let holder = hold_until(broker, &agent.path("go"));
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
     // The holder learns its TE is gone (tebroker fails lockenv of a dead worker).
@@ -475,7 +402,11 @@ fn a_te_leased_when_the_agent_crashes_is_quarantined_after_restart() {
     // holder grace before it is offered again.
     let dir = std::mem::replace(&mut agent.dir, tempfile::tempdir().unwrap());
     drop(agent);
-    let agent = Agent::start_in(dir, broker, body);
+    let agent = Agent::start_in(
+        dir,
+        broker,
+        &format!("[lease]\nholder_grace = \"3s\"\n{TE1}"),
+    );
     let te = agent.wait_state("te1", EnvState::Provisioning);
     assert!(
         te.detail.unwrap_or_default().contains("quarantine"),
@@ -490,27 +421,11 @@ fn a_te_leased_when_the_agent_crashes_is_quarantined_after_restart() {
 fn a_high_priority_request_overtakes_waiting_low_ones_through_gearmand() {
     let server = gearmand();
     let broker = server.addr();
-    let dir = tempfile::tempdir().unwrap();
-    te_data(&dir.path().join("te1.json"), "1", 2);
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        "[lease]\nholder_grace = \"1s\"\n[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n",
-    );
+    let agent = Agent::te1(broker, "[lease]\nholder_grace = \"1s\"");
     agent.wait_state("te1", EnvState::Ready);
     let go = agent.path("go");
     let order = agent.path("order");
-    let first = client(
-        broker,
-        &[],
-        &format!(
-            "touch {0}.started; while [ ! -e {0} ]; do sleep 0.05; done",
-            go.display()
-        ),
-    );
-    wait_until("the first lease started", || {
-        go.with_extension("started").exists().then_some(())
-    });
+    let first = hold_until(broker, &go);
     let queued = |n: u64| {
         wait_until(&format!("{n} lock requests queued"), || {
             function_status(broker, "lockenv").filter(|r| r.0 > n)
@@ -551,25 +466,11 @@ fn a_ready_te_failing_its_periodic_health_check_is_rebuilt_and_never_checked_dur
     let broker = tebroker();
     // Every health run and rebuild is logged with the wall clock in ns; health fails while
     // `sick` exists, and the rebuild mends it.
-    let dir = te1_with_health_and_rebuild(
+    let agent = Agent::te1_hooked(
+        broker,
         "echo \"health $(date +%s%N)\" >> {d}/hooks.log\n[ ! -e {d}/sick ] || { echo 'lost its IP'; exit 1; }",
         "echo \"rebuild $(date +%s%N)\" >> {d}/hooks.log\nrm {d}/sick",
-    );
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-rebuild = "{dir}/rebuild.sh"
-[policy]
-health_interval = "300ms"
-[lease]
-holder_grace = "1s"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
+        "[policy]\nhealth_interval = \"300ms\"\n[lease]\nholder_grace = \"1s\"",
     );
     agent.wait_state("te1", EnvState::Ready);
     let log = |what: &str| -> Vec<u128> {
@@ -586,15 +487,14 @@ datafile = "{dir}/te1.json"
 
     // A lease of several health intervals: no health run inside it.
     let lease_log = agent.path("lease.log");
-    let out = finish(client(
+    lease_ok(
         broker,
         &[],
         &format!(
             "echo \"start $(date +%s%N)\" >> {0}; sleep 2; echo \"end $(date +%s%N)\" >> {0}",
             lease_log.display()
         ),
-    ));
-    assert!(out.status.success(), "{out:?}");
+    );
     let lease = std::fs::read_to_string(&lease_log).unwrap();
     let at = |what: &str| -> u128 {
         lease
@@ -635,8 +535,7 @@ datafile = "{dir}/te1.json"
         log("health").iter().any(|&t| t > rebuilt_at),
         "health runs after the rebuild before the TE is offered"
     );
-    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
-    assert!(out.status.success(), "{out:?}");
+    lease_ok(broker, &[], "cat $TE_DATAFILE");
 }
 
 /// The worker lines of admin `workers` (`ID ADDRESS CLIENT-ID : FUNCTIONS`) as
@@ -657,9 +556,7 @@ fn te_workers_carry_their_te_name_as_client_id_in_tebroker_and_gearmand() {
     let body = "[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\nlabels = [\"ovb\"]\n\
                 [[te]]\nname = \"te2\"\ndatafile = \"{dir}/te1.json\"\n";
     let broker = tebroker();
-    let dir = tempfile::tempdir().unwrap();
-    te_data(&dir.path().join("te1.json"), "1", 2);
-    let agent = Agent::start_in(dir, broker, body);
+    let agent = Agent::start_in(te1_dir(), broker, body);
     agent.wait_state("te1", EnvState::Ready);
     agent.wait_state("te2", EnvState::Ready);
     let named = |broker: SocketAddr| {
@@ -685,9 +582,7 @@ fn te_workers_carry_their_te_name_as_client_id_in_tebroker_and_gearmand() {
     });
 
     let server = gearmand();
-    let dir = tempfile::tempdir().unwrap();
-    te_data(&dir.path().join("te1.json"), "1", 2);
-    let agent = Agent::start_in(dir, server.addr(), body);
+    let agent = Agent::start_in(te1_dir(), server.addr(), body);
     agent.wait_state("te1", EnvState::Ready);
     named(server.addr());
     // Debian's gearadmin shows the same.
@@ -715,26 +610,12 @@ fn te_workers_carry_their_te_name_as_client_id_in_tebroker_and_gearmand() {
 #[test]
 fn failed_leases_make_a_te_rebuilt_and_an_autoheld_one_is_cleaned_only_after_its_release() {
     let broker = tebroker();
-    let dir = te1_with_health_and_rebuild(
+    let agent = Agent::te1_hooked(
+        broker,
         "echo health >> {d}/events.log",
         "echo rebuild >> {d}/events.log",
-    );
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-rebuild = "{dir}/rebuild.sh"
-cleanup = "echo cleanup >> {dir}/events.log"
-timeout = "10s"
-[policy]
-max_failed_leases = 2
-hold_on_failure = "1h"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
+        "cleanup = \"echo cleanup >> {dir}/events.log\"\ntimeout = \"10s\"\n\
+         [policy]\nmax_failed_leases = 2\nhold_on_failure = \"1h\"",
     );
     let events = || std::fs::read_to_string(agent.path("events.log")).unwrap_or_default();
     let mark = |what: &str| {
@@ -751,12 +632,10 @@ datafile = "{dir}/te1.json"
         assert_eq!(held.failed_leases, round, "{held:?}");
         assert!(held.holder.is_some(), "the job's identifier: {held:?}");
         mark(&format!("release {round}"));
-        let out = agent.ctl(&["release", "te1"]);
-        assert!(out.status.success(), "{out:?}");
+        agent.ctl_ok(&["release", "te1"]);
         agent.wait_state("te1", EnvState::Ready);
     }
-    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
-    assert!(out.status.success(), "{out:?}");
+    lease_ok(broker, &[], "cat $TE_DATAFILE");
     let log = wait_until("the last lease's cleanup", || {
         let log = events();
         (log.lines().count() >= 8).then_some(log)
@@ -789,31 +668,16 @@ datafile = "{dir}/te1.json"
 #[test]
 fn a_failed_te_held_and_released_stays_failed() {
     let broker = tebroker();
-    let dir = te1_with_health_and_rebuild(
+    let agent = Agent::te1_hooked(
+        broker,
         "[ -e {d}/fixed ] || { echo 'still broken'; exit 1; }",
         "true",
-    );
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-rebuild = "{dir}/rebuild.sh"
-timeout = "10s"
-[policy]
-max_rebuilds = 1
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
+        "timeout = \"10s\"\n[policy]\nmax_rebuilds = 1",
     );
     agent.wait_state("te1", EnvState::Failed);
-    let out = agent.ctl(&["hold", "te1"]);
-    assert!(out.status.success(), "{out:?}");
+    agent.ctl_ok(&["hold", "te1"]);
     agent.wait_state("te1", EnvState::Held);
-    let out = agent.ctl(&["release", "te1"]);
-    assert!(out.status.success(), "{out:?}");
+    agent.ctl_ok(&["release", "te1"]);
     let te = agent.wait_state("te1", EnvState::Failed);
     assert!(te.detail.unwrap().contains("still broken"));
     // A lock request waits: nothing offers it the failed TE.
@@ -823,8 +687,7 @@ datafile = "{dir}/te1.json"
     });
     assert_eq!(agent.status().unwrap().envs[0].state, EnvState::Failed);
     std::fs::write(agent.path("fixed"), "").unwrap();
-    let out = agent.ctl(&["rebuild", "te1"]);
-    assert!(out.status.success(), "{out:?}");
+    agent.ctl_ok(&["rebuild", "te1"]);
     let out = finish(waiting);
     assert!(out.status.success(), "{out:?}");
 }
@@ -838,15 +701,7 @@ fn tebroker_admin_controls_a_real_agents_te() {
     let agent = Agent::start_in(
         dir,
         broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-rebuild = "{dir}/rebuild.sh"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-labels = ["ovb"]
-"#,
+        &format!("{HEALTH_AND_REBUILD}{TE1}labels = [\"ovb\"]\n"),
     );
     agent.wait_state("te1", EnvState::Ready);
     let envs_row = |state: &str| {
@@ -890,8 +745,7 @@ labels = ["ovb"]
     });
     agent.wait_state("te1", EnvState::Ready);
     // And it still leases.
-    let out = finish(client(broker, &["--label", "ovb"], "true"));
-    assert!(out.status.success(), "{out:?}");
+    lease_ok(broker, &["--label", "ovb"], "true");
 }
 
 /// A lease whose holder is lost (its testenv-client killed with SIGKILL mid-lease) is a failed
@@ -899,40 +753,10 @@ labels = ["ovb"]
 #[test]
 fn a_lost_holder_counts_as_a_failed_lease_and_the_te_is_rebuilt() {
     let broker = tebroker();
-    let dir = te1_with_health_and_rebuild("true", "echo rebuilt >> {d}/rebuild.log");
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-rebuild = "{dir}/rebuild.sh"
-timeout = "10s"
-[policy]
-max_failed_leases = 1
-[lease]
-holder_grace = "1s"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
-    );
-    agent.wait_state("te1", EnvState::Ready);
+    let agent = Agent::rebuilt_after_one_failed_lease(broker);
     let mut holder = client(broker, &[], "sleep 600");
     agent.wait_state("te1", EnvState::Leased);
     holder.kill().unwrap();
     holder.wait().unwrap();
-    wait_until("the rebuild after the lost holder", || {
-        std::fs::read_to_string(agent.path("rebuild.log"))
-            .ok()
-            .filter(|l| l.lines().count() == 1)
-    });
-    assert!(
-        agent.log().contains("failed lease: the holder was lost"),
-        "{}",
-        agent.log()
-    );
-    agent.wait_state("te1", EnvState::Ready);
-    let out = finish(client(broker, &[], "true"));
-    assert!(out.status.success(), "{out:?}");
+    agent.wait_rebuilt_after_failed_lease(broker, "the holder was lost");
 }

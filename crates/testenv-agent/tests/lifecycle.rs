@@ -16,6 +16,26 @@ fn wait_for(file: &str) -> String {
     format!("while [ ! -e {file} ]; do sleep 0.05; done")
 }
 
+/// Starts an agent on `dir` (made by [`te1_with_health_and_rebuild`]) whose hooks are its
+/// `health.sh`, its `rebuild.sh` and a `cleanup.sh` running `cleanup` (`{d}` in it stands for
+/// the dir), each with 5 minutes; `tables` is the rest of the config.
+fn start_with_cleanup(
+    dir: tempfile::TempDir,
+    broker: std::net::SocketAddr,
+    cleanup: &str,
+    tables: &str,
+) -> Agent {
+    let d = dir.path().display().to_string();
+    script(&dir.path().join("cleanup.sh"), &cleanup.replace("{d}", &d));
+    Agent::start_in(
+        dir,
+        broker,
+        &format!(
+            "{HEALTH_AND_REBUILD}cleanup = \"{{dir}}/cleanup.sh\"\ntimeout = \"5m\"\n{tables}"
+        ),
+    )
+}
+
 #[test]
 fn cleaning_rebuilding_and_unhealthy_are_reported_and_a_waiting_client_is_served_after_the_rebuild()
 {
@@ -29,33 +49,17 @@ fn cleaning_rebuilding_and_unhealthy_are_reported_and_a_waiting_client_is_served
             wait_for("{d}/rebuild-go")
         ),
     );
-    let d = dir.path().display().to_string();
-    script(
-        &dir.path().join("cleanup.sh"),
-        &format!(
-            "echo cleanup >> {d}/hooks.log\n{}\necho 'disk full'; exit 1",
-            wait_for(&format!("{d}/cleanup-go"))
-        ),
-    );
-    let agent = Agent::start_in(
+    let agent = start_with_cleanup(
         dir,
         broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-cleanup = "{dir}/cleanup.sh"
-rebuild = "{dir}/rebuild.sh"
-timeout = "5m"
-[policy]
-max_rebuilds = 1000
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
+        &format!(
+            "echo cleanup >> {{d}}/hooks.log\n{}\necho 'disk full'; exit 1",
+            wait_for("{d}/cleanup-go")
+        ),
+        &format!("[policy]\nmax_rebuilds = 1000\n{TE1}"),
     );
     agent.wait_state("te1", EnvState::Ready);
-    let first = finish(client(broker, &[], "true"));
-    assert!(first.status.success(), "{first:?}");
+    lease_ok(broker, &[], "true");
 
     // The lease is over and cleanup runs: cleaning, and nobody else gets the TE meanwhile.
     let te = agent.wait_state("te1", EnvState::Cleaning);
@@ -111,46 +115,29 @@ datafile = "{dir}/te1.json"
 fn a_failing_cleanup_loses_no_lease_the_waiting_client_gets_the_other_te() {
     let broker = tebroker();
     let dir = te1_with_health_and_rebuild("true", &wait_for("{d}/rebuild-go"));
-    let d = dir.path().display().to_string();
     te_data(&dir.path().join("te2.json"), "2", 2);
     // Only te1's cleanup fails (after `cleanup-go`); te2's passes.
-    script(
-        &dir.path().join("cleanup.sh"),
-        &format!(
-            "[ \"$TE_NAME\" = te2 ] && exit 0\n{}\necho 'cannot wipe'; exit 1",
-            wait_for(&format!("{d}/cleanup-go"))
-        ),
-    );
-    let agent = Agent::start_in(
+    let agent = start_with_cleanup(
         dir,
         broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-cleanup = "{dir}/cleanup.sh"
-rebuild = "{dir}/rebuild.sh"
-timeout = "5m"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-[[te]]
-name = "te2"
-datafile = "{dir}/te2.json"
-"#,
+        &format!(
+            "[ \"$TE_NAME\" = te2 ] && exit 0\n{}\necho 'cannot wipe'; exit 1",
+            wait_for("{d}/cleanup-go")
+        ),
+        &format!("{TE1}[[te]]\nname = \"te2\"\ndatafile = \"{{dir}}/te2.json\"\n"),
     );
     agent.wait_state("te1", EnvState::Ready);
     agent.wait_state("te2", EnvState::Ready);
     // te2 is taken by a holder that waits for `release` (te1 is held meanwhile, so which TE
     // the broker hands out first does not matter); the next client gets te1.
-    assert!(agent.ctl(&["hold", "te1"]).status.success());
+    agent.ctl_ok(&["hold", "te1"]);
     agent.wait_state("te1", EnvState::Held);
     let release = agent.path("release").display().to_string();
     let on_te2 = client(broker, &[], &wait_for(&release));
     agent.wait_state("te2", EnvState::Leased);
-    assert!(agent.ctl(&["release", "te1"]).status.success());
+    agent.ctl_ok(&["release", "te1"]);
     agent.wait_state("te1", EnvState::Ready);
-    let on_te1 = finish(client(broker, &[], "cat \"$TE_DATAFILE\""));
-    assert!(on_te1.status.success(), "{on_te1:?}");
+    let on_te1 = lease_ok(broker, &[], "cat \"$TE_DATAFILE\"");
     assert!(String::from_utf8_lossy(&on_te1.stdout).contains("\"env-num\":\"1\""));
     agent.wait_state("te1", EnvState::Cleaning);
 
@@ -182,25 +169,7 @@ datafile = "{dir}/te2.json"
 #[test]
 fn a_lease_that_timed_out_counts_as_a_failed_lease_and_the_te_is_rebuilt() {
     let broker = tebroker();
-    let dir = te1_with_health_and_rebuild("true", "echo rebuilt >> {d}/rebuild.log");
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        r#"
-[hooks]
-health = "{dir}/health.sh"
-rebuild = "{dir}/rebuild.sh"
-timeout = "10s"
-[policy]
-max_failed_leases = 1
-[lease]
-holder_grace = "1s"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
-    );
-    agent.wait_state("te1", EnvState::Ready);
+    let agent = Agent::rebuilt_after_one_failed_lease(broker);
     // The job asked for the TE for 2 s and runs on: the lease times out.
     let holder = Command::new(client_bin())
         .args(["-b", &broker.to_string(), "-t", "2", "--", "sleep", "600"])
@@ -210,23 +179,5 @@ datafile = "{dir}/te1.json"
         .unwrap();
     let out = finish(holder);
     assert!(!out.status.success(), "{out:?}");
-    wait_until(
-        &format!(
-            "the rebuild after the timed-out lease; log:\n{}",
-            agent.log()
-        ),
-        || {
-            std::fs::read_to_string(agent.path("rebuild.log"))
-                .ok()
-                .filter(|l| l.lines().count() == 1)
-        },
-    );
-    assert!(
-        agent.log().contains("failed lease: the lease timed out"),
-        "{}",
-        agent.log()
-    );
-    agent.wait_state("te1", EnvState::Ready);
-    let out = finish(client(broker, &[], "true"));
-    assert!(out.status.success(), "{out:?}");
+    agent.wait_rebuilt_after_failed_lease(broker, "the lease timed out");
 }

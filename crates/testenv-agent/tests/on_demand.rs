@@ -398,8 +398,7 @@ fn a_destroy_that_keeps_failing_leaves_the_te_failed_and_recorded_until_rebuild(
         "max_envs = 1\nmin_ready = 1\ndestroy_retries = 1",
     );
     agent.wait_state("od1", EnvState::Ready);
-    let out = finish(client(broker, &[], "true"));
-    assert!(out.status.success(), "{out:?}");
+    lease_ok(broker, &[], "true");
     let te = wait_for(&agent, "od1 failed", || {
         in_state(&agent, EnvState::Failed).into_iter().next()
     });
@@ -416,8 +415,7 @@ fn a_destroy_that_keeps_failing_leaves_the_te_failed_and_recorded_until_rebuild(
 
     // An operator mends the cloud and asks for a rebuild: destroyed, then created afresh.
     std::fs::remove_file(agent.path("destroy-fails")).unwrap();
-    let out = agent.ctl(&["rebuild", "od1"]);
-    assert!(out.status.success(), "{out:?}");
+    agent.ctl_ok(&["rebuild", "od1"]);
     wait_for(&agent, "od1 destroyed", || {
         (count(&events(&agent), "destroy-end", false) == 1).then_some(())
     });
@@ -593,8 +591,7 @@ fn a_create_outliving_its_waiter_adds_a_warm_te_that_the_next_client_gets_at_onc
     });
     assert_eq!(te.holder, None);
     let before_client = now_ns();
-    let out = finish(client(broker, &[], "cat $TE_DATAFILE"));
-    assert!(out.status.success(), "{out:?}");
+    let out = lease_ok(broker, &[], "cat $TE_DATAFILE");
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("\"env-num\":\"{}\"", te.name)));
     let ev = events(&agent);
     assert_eq!(count(&ev, "create-start", false), 1, "{ev:?}");
@@ -613,8 +610,7 @@ fn draining_every_te_destroys_the_warm_ones_and_undraining_makes_them_again() {
     wait_for(&agent, "2 TEs ready", || {
         (in_state(&agent, EnvState::Ready).len() == 2).then_some(())
     });
-    let out = agent.ctl(&["drain", "--all"]);
-    assert!(out.status.success(), "{out:?}");
+    agent.ctl_ok(&["drain", "--all"]);
     // Drained: the warm TEs are destroyed and every slot is listed drained; none is created.
     let drained = wait_for(&agent, "every slot drained, no TE left", || {
         let s = agent.status()?;
@@ -634,8 +630,7 @@ fn draining_every_te_destroys_the_warm_ones_and_undraining_makes_them_again() {
         "{out:?}"
     );
 
-    let out = agent.ctl(&["undrain", "--all"]);
-    assert!(out.status.success(), "{out:?}");
+    agent.ctl_ok(&["undrain", "--all"]);
     let ready = wait_for(&agent, "2 TEs ready again", || {
         let s = agent.status()?;
         (s.envs.len() == 2 && s.envs.iter().all(|e| e.state == EnvState::Ready)).then_some(s.envs)

@@ -11,30 +11,15 @@ use testenv_proto::agent::EnvState;
 fn a_waiting_client_prints_its_position_and_estimated_wait() {
     let work = tempfile::tempdir().unwrap();
     let (_broker, addr, _http) = tebroker_process(&work.path().join("data"));
-    let dir = tempfile::tempdir().unwrap();
-    te_data(&dir.path().join("te1.json"), "1", 2);
-    let agent = Agent::start_in(
-        dir,
-        addr,
-        r#"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
-    );
+    let agent = Agent::te1(addr, "");
     agent.wait_state("te1", EnvState::Ready);
     // Recent grants for the estimate.
     for _ in 0..3 {
-        let out = finish(client(addr, &[], "true"));
-        assert!(out.status.success(), "{out:?}");
+        lease_ok(addr, &[], "true");
         agent.wait_state("te1", EnvState::Ready);
     }
     let go = agent.path("go");
-    let holder = client(
-        addr,
-        &[],
-        &format!("while [ ! -e {} ]; do sleep 0.05; done", go.display()),
-    );
+    let holder = hold_until(addr, &go);
     agent.wait_state("te1", EnvState::Leased);
     let mut waiter = client(addr, &["--report-interval", "0.3"], "true");
     let stderr = waiter.stderr.take().unwrap();

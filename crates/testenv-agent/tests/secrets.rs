@@ -118,16 +118,15 @@ fn no_te_secret_reaches_a_log_an_answer_a_page_or_the_store() {
     let agent = Agent::start_in_with(
         dir,
         addr,
-        r#"
+        &format!(
+            r#"
 [hooks]
 health = "test -r \"$TE_DATAFILE\""
 cleanup = "true"
 [policy]
 hold_on_failure = "1h"
-[[te]]
-name = "te1"
-datafile = "{dir}/te1.json"
-"#,
+{TE1}"#
+        ),
         &["-d"],
     );
     agent.wait_state("te1", EnvState::Ready);

@@ -48,20 +48,10 @@ fn lock_jobs(broker: SocketAddr) -> u64 {
 #[test]
 fn two_tenants_at_equal_priority_are_served_in_turn() {
     let broker = tebroker();
-    let dir = tempfile::tempdir().unwrap();
-    te_data(&dir.path().join("te1.json"), "1", 2);
-    let agent = Agent::start_in(
-        dir,
-        broker,
-        "[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n",
-    );
+    let agent = Agent::te1(broker, "");
     agent.wait_state("te1", EnvState::Ready);
     let release = agent.path("release");
-    let holder = client(
-        broker,
-        &[],
-        &format!("while [ ! -e {} ]; do sleep 0.05; done", release.display()),
-    );
+    let holder = hold_until(broker, &release);
     agent.wait_state("te1", EnvState::Leased);
     let base = wait_until("the holder's lock request", || {
         Some(lock_jobs(broker)).filter(|&n| n >= 1)

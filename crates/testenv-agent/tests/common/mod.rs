@@ -124,6 +124,36 @@ impl Agent {
         Agent { dir, child }
     }
 
+    /// An agent serving `te1` (2 nodes, `{dir}/te1.json`) alone; `tables` is the config
+    /// before its `[[te]]` table.
+    pub fn te1(broker: SocketAddr, tables: &str) -> Agent {
+        Agent::start_in(te1_dir(), broker, &format!("{tables}\n{TE1}"))
+    }
+
+    /// An agent serving te1 with the hooks `health` and `rebuild` (as in
+    /// [`te1_with_health_and_rebuild`]); `settings` is the config after those two lines of
+    /// `[hooks]` (more hooks, then other tables) and before te1's `[[te]]`.
+    pub fn te1_hooked(broker: SocketAddr, health: &str, rebuild: &str, settings: &str) -> Agent {
+        Agent::start_in(
+            te1_with_health_and_rebuild(health, rebuild),
+            broker,
+            &format!("{HEALTH_AND_REBUILD}{settings}\n{TE1}"),
+        )
+    }
+
+    /// te1 with a health hook that passes and a rebuild hook logging to `rebuild.log`, rebuilt
+    /// after its first failed lease (`holder_grace` 1 s); returned once te1 is ready.
+    pub fn rebuilt_after_one_failed_lease(broker: SocketAddr) -> Agent {
+        let agent = Agent::te1_hooked(
+            broker,
+            "true",
+            "echo rebuilt >> {d}/rebuild.log",
+            "timeout = \"10s\"\n[policy]\nmax_failed_leases = 1\n[lease]\nholder_grace = \"1s\"",
+        );
+        agent.wait_state("te1", EnvState::Ready);
+        agent
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -143,6 +173,12 @@ impl Agent {
         )
     }
 
+    /// [`Agent::ctl`] that must succeed.
+    pub fn ctl_ok(&self, args: &[&str]) {
+        let out = self.ctl(args);
+        assert!(out.status.success(), "ctl {args:?}: {out:?}");
+    }
+
     pub fn status(&self) -> Option<AgentReport> {
         let out = self.ctl(&["status", "--json"]);
         if !out.status.success() {
@@ -159,6 +195,26 @@ impl Agent {
                 .into_iter()
                 .find(|e| e.name == te && e.state == want)
         })
+    }
+}
+
+impl Agent {
+    /// After a failed lease given in the log as `failed lease: {reason}`: waits for the one
+    /// rebuild the hook logs in `rebuild.log`, then for te1 ready again and leasing.
+    pub fn wait_rebuilt_after_failed_lease(&self, broker: SocketAddr, reason: &str) {
+        let what = format!("the rebuild after the failed lease; log:\n{}", self.log());
+        wait_until(&what, || {
+            std::fs::read_to_string(self.path("rebuild.log"))
+                .ok()
+                .filter(|l| l.lines().count() == 1)
+        });
+        assert!(
+            self.log().contains(&format!("failed lease: {reason}")),
+            "{}",
+            self.log()
+        );
+        self.wait_state("te1", EnvState::Ready);
+        lease_ok(broker, &[], "true");
     }
 }
 
@@ -209,6 +265,29 @@ pub fn client(broker: SocketAddr, extra: &[&str], command: &str) -> Child {
         .unwrap()
 }
 
+/// A lease by a testenv-client running `command` that must succeed; its output.
+pub fn lease_ok(broker: SocketAddr, extra: &[&str], command: &str) -> Output {
+    let out = finish(client(broker, extra, command));
+    assert!(out.status.success(), "{out:?}");
+    out
+}
+
+/// A testenv-client that holds its TE until `go` exists; returned once its command runs.
+pub fn hold_until(broker: SocketAddr, go: &Path) -> Child {
+    let holder = client(
+        broker,
+        &[],
+        &format!(
+            "touch {0}.started; while [ ! -e {0} ]; do sleep 0.05; done",
+            go.display()
+        ),
+    );
+    wait_until("the lease started", || {
+        go.with_extension("started").exists().then_some(())
+    });
+    holder
+}
+
 pub fn finish(child: Child) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -232,6 +311,21 @@ pub fn function_status(broker: SocketAddr, function: &str) -> Option<(u64, u64, 
         .find(|r| r.function == function)
         .map(|r| (r.total, r.running, r.workers))
 }
+
+/// A temp dir with `te1.json` (2 nodes).
+pub fn te1_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    te_data(&dir.path().join("te1.json"), "1", 2);
+    dir
+}
+
+/// The config table of TE `te1` on `{dir}/te1.json`.
+pub const TE1: &str = "[[te]]\nname = \"te1\"\ndatafile = \"{dir}/te1.json\"\n";
+
+/// The `[hooks]` table naming the hooks of [`te1_with_health_and_rebuild`]; more hook lines
+/// may follow.
+pub const HEALTH_AND_REBUILD: &str =
+    "[hooks]\nhealth = \"{dir}/health.sh\"\nrebuild = \"{dir}/rebuild.sh\"\n";
 
 /// A temp dir with `te1.json` (2 nodes) and the hooks `health.sh` and `rebuild.sh` running
 /// `health` and `rebuild`, in which `{d}` stands for the dir.
