@@ -257,9 +257,9 @@ async fn workers(State(shared): State<Arc<Shared>>) -> ApiResult {
 }
 
 #[derive(Debug, Serialize)]
-struct QueuedRequest {
+struct QueuedRequest<'a> {
     #[serde(flatten)]
-    request: broker_core::WaitingRequest,
+    request: &'a broker_core::WaitingRequest,
     /// Position × the mean time between recent grants (rounded up to seconds); `None` without
     /// history.
     estimated_wait_ms: Option<u64>,
@@ -277,7 +277,6 @@ async fn queue(State(shared): State<Arc<Shared>>) -> ApiResult {
     let store = shared.store();
     ok(waiting
         .iter()
-        .cloned()
         .map(|request| QueuedRequest {
             estimated_wait_ms: store
                 .and_then(|s| s.estimate_secs(request.position as u64))

@@ -1,5 +1,6 @@
 //! SIGHUP: re-read the ACL file and the TLS certificate files (of the Gearman port and of the
-//! HTTP surface), log what changed, keep every connection. A file that no longer reads or parses is reported and the old setting stays.
+//! HTTP surface), log what changed, keep every connection. A file that no longer reads or
+//! parses is reported and the old setting stays.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -36,18 +37,8 @@ impl Reloadable {
     pub fn new(settings: &Settings, acl: Option<&Acl>) -> Reloadable {
         Reloadable {
             acl_listing: Mutex::new(acl.map(Acl::list)),
-            certificate: Mutex::new(
-                settings
-                    .tls
-                    .as_ref()
-                    .and_then(|t| crate::tls::describe_certificate(&t.cert).ok()),
-            ),
-            http_certificate: Mutex::new(
-                settings
-                    .http_tls
-                    .as_ref()
-                    .and_then(|t| crate::tls::describe_certificate(&t.cert).ok()),
-            ),
+            certificate: Mutex::new(describe(settings.tls.as_ref())),
+            http_certificate: Mutex::new(describe(settings.http_tls.as_ref())),
         }
     }
 }
@@ -89,50 +80,56 @@ pub fn reload(shared: &Shared) -> bool {
         }
     }
     if let Some(files) = &settings.tls {
-        match crate::tls::acceptor(files) {
-            Ok(acceptor) => {
-                shared.set_tls_acceptor(acceptor);
-                let now = crate::tls::describe_certificate(&files.cert).unwrap_or_default();
-                let mut last = shared
-                    .reload
-                    .certificate
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let before = last.replace(now.clone()).unwrap_or_default();
-                if before == now {
-                    tracing::info!(certificate = %now, "TLS files reloaded: certificate unchanged");
-                } else {
-                    tracing::info!(before = %before, now = %now, "TLS certificate reloaded; new connections use it");
-                }
-            }
-            Err(e) => {
-                ok = false;
-                tracing::error!(error = %format!("{e:#}"), "TLS reload failed; keeping the certificate in force");
-            }
-        }
+        ok &= reload_certificate(
+            "TLS",
+            files,
+            crate::tls::acceptor,
+            |a| shared.set_tls_acceptor(a),
+            &shared.reload.certificate,
+        );
     }
     if let Some(files) = &settings.http_tls {
-        match crate::tls::http_acceptor(files) {
-            Ok(acceptor) => {
-                shared.set_http_tls_acceptor(acceptor);
-                let now = crate::tls::describe_certificate(&files.cert).unwrap_or_default();
-                let mut last = shared
-                    .reload
-                    .http_certificate
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                let before = last.replace(now.clone()).unwrap_or_default();
-                if before == now {
-                    tracing::info!(certificate = %now, "HTTPS files reloaded: certificate unchanged");
-                } else {
-                    tracing::info!(before = %before, now = %now, "HTTPS certificate reloaded; new connections use it");
-                }
-            }
-            Err(e) => {
-                ok = false;
-                tracing::error!(error = %format!("{e:#}"), "HTTPS reload failed; keeping the certificate in force");
-            }
-        }
+        ok &= reload_certificate(
+            "HTTPS",
+            files,
+            crate::tls::http_acceptor,
+            |a| shared.set_http_tls_acceptor(a),
+            &shared.reload.http_certificate,
+        );
     }
     ok
+}
+
+fn describe(files: Option<&crate::tls::TlsFiles>) -> Option<String> {
+    files.and_then(|t| crate::tls::describe_certificate(&t.cert).ok())
+}
+
+/// Builds a new acceptor from `files` and puts it in force with `install`, logging whether the
+/// certificate changed since `last`; `what` names the port in the log. Returns whether the
+/// files loaded.
+fn reload_certificate(
+    what: &str,
+    files: &crate::tls::TlsFiles,
+    build: fn(&crate::tls::TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor>,
+    install: impl FnOnce(tokio_rustls::TlsAcceptor),
+    last: &Mutex<Option<String>>,
+) -> bool {
+    match build(files) {
+        Ok(acceptor) => {
+            install(acceptor);
+            let now = crate::tls::describe_certificate(&files.cert).unwrap_or_default();
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            let before = last.replace(now.clone()).unwrap_or_default();
+            if before == now {
+                tracing::info!(certificate = %now, "{what} files reloaded: certificate unchanged");
+            } else {
+                tracing::info!(before = %before, now = %now, "{what} certificate reloaded; new connections use it");
+            }
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "{what} reload failed; keeping the certificate in force");
+            false
+        }
+    }
 }

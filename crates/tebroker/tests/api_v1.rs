@@ -788,6 +788,21 @@ fn curl(
     )
 }
 
+/// A broker without a store whose HTTP surface speaks HTTPS with `cert`, plus `extra` flags.
+fn https_broker(cert: &test_support::Files, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--http",
+        "127.0.0.1:0",
+        "--no-store",
+        "--http-tls-cert",
+        harness::path(&cert.cert),
+        "--http-tls-key",
+        harness::path(&cert.key),
+    ];
+    args.extend_from_slice(extra);
+    Server::tebroker_with(&args)
+}
+
 #[test]
 fn over_https_a_client_certificate_of_the_client_ca_may_control_and_reading_stays_open() {
     let pki = test_support::Pki::new("tebroker test CA");
@@ -795,17 +810,7 @@ fn over_https_a_client_certificate_of_the_client_ca_may_control_and_reading_stay
     let operator = pki.issue("operator-alice");
     let stranger_ca = test_support::Pki::new("some other CA");
     let stranger = stranger_ca.issue("mallory");
-    let broker = Server::tebroker_with(&[
-        "--http",
-        "127.0.0.1:0",
-        "--no-store",
-        "--http-tls-cert",
-        harness::path(&server.cert),
-        "--http-tls-key",
-        harness::path(&server.key),
-        "--http-client-ca",
-        harness::path(&pki.ca()),
-    ]);
+    let broker = https_broker(&server, &["--http-client-ca", harness::path(&pki.ca())]);
     let http = broker.http.unwrap();
     let _te = plain_te(broker.port, "plain-https");
     wait_admin_state(&broker, "plain-https", "ready");
@@ -933,15 +938,7 @@ fn a_broker_keeps_leasing_while_postgresql_is_down_and_catches_up() {
 fn sighup_loads_a_renewed_https_certificate_for_new_connections() {
     let old_ca = test_support::Pki::new("tebroker old CA");
     let served = old_ca.issue("localhost");
-    let broker = Server::tebroker_with(&[
-        "--http",
-        "127.0.0.1:0",
-        "--no-store",
-        "--http-tls-cert",
-        harness::path(&served.cert),
-        "--http-tls-key",
-        harness::path(&served.key),
-    ]);
+    let broker = https_broker(&served, &[]);
     let url = format!(
         "https://127.0.0.1:{}/api/v1/envs",
         broker.http.unwrap().port()
