@@ -354,7 +354,7 @@ async fn run(args: Args, nofile: u64) -> anyhow::Result<()> {
                             "{:.0} cycles/s without readers, {:.0} with {} ({:.0} answers/s)",
                             o.without().per_sec,
                             o.with().per_sec,
-                            o.readers.readers,
+                            o.readers.load.readers,
                             o.readers.per_sec
                         ),
                         Err(e) => e.clone(),
@@ -825,9 +825,8 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
         let _ = writeln!(
             w,
             "== lease-readers: the lease workload (100 TEs, 200 clients) on tebroker with --http, \
-             without and with HTTP readers each reading {} then pausing (`pause`; \
-             --reader-pause) ==",
-            workloads::READER_PATHS.join(", ")
+             without and with HTTP readers, each reading its paths (below) then pausing \
+             (`pause`; --reader-pause) =="
         );
         let _ = writeln!(
             w,
@@ -856,8 +855,8 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
                         o.without().per_sec,
                         o.with().per_sec,
                         fmt_ratio(ratio),
-                        o.readers.readers,
-                        format!("{:.1} s", o.readers.pause.as_secs_f64()),
+                        o.readers.load.readers,
+                        format!("{:.1} s", o.readers.load.pause.as_secs_f64()),
                         o.readers.per_sec,
                         o.readers.errors,
                         format!("{}>{}", pct(o.without().cpu.server), pct(o.with().cpu.server)),
@@ -872,6 +871,7 @@ fn render(r: &Report, selected: &[&str], idle: usize) -> String {
                         lo,
                         hi
                     );
+                    let _ = writeln!(w, "  {:<9} paths: {}", "", o.readers.load.paths.join(", "));
                     let _ = writeln!(
                         w,
                         "  {:<9} target: readers lower the lease rate by at most 5 % (ratio >= 0.95): {}",

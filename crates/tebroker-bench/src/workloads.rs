@@ -756,7 +756,7 @@ pub struct Readers {
     /// When the readers were last set active, and for how long they have been in all.
     active_since: std::sync::Mutex<(Option<Instant>, Duration)>,
     tasks: Vec<tokio::task::JoinHandle<(u64, u64)>>,
-    pause: Duration,
+    load: ReaderLoad,
 }
 
 /// How many readers, and how often each reads.
@@ -770,10 +770,9 @@ pub struct ReaderLoad {
 }
 
 /// What the readers did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ReadersResult {
-    pub readers: usize,
-    pub pause: Duration,
+    pub load: ReaderLoad,
     /// Answers with status 200, per second over the readers' whole run.
     pub per_sec: f64,
     /// Failed requests (connection errors, non-200 answers).
@@ -789,7 +788,7 @@ impl Readers {
         let active = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let n = load.readers;
         let pause = load.pause;
-        let paths = load.paths;
+        let paths = load.paths.clone();
         let tasks = (0..n)
             .map(|i| {
                 let stop = stop.clone();
@@ -845,7 +844,7 @@ impl Readers {
             active,
             active_since: std::sync::Mutex::new((None, Duration::ZERO)),
             tasks,
-            pause,
+            load,
         }
     }
 
@@ -870,7 +869,7 @@ impl Readers {
             let since = self.active_since.lock().unwrap_or_else(|e| e.into_inner());
             since.1.as_secs_f64().max(1e-9)
         };
-        let readers = self.tasks.len();
+
         let (mut ok, mut errors) = (0, 0);
         for t in self.tasks {
             if let Ok((o, e)) = t.await {
@@ -879,8 +878,7 @@ impl Readers {
             }
         }
         ReadersResult {
-            readers,
-            pause: self.pause,
+            load: self.load,
             per_sec: ok as f64 / elapsed,
             errors,
         }
